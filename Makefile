@@ -1,0 +1,32 @@
+# The commands a new user runs: `make setup`, `make demo`, `make test`.
+# TORCH_SPEC picks the PyTorch build; override it for CUDA, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo clean
+
+# Idempotent: re-running only installs what is missing.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) demo.py
+
+clean:
+	rm -rf out dataset/demo
