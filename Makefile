@@ -12,7 +12,6 @@ PYTEST_ARGS ?=
 # Idempotent: re-running only installs what is missing.
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install -r requirements.txt
 	touch $@
