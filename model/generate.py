@@ -1,0 +1,103 @@
+"""
+The project's own generator: streams tokens (and text pieces) as they are produced, with a preallocated KV cache.
+
+transformers' `model.generate(...)` works too (Transformer is a GenerationMixin); this one exists because it is
+small enough to read in one go and has no per-step bookkeeping beyond what decoding needs.
+
+    for piece in stream_text(tokenizer, generate_stream(model, ids, max_new_tokens=100, temperature=0.7)):
+        print(piece, end="", flush=True)
+"""
+import torch
+
+
+class KVCache:
+    """Keys/values for every layer in one preallocated buffer, filled left to right.
+
+    Implements the two methods the model's attention calls on a transformers Cache (`update`,
+    `get_seq_length`), so the model needs no special case for it.
+    """
+
+    def __init__(self, config, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.n_layers, self.max_len, self.length = config.n_layers, max_len, 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def update(self, k, v, layer_idx: int):
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        self.keys[layer_idx, :, :, start:end] = k
+        self.values[layer_idx, :, :, start:end] = v
+        if layer_idx == self.n_layers - 1:  # every layer has written this step's tokens
+            self.length = end
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+
+def sample_next(logits, generated, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
+    """Pick the next token for each row from last-position logits (B, V). temperature 0 = greedy."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and generated.numel():
+        # CTRL-style penalty, as in transformers: shrink the scores of tokens already present.
+        seen = logits.gather(1, generated)
+        seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+        logits = logits.scatter(1, generated, seen)
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, sorted_idx, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
+
+
+@torch.no_grad()
+def generate_stream(model, input_ids, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None,
+                    repetition_penalty=1.0, eos_token_id=None, attention_mask=None):
+    """Yield the next token ids (B,) one step at a time. Rows that produced eos keep yielding eos.
+
+    input_ids (B, T) may be left-padded, with attention_mask marking the real tokens.
+    """
+    B, T = input_ids.shape
+    max_len = T + max_new_tokens
+    param = next(model.parameters())
+    cache = KVCache(model.config, B, max_len, param.device, param.dtype)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    generated = input_ids
+    step_ids = input_ids
+    for _ in range(max_new_tokens):
+        logits = model(step_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        next_ids = sample_next(logits, generated, temperature, top_k, top_p, repetition_penalty)
+        if eos_token_id is not None:
+            next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
+            finished |= next_ids == eos_token_id
+        yield next_ids
+        if eos_token_id is not None and bool(finished.all()):
+            return
+        generated = torch.cat([generated, next_ids[:, None]], dim=1)
+        step_ids = next_ids[:, None]
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+
+
+def stream_text(tokenizer, token_stream, skip_special_tokens=True):
+    """Turn a stream of (1,)-shaped token ids into text pieces, holding back bytes of an unfinished character
+    (byte-level BPE can split one Chinese character over several tokens)."""
+    ids, printed = [], ""
+    for next_ids in token_stream:
+        ids.append(int(next_ids[0]))
+        text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(printed):
+            yield text[len(printed):]
+        printed = text
