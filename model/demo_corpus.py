@@ -1,0 +1,379 @@
+"""
+The demo corpus: a small, deterministic, Chinese-first fictional world that a tiny model can learn on a
+laptop CPU in minutes, with held-out evaluation that only passes if the model really learned something.
+
+Run as (through the data pipeline, which also packs the pretraining text):
+    python data_process.py demo                   # -> dataset/demo/
+or directly (text files only, no packing):
+    python -m model.demo_corpus --out_dir dataset/demo
+
+The world
+- `n_people` fictional people with unique 3-character names and six attributes: birth date (year+month),
+  birth city, university, major, employer, hobby. Every value list is "substring-free" (no value contains
+  another value or appears in a name), so "gold answer appears in the generated text" is an exact score.
+- Each person gets `n_bios` biographies: one sentence per attribute, each attribute phrased with one of three
+  templates (rotated so every person sees every template), sentences in a shuffled order, the full name in
+  every sentence (a tiny model binds facts to the name, not to a pronoun five sentences back).
+- Two-digit arithmetic: a+b and a-b (a >= b), a, b in 10..99, written "37+45=82。". A fraction of the
+  (op, a, b) triples is held out and appears nowhere except in the eval files.
+
+Who appears where
+- pretraining text: every biography of every person + every training arithmetic triple.
+- SFT single / multi and DPO: questions about the "SFT people" only (a subset), training triples only.
+- eval files: questions about the "held-out people" (their facts are ONLY in the pretraining text) and
+  held-out arithmetic triples. So eval measures knowledge extraction and arithmetic generalisation, not recall
+  of a memorised answer.
+
+Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
+    tokenizer_train.jsonl  {"text"}   pretraining text + chat text + GB2312 charset lines (tokenizer coverage)
+    pretrain_data.jsonl    {"text"}   biographies and arithmetic blocks, shuffled
+    sft_data_single.jsonl  {"conversations": [{"role","content"}, ...]}  one user/assistant exchange
+    sft_data_multi.jsonl   same, 2-4 exchanges, follow-ups refer back with 他/她
+    dpo_data.jsonl         {"chosen": [msgs], "rejected": [msgs]}  same prompt, last assistant turn differs
+    eval_chat.jsonl        {"category", "messages", "answer", ...}  chat checks (2-eval.py --eval_file)
+    eval_pretrain.jsonl    {"category", "prompt", "answer", ...}    completion checks (0-eval_pretrain.py)
+    world.json             the ground truth: people, attributes, who is held out, held-out arithmetic
+Scoring rule for both eval files: correct iff `answer` is a substring of the first line of the generated text.
+"""
+import argparse
+import json
+import os
+import random
+
+# ----------------------------------------------------------------------------------------------------------
+# The world's vocabulary. Fictional universities and employers so the world cannot leak from real knowledge.
+
+SURNAMES = list("王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘蒋蔡杜叶程苏魏吕丁任沈姚卢姜崔钟谭陆汪范石廖贾夏韦方白邹孟熊秦邱江尹薛段雷侯龙史陶黎贺顾毛郝龚邵严武戴莫孔汤")
+GIVEN_FIRST = list("子雨思欣梓浩宇俊佳晨嘉诗明文志建晓春立天若泽慧家永少")
+GIVEN_SECOND = list("涵轩琪怡然豪杰婷华峰伟强磊洋勇军敏静丽芳娜玲鹏辉红霞")
+
+CITIES = ["杭州", "成都", "西安", "南京", "苏州", "重庆", "长沙", "青岛", "厦门", "大连", "昆明", "哈尔滨",
+          "郑州", "济南", "福州", "合肥", "南昌", "贵阳", "兰州", "宁波"]
+UNIVERSITIES = ["东湖大学", "青山大学", "明德大学", "远志大学", "星海大学", "北辰大学", "启明大学", "云麓大学",
+                "长风大学", "清源大学", "博雅大学", "南山大学"]
+MAJORS = ["计算机科学", "数学", "物理学", "化学", "经济学", "法学", "历史学", "生物学", "机械工程", "临床医学",
+          "新闻学", "建筑学"]
+EMPLOYERS = ["蓝海科技", "远航物流", "青松银行", "华夏电力", "星辰传媒", "金桥证券", "绿洲农业", "天工汽车",
+             "云帆软件", "明日医药", "长城建设", "海纳电子", "新禾食品", "北斗航空", "和光教育"]
+HOBBIES = ["下棋", "游泳", "摄影", "书法", "爬山", "钓鱼", "跑步", "绘画", "弹钢琴", "打篮球"]
+YEARS = range(1970, 2000)
+# Months 1 and 2 are left out: "1988年1月" is a substring of "1988年11月", which would break substring scoring.
+MONTHS = range(3, 13)
+
+# Per attribute: the value list, three statement templates (the first is canonical: SFT answers and completion
+# prompts use it), and two question templates ({n} = name or, in follow-ups, 他/她).
+ATTRIBUTES = {
+    "birth_date": dict(values=[f"{y}年{m}月" for y in YEARS for m in MONTHS],
+                       statements=["{n}的出生日期是{v}。", "{n}生于{v}。", "{n}在{v}出生。"],
+                       questions=["{n}是什么时候出生的？", "{n}的出生日期是什么？"]),
+    "birth_city": dict(values=CITIES,
+                       statements=["{n}出生于{v}。", "{n}的家乡是{v}。", "{n}来自{v}。"],
+                       questions=["{n}出生在哪个城市？", "{n}是哪里人？"]),
+    "university": dict(values=UNIVERSITIES,
+                       statements=["{n}毕业于{v}。", "{n}曾在{v}读书。", "{n}是{v}的毕业生。"],
+                       questions=["{n}毕业于哪所大学？", "{n}是哪个大学毕业的？"]),
+    "major": dict(values=MAJORS,
+                  statements=["{n}的专业是{v}。", "{n}在大学里学的是{v}。", "{n}主修{v}。"],
+                  questions=["{n}学的是什么专业？", "{n}的专业是什么？"]),
+    "employer": dict(values=EMPLOYERS,
+                     statements=["{n}的工作单位是{v}。", "{n}在{v}工作。", "{n}就职于{v}。"],
+                     questions=["{n}在哪里工作？", "{n}的工作单位是哪里？"]),
+    "hobby": dict(values=HOBBIES,
+                  statements=["{n}的爱好是{v}。", "{n}喜欢{v}。", "{n}业余时间喜欢{v}。"],
+                  questions=["{n}有什么爱好？", "{n}平时喜欢做什么？"]),
+}
+ARITH_QUESTIONS = ["{a}{op}{b}等于多少？", "计算{a}{op}{b}。", "{a}{op_zh}{b}是多少？"]
+
+
+def check_substring_free(names):
+    """Every gold answer must be unambiguous under substring scoring: no value inside another value or a name."""
+    values = [v for spec in ATTRIBUTES.values() for v in spec["values"]]
+    assert len(set(values)) == len(values), "duplicate attribute value"
+    for v in values:
+        for w in values:
+            assert v == w or v not in w, f"value {v!r} is a substring of {w!r}"
+        for name in names:
+            assert v not in name, f"value {v!r} appears in name {name!r}"
+
+
+def canonical_statement(name, attribute, value):
+    return ATTRIBUTES[attribute]["statements"][0].format(n=name, v=value)
+
+
+def completion_prompt(name, attribute):
+    """'张伟出生于' for birth_city: the canonical statement cut just before the value."""
+    return ATTRIBUTES[attribute]["statements"][0].split("{v}")[0].format(n=name)
+
+
+def arith_result(op, a, b):
+    return a + b if op == "+" else a - b
+
+
+def arith_statement(op, a, b, result=None):
+    return f"{a}{op}{b}={arith_result(op, a, b) if result is None else result}。"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The world
+
+def make_world(seed=1337, n_people=300, sft_people_ratio=0.5, heldout_pair_ratio=0.1):
+    rng = random.Random(seed)
+    max_names = len(SURNAMES) * len(GIVEN_FIRST) * len(GIVEN_SECOND)
+    assert 2 <= n_people <= max_names // 4, f"n_people must be in 2..{max_names // 4}"
+    names, seen = [], set()
+    while len(names) < n_people:  # all names have 3 characters, so unique names are also prefix-free
+        name = rng.choice(SURNAMES) + rng.choice(GIVEN_FIRST) + rng.choice(GIVEN_SECOND)
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    check_substring_free(names)
+    people = []
+    for name in names:
+        person = {"name": name, "gender": rng.choice(["男", "女"])}
+        for attribute, spec in ATTRIBUTES.items():
+            person[attribute] = rng.choice(spec["values"])
+        people.append(person)
+    n_sft = max(1, min(n_people - 1, round(n_people * sft_people_ratio)))
+    for i, person in enumerate(people):  # names are already in random order
+        person["split"] = "sft" if i < n_sft else "heldout"
+
+    triples = [("+", a, b) for a in range(10, 100) for b in range(10, 100)]
+    triples += [("-", a, b) for a in range(10, 100) for b in range(10, a + 1)]
+    rng.shuffle(triples)
+    heldout = set()
+    for op in "+-":  # hold out the same fraction of each operation
+        of_op = [t for t in triples if t[0] == op]
+        heldout.update(of_op[:round(len(of_op) * heldout_pair_ratio)])
+    return {
+        "seed": seed,
+        "people": people,
+        "arith_train": [t for t in triples if t not in heldout],
+        "arith_heldout": [t for t in triples if t in heldout],
+    }
+
+
+def pronoun(person):
+    return "他" if person["gender"] == "男" else "她"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pretraining text
+
+def biographies(person, n_bios, rng):
+    attributes = list(ATTRIBUTES)
+    offset = rng.randrange(3)
+    bios = []
+    for k in range(n_bios):
+        sentences = []
+        for j, attribute in enumerate(attributes):
+            template = ATTRIBUTES[attribute]["statements"][(k + j + offset) % 3]  # rotate through all templates
+            sentences.append(template.format(n=person["name"], v=person[attribute]))
+        rng.shuffle(sentences)
+        bios.append("".join(sentences))
+    return bios
+
+
+def pretrain_documents(world, n_bios, rng, equations_per_doc=16):
+    docs = [bio for person in world["people"] for bio in biographies(person, n_bios, rng)]
+    train = list(world["arith_train"])
+    rng.shuffle(train)
+    for i in range(0, len(train), equations_per_doc):
+        docs.append("\n".join(arith_statement(*t) for t in train[i:i + equations_per_doc]))
+    rng.shuffle(docs)
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat data: SFT single, SFT multi, DPO, eval
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+def arith_question(op, a, b, rng):
+    return rng.choice(ARITH_QUESTIONS).format(a=a, b=b, op=op, op_zh="加" if op == "+" else "减")
+
+
+def wrong_arith_result(op, a, b, rng):
+    correct = arith_result(op, a, b)
+    candidates = [correct + d for d in (-10, -2, -1, 1, 2, 10) if correct + d >= 0]
+    return rng.choice(candidates)
+
+
+def sft_single(world, rng, n_arith=1500):
+    records = []
+    for person in world["people"]:
+        if person["split"] != "sft":
+            continue
+        for attribute, spec in ATTRIBUTES.items():
+            for question in spec["questions"]:
+                answer = canonical_statement(person["name"], attribute, person[attribute])
+                records.append([user(question.format(n=person["name"])), assistant(answer)])
+    for op, a, b in rng.sample(world["arith_train"], min(n_arith, len(world["arith_train"]))):
+        records.append([user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))])
+    rng.shuffle(records)
+    return records
+
+
+def dialogue(person, attributes, rng):
+    """Several questions about one person; only the first names them, follow-ups say 他/她."""
+    messages = []
+    for i, attribute in enumerate(attributes):
+        who = person["name"] if i == 0 else pronoun(person)
+        question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=who)
+        messages.append(user(question))
+        messages.append(assistant(canonical_statement(person["name"], attribute, person[attribute])))
+    return messages
+
+
+def sft_multi(world, rng, n_dialogues=600):
+    sft_people = [p for p in world["people"] if p["split"] == "sft"]
+    records = []
+    for i in range(n_dialogues):
+        person = sft_people[i % len(sft_people)]
+        records.append(dialogue(person, rng.sample(list(ATTRIBUTES), rng.randint(2, 4)), rng))
+    rng.shuffle(records)
+    return records
+
+
+def dpo_pairs(world, rng, n_people_pairs=600, n_arith_pairs=400):
+    sft_people = [p for p in world["people"] if p["split"] == "sft"]
+    records = []
+    for _ in range(n_people_pairs):
+        person = rng.choice(sft_people)
+        attribute = rng.choice(list(ATTRIBUTES))
+        spec = ATTRIBUTES[attribute]
+        wrong = rng.choice([v for v in spec["values"] if v != person[attribute]])
+        prompt = [user(rng.choice(spec["questions"]).format(n=person["name"]))]
+        records.append({"chosen": prompt + [assistant(canonical_statement(person["name"], attribute, person[attribute]))],
+                        "rejected": prompt + [assistant(canonical_statement(person["name"], attribute, wrong))]})
+    for op, a, b in rng.sample(world["arith_train"], min(n_arith_pairs, len(world["arith_train"]))):
+        prompt = [user(arith_question(op, a, b, rng))]
+        records.append({"chosen": prompt + [assistant(arith_statement(op, a, b))],
+                        "rejected": prompt + [assistant(arith_statement(op, a, b, wrong_arith_result(op, a, b, rng)))]})
+    rng.shuffle(records)
+    return records
+
+
+def eval_sets(world, rng, eval_size=200):
+    """Held-out people and held-out arithmetic only. Returns (chat records, completion records)."""
+    heldout_people = [p for p in world["people"] if p["split"] == "heldout"]
+    facts = [(p, attribute) for p in heldout_people for attribute in ATTRIBUTES]
+    qa_facts = rng.sample(facts, min(eval_size, len(facts)))
+    completion_facts = rng.sample(facts, min(eval_size, len(facts)))
+    triples = rng.sample(world["arith_heldout"], min(eval_size, len(world["arith_heldout"])))
+
+    chat = []
+    for person, attribute in qa_facts:
+        question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=person["name"])
+        chat.append({"category": "people_qa", "attribute": attribute, "messages": [user(question)],
+                     "answer": person[attribute]})
+    for i in range(min(eval_size // 2, len(heldout_people))):  # follow-up questions that must resolve 他/她
+        person = heldout_people[i]
+        first, second = rng.sample(list(ATTRIBUTES), 2)
+        messages = dialogue(person, [first, second], rng)[:-1]  # gold first answer stays in the history
+        chat.append({"category": "people_qa_followup", "attribute": second, "messages": messages,
+                     "answer": person[second]})
+    for op, a, b in triples:
+        chat.append({"category": "arith", "messages": [user(arith_question(op, a, b, rng))],
+                     "answer": f"={arith_result(op, a, b)}。"})
+
+    completion = []
+    for person, attribute in completion_facts:
+        completion.append({"category": "completion_fact", "attribute": attribute,
+                           "prompt": completion_prompt(person["name"], attribute), "answer": person[attribute]})
+    for op, a, b in triples:  # "37+45" -> "=82。": the "=" and "。" make single-digit answers unambiguous
+        completion.append({"category": "arith_completion", "prompt": f"{a}{op}{b}",
+                           "answer": f"={arith_result(op, a, b)}。"})
+    return chat, completion
+
+
+def charset_lines(width=100):
+    """GB2312 symbols and level-1 hanzi (3 times, so they win ties), then level-2 hanzi (twice): lets the shipped 6400-token tokenizer
+    cover common Chinese characters as single tokens, not only the ~600 the demo world uses."""
+    def level(first_bytes):
+        chars = []
+        for hi in first_bytes:
+            for lo in range(0xA1, 0xFF):
+                try:
+                    chars.append(bytes([hi, lo]).decode("gb2312"))
+                except UnicodeDecodeError:
+                    pass
+        return "".join(chars)
+    level1 = level(range(0xA1, 0xAA)) + level(range(0xB0, 0xD8))  # punctuation/symbols + common hanzi
+    level2 = level(range(0xD8, 0xF8))
+    text = level1 * 3 + level2 * 2  # >= 2 occurrences: the trainer's min_frequency
+    return [text[i:i + width] for i in range(0, len(text), width)]
+
+
+def render_plain(messages):
+    """Chat text without special tokens, so the tokenizer learns the role words and the turn layout."""
+    return "".join(f"{m['role']}\n{m['content']}\n" for m in messages)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def write_jsonl(path, records):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # a reader never sees a half-written file
+
+
+def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0.5, heldout_pair_ratio=0.1,
+                  eval_size=200):
+    """Write every demo file into out_dir; returns {file name: number of records}."""
+    world = make_world(seed, n_people, sft_people_ratio, heldout_pair_ratio)
+    rng = random.Random(seed + 1)  # one stream, consumed in a fixed order: same seed, same bytes
+    pretrain = pretrain_documents(world, n_bios, rng)
+    single = sft_single(world, rng)
+    multi = sft_multi(world, rng)
+    dpo = dpo_pairs(world, rng)
+    chat_eval, completion_eval = eval_sets(world, rng, eval_size)
+    tokenizer_text = pretrain + [render_plain(m) for m in single + multi] + charset_lines()
+
+    files = {
+        "tokenizer_train.jsonl": [{"text": t} for t in tokenizer_text],
+        "pretrain_data.jsonl": [{"text": t} for t in pretrain],
+        "sft_data_single.jsonl": [{"conversations": m} for m in single],
+        "sft_data_multi.jsonl": [{"conversations": m} for m in multi],
+        "dpo_data.jsonl": dpo,
+        "eval_chat.jsonl": chat_eval,
+        "eval_pretrain.jsonl": completion_eval,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    for name, records in files.items():
+        write_jsonl(os.path.join(out_dir, name), records)
+    world_path = os.path.join(out_dir, "world.json")
+    with open(world_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({**world, "n_bios": n_bios}, f, ensure_ascii=False, indent=1)
+    os.replace(world_path + ".tmp", world_path)
+    return {name: len(records) for name, records in files.items()}
+
+
+def add_demo_args(parser):
+    """Flags shared by `python -m model.demo_corpus` and `python data_process.py demo`."""
+    parser.add_argument("--out_dir", default="dataset/demo", help="where the demo files are written")
+    parser.add_argument("--seed", type=int, default=1337, help="world seed: the same seed gives byte-identical files")
+    parser.add_argument("--n_people", type=int, default=300, help="number of fictional people")
+    parser.add_argument("--n_bios", type=int, default=4, help="paraphrased biographies per person in the pretraining text")
+    parser.add_argument("--sft_people_ratio", type=float, default=0.5,
+                        help="fraction of people asked about in SFT/DPO; the rest are held out for eval")
+    parser.add_argument("--heldout_pair_ratio", type=float, default=0.1,
+                        help="fraction of arithmetic (op, a, b) triples held out of all training data")
+    parser.add_argument("--eval_size", type=int, default=200, help="questions per eval category")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_demo_args(parser)
+    args = parser.parse_args()
+    counts = generate_demo(args.out_dir, args.seed, args.n_people, args.n_bios, args.sft_people_ratio,
+                           args.heldout_pair_ratio, args.eval_size)
+    for name, n in counts.items():
+        print(f"{os.path.join(args.out_dir, name)}: {n} records")
