@@ -1,0 +1,420 @@
+"""
+Raw files -> the canonical files the stages read (DESIGN.md §2), the demo corpus, and the packed token file.
+
+Run as:
+    python data_process.py demo                  # dataset/demo/: every canonical file + eval files + packed pretraining tokens
+    python data_process.py pretrain --data_path dataset/pretrain_data.jsonl       # or a .csv with a `text` column
+    python data_process.py sft --data_path dataset/sft_data_zh.jsonl              # -> dataset/sft_data_single.jsonl + _multi.jsonl
+    python data_process.py dpo --data_path dataset/dpo_zh.json                    # -> dataset/dpo_data.jsonl
+    python data_process.py <subcommand> --help   # every flag explained
+
+The demo flow, step by step (`demo` packs with the shipped model/tokenizer/, so step 1 alone is enough):
+    python data_process.py demo
+    python train_tokenizer.py --data_path dataset/demo/tokenizer_train.jsonl      # optional: how model/tokenizer/ was made
+    python data_process.py pretrain --data_path dataset/demo/pretrain_data.jsonl  # re-pack after a new tokenizer
+
+Packed token file (`pretrain`), from dataset/X.jsonl by default (--out_path changes the base name):
+    X.bin            the training tokens, raw little-endian uint16 (uint32 if the vocabulary has > 65536 tokens),
+                     every document stored as <s> tokens </s>, documents back to back; np.memmap-able
+    X.idx.npy        int64 document boundaries, n_docs + 1 entries: document k = tokens[idx[k]:idx[k+1]]
+    X.meta.json      {"format", "dtype", "n_tokens", "n_docs", "vocab_size", "bos_id", "eos_id", "tokenizer_sha256", ...}
+    X.val.bin, X.val.idx.npy, X.val.meta.json   the held-out validation documents, same layout
+Text is encoded with special tokens disabled, so a literal "<s>" in a document is text, and the <s> id marks
+exactly the document starts. Document k goes to validation when floor(k*r) != floor((k-1)*r), r = --val_ratio:
+evenly spread, deterministic, and document 0 always, so the val part is never empty.
+
+Bad input (malformed JSON, missing field, wrong type, empty text, invalid UTF-8, a CSV row with the wrong
+column count, an invalid conversation) is reported as `file:line: kind: detail` on stderr (the first
+--report_limit lines), counted per kind, and summarised at the end. If bad lines exceed --max_bad_ratio of all
+lines the run exits with status 1 and publishes nothing. Every output is written under a temporary name and
+renamed when complete, so an interrupted run never leaves a truncated file under a final name. Inputs are
+streamed: memory stays flat in the file size.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter, deque
+
+import numpy as np
+from tqdm import tqdm
+
+from model.data_formats import (BadRecord, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
+                                pretrain_text, to_conversation, to_preference, zh_ratio)
+
+
+class BadLines:
+    """Counts unusable input lines per kind and reports them as `file:line: kind: detail`."""
+
+    def __init__(self, report_limit=20):
+        self.report_limit, self.kinds, self.total = report_limit, Counter(), 0
+
+    def add(self, path, line_no, kind, message):
+        self.kinds[kind] += 1
+        if sum(self.kinds.values()) <= self.report_limit:
+            print(f"{path}:{line_no}: {message}", file=sys.stderr)
+
+    def verdict(self, max_bad_ratio):
+        """Print the summary; False when the bad fraction is over the limit."""
+        bad = sum(self.kinds.values())
+        ratio = bad / max(1, self.total)
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.kinds.items()))
+        print(f"bad lines: {bad} of {self.total} ({ratio:.2%}){': ' + kinds if kinds else ''}", file=sys.stderr)
+        if bad > self.report_limit:
+            print(f"(only the first {self.report_limit} were listed; raise --report_limit to see more)", file=sys.stderr)
+        if ratio > max_bad_ratio:
+            print(f"error: {ratio:.2%} bad lines exceeds --max_bad_ratio {max_bad_ratio:.2%}; nothing was written",
+                  file=sys.stderr)
+            return False
+        return True
+
+
+class AtomicOutput:
+    """A file written under a temporary name; commit() renames it into place, discard() deletes it."""
+
+    def __init__(self, path, mode="w"):
+        self.path, self.tmp = path, f"{path}.tmp-{os.getpid()}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.file = open(self.tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+    def commit(self):
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self):
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def check_inputs(paths):
+    for path in paths:
+        if not os.path.isfile(path):
+            sys.exit(f"error: {path}: no such file")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pretrain: text -> packed tokens
+
+_worker = {}
+
+
+def init_worker(tokenizer_json, bos_id, eos_id, in_pool=True):
+    if in_pool:  # the pool is the parallelism: no extra tokenizer threads inside each worker
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+    tokenizer.encode_special_tokens = True  # "<s>" written in a document is text, not a document boundary
+    _worker.update(tokenizer=tokenizer, bos_id=bos_id, eos_id=eos_id)
+
+
+def encode_chunk(items):
+    """[(path, line_no, payload)] -> (bad lines, concatenated uint32 tokens, per-document lengths).
+    payload: raw JSONL bytes, a parsed CSV row, or ("bad", kind, message) found by the reader."""
+    texts, bad = [], []
+    for path, line_no, payload in items:
+        if isinstance(payload, tuple):
+            bad.append((path, line_no, payload[1], payload[2]))
+            continue
+        record = parse_json_line(payload) if isinstance(payload, bytes) else payload
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            texts.append(pretrain_text(record))
+        except BadRecord as err:
+            bad.append((path, line_no, err.kind, str(err)))
+    encodings = _worker["tokenizer"].encode_batch(texts, add_special_tokens=False) if texts else []
+    bos, eos = _worker["bos_id"], _worker["eos_id"]
+    docs = [np.array([bos] + enc.ids + [eos], dtype=np.uint32) for enc in encodings]
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    return bad, (np.concatenate(docs) if docs else np.zeros(0, np.uint32)), lengths
+
+
+def read_chunks(paths, chunk_bytes, chunk_lines=4096):
+    """Chunks of (path, line_no, payload) plus their byte size; JSONL lines stay raw for the workers to parse."""
+    items, size = [], 0
+    for path in paths:
+        fmt = detect_format(path)
+        reader = iter_jsonl_raw(path) if fmt == "jsonl" else iter_records(path, fmt)
+        for line_no, payload, n_bytes in reader:
+            if isinstance(payload, BadRecord):
+                payload = ("bad", payload.kind, str(payload))
+            items.append((path, line_no, payload))
+            size += n_bytes
+            if size >= chunk_bytes or len(items) >= chunk_lines:
+                yield items, size
+                items, size = [], 0
+    if items:
+        yield items, size
+
+
+class PackedSplit:
+    """One packed part (train or val): tokens, document boundaries, meta; all published together by commit()."""
+
+    def __init__(self, base, dtype):
+        self.base, self.dtype, self.n_tokens, self.n_docs = base, dtype, 0, 0
+        self.bin = AtomicOutput(base + ".bin", "wb")
+        self.starts = AtomicOutput(base + ".idx.raw", "wb")  # int64 starts, streamed; becomes .idx.npy
+
+    def write(self, tokens, lengths):
+        if len(lengths):
+            starts = self.n_tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            self.starts.file.write(starts.astype(np.int64).tobytes())
+            self.bin.file.write(tokens.astype(self.dtype).tobytes())
+            self.n_tokens += int(lengths.sum())
+            self.n_docs += len(lengths)
+
+    def commit(self, meta):
+        self.starts.file.close()
+        idx = AtomicOutput(self.base + ".idx.npy", "wb")
+        idx.file.close()
+        bounds = np.lib.format.open_memmap(idx.tmp, mode="w+", dtype=np.int64, shape=(self.n_docs + 1,))
+        if self.n_docs:
+            bounds[:-1] = np.memmap(self.starts.tmp, dtype=np.int64, mode="r")
+        bounds[-1] = self.n_tokens
+        bounds.flush()
+        del bounds
+        self.starts.discard()
+        self.bin.commit()
+        idx.commit()
+        meta = {**meta, "dtype": np.dtype(self.dtype).name, "n_tokens": self.n_tokens, "n_docs": self.n_docs}
+        meta_out = AtomicOutput(self.base + ".meta.json")  # meta last: its presence means "complete"
+        json.dump(meta, meta_out.file, ensure_ascii=False, indent=2)
+        meta_out.commit()
+
+    def discard(self):
+        self.bin.discard()
+        self.starts.discard()
+
+
+def packed_base(data_path, out_path=None):
+    if out_path:
+        return out_path[:-4] if out_path.endswith(".bin") else out_path
+    return os.path.splitext(data_path)[0]
+
+
+def run_pretrain(args):
+    check_inputs(args.data_path)
+    tokenizer_json = os.path.join(args.tokenizer_dir, "tokenizer.json")
+    if not os.path.isfile(tokenizer_json):
+        sys.exit(f"error: {tokenizer_json}: no such file (train one with train_tokenizer.py)")
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+    vocab_size, bos_id, eos_id = tokenizer.get_vocab_size(), tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    if bos_id is None or eos_id is None:
+        sys.exit(f"error: {tokenizer_json}: the tokenizer has no <s>/</s> tokens")
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    base = packed_base(args.data_path[0], args.out_path)
+    with open(tokenizer_json, "rb") as f:
+        meta = {"format": "nano-llm packed tokens v1", "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
+                "tokenizer": args.tokenizer_dir, "tokenizer_sha256": hashlib.sha256(f.read()).hexdigest(),
+                "source": args.data_path, "val_ratio": args.val_ratio}
+    train, val = PackedSplit(base, dtype), PackedSplit(base + ".val", dtype)
+    report = BadLines(args.report_limit)
+    total_bytes = sum(os.path.getsize(p) for p in args.data_path)
+    t0, n_docs, published = time.time(), 0, False
+    pool = None
+    try:
+        if args.num_workers > 1:
+            import multiprocessing
+            pool = multiprocessing.get_context().Pool(args.num_workers, init_worker, (tokenizer_json, bos_id, eos_id))
+            submit = lambda chunk: pool.apply_async(encode_chunk, (chunk,))  # noqa: E731
+        else:
+            init_worker(tokenizer_json, bos_id, eos_id, in_pool=False)  # the tokenizer may use its own threads
+            submit = lambda chunk: _Done(encode_chunk(chunk))  # noqa: E731
+        pending = deque()  # at most 2 chunks per worker in flight: ordered results, bounded memory
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr) as bar:
+            def drain(limit):
+                nonlocal n_docs
+                while len(pending) > limit:
+                    future, size, n_items = pending.popleft()
+                    bad, tokens, lengths = future.get()
+                    for item in bad:
+                        report.add(*item)
+                    report.total += n_items
+                    doc_ids = n_docs + np.arange(len(lengths))
+                    is_val = np.floor(doc_ids * args.val_ratio) != np.floor((doc_ids - 1) * args.val_ratio)
+                    token_is_val = np.repeat(is_val, lengths)
+                    train.write(tokens[~token_is_val], lengths[~is_val])
+                    val.write(tokens[token_is_val], lengths[is_val])
+                    n_docs += len(lengths)
+                    bar.update(size)
+                    bar.set_postfix(docs=n_docs, tokens=train.n_tokens + val.n_tokens)
+            for chunk, size in read_chunks(args.data_path, args.chunk_bytes):
+                pending.append((submit(chunk), size, len(chunk)))
+                drain(2 * max(1, args.num_workers))
+            drain(0)
+        elapsed = time.time() - t0
+        if not report.verdict(args.max_bad_ratio):
+            sys.exit(1)
+        if n_docs == 0:
+            sys.exit(f"error: no usable document in {', '.join(args.data_path)}")
+        train.commit({**meta, "split": "train"})
+        val.commit({**meta, "split": "val"})
+        published = True
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if not published:
+            train.discard()
+            val.discard()
+    n_tokens = train.n_tokens + val.n_tokens
+    print(f"{n_docs} documents, {n_tokens} tokens ({train.n_tokens} train in {train.n_docs} docs, {val.n_tokens} val "
+          f"in {val.n_docs} docs), {np.dtype(dtype).name}, vocab {vocab_size} -> {base}.bin, {base}.val.bin")
+    print(f"throughput: {total_bytes / 1e6 / elapsed:.2f} MB/s, {n_tokens / elapsed:,.0f} tokens/s "
+          f"({elapsed:.1f} s, {max(1, args.num_workers)} process(es))")
+
+
+class _Done:
+    """A finished result that looks like multiprocessing's AsyncResult (single-process path)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sft / dpo: any supported format -> canonical JSONL
+
+def sft_filter(messages, args):
+    """The seed's filters, all off by default. Returns the reason a conversation is dropped, or None."""
+    prompts = [m["content"] for m in messages if m["role"] == "user"]
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    if args.min_prompt_chars and min(map(len, prompts)) < args.min_prompt_chars:
+        return "prompt shorter than --min_prompt_chars"
+    if args.max_prompt_chars and max(map(len, prompts)) > args.max_prompt_chars:
+        return "prompt longer than --max_prompt_chars"
+    if args.min_answer_chars and min(map(len, answers)) < args.min_answer_chars:
+        return "answer shorter than --min_answer_chars"
+    if args.max_answer_chars and max(map(len, answers)) > args.max_answer_chars:
+        return "answer longer than --max_answer_chars"
+    if args.min_zh_ratio and zh_ratio("".join(prompts + answers)) < args.min_zh_ratio:
+        return "Chinese ratio below --min_zh_ratio"
+    return None
+
+
+def convert(args, outputs, convert_record, route):
+    """Stream every input through convert_record; route(record) names the output it is written to."""
+    check_inputs(args.data_path)
+    report, filtered, written = BadLines(args.report_limit), Counter(), Counter()
+    files = {name: AtomicOutput(path) for name, path in outputs.items()}
+    try:
+        for path in args.data_path:
+            for line_no, record, _ in tqdm(iter_records(path, args.format), desc=path, unit=" lines", file=sys.stderr):
+                report.total += 1
+                try:
+                    if isinstance(record, BadRecord):
+                        raise record
+                    canonical = convert_record(record)
+                except BadRecord as err:
+                    report.add(path, line_no, err.kind, str(err))
+                    continue
+                reason = sft_filter(canonical["conversations"], args) if "conversations" in canonical else None
+                if reason:
+                    filtered[reason] += 1
+                    continue
+                name = route(canonical)
+                files[name].file.write(json.dumps(canonical, ensure_ascii=False) + "\n")
+                written[name] += 1
+        if not report.verdict(args.max_bad_ratio):
+            sys.exit(1)
+        for name, output in files.items():
+            output.commit()
+            print(f"{output.path}: {written[name]} records")
+        for reason, n in filtered.items():
+            print(f"filtered ({reason}): {n}")
+    finally:
+        for output in files.values():
+            if not output.file.closed:
+                output.discard()
+
+
+def run_sft(args):
+    outputs = {"single": os.path.join(args.out_dir, "sft_data_single.jsonl"),
+               "multi": os.path.join(args.out_dir, "sft_data_multi.jsonl")}
+    n_answers = lambda conv: sum(m["role"] == "assistant" for m in conv["conversations"])  # noqa: E731
+    convert(args, outputs, lambda r: {"conversations": to_conversation(r)},
+            lambda conv: "single" if n_answers(conv) == 1 else "multi")
+
+
+def run_dpo(args):
+    convert(args, {"dpo": args.out_path}, to_preference, lambda record: "dpo")
+
+
+def run_demo(args):
+    from model.demo_corpus import generate_demo
+    t0 = time.time()
+    counts = generate_demo(args.out_dir, args.seed, args.n_people, args.n_bios, args.sft_people_ratio,
+                           args.heldout_pair_ratio, args.eval_size)
+    for name, n in counts.items():
+        path = os.path.join(args.out_dir, name)
+        print(f"{path}: {n} records, {os.path.getsize(path) / 1e6:.2f} MB")
+    print(f"demo corpus generated in {time.time() - t0:.1f} s")
+    if not args.no_pack:
+        args.data_path, args.out_path = [os.path.join(args.out_dir, "pretrain_data.jsonl")], None
+        run_pretrain(args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, data_path_default):
+        p.add_argument("--max_bad_ratio", type=float, default=0.01,
+                       help="fail (exit 1, write nothing) when more than this fraction of input lines is bad")
+        p.add_argument("--report_limit", type=int, default=20, help="list at most this many bad lines on stderr")
+        if data_path_default is not None:
+            p.add_argument("--data_path", nargs="+", default=[data_path_default],
+                           help="input file(s): .jsonl, .csv, or .json (JSON array or JSON lines)")
+            p.add_argument("--format", choices=["jsonl", "csv", "json_array"], default=None,
+                           help="input container format (default: from the file extension)")
+
+    def packing(p):
+        p.add_argument("--tokenizer_dir", default="model/tokenizer", help="directory with tokenizer.json")
+        p.add_argument("--val_ratio", type=float, default=0.01, help="fraction of documents held out for validation")
+        p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
+                       help="tokenizer processes (1 = tokenize in this process, with the tokenizer's threads)")
+        p.add_argument("--chunk_bytes", type=int, default=1 << 20, help="input bytes sent to a worker at a time")
+
+    p = commands.add_parser("demo", help="generate the demo corpus into dataset/demo/ and pack its pretraining text",
+                            description=run_demo.__doc__)
+    from model.demo_corpus import add_demo_args
+    add_demo_args(p)
+    packing(p)
+    common(p, None)
+    p.add_argument("--no_pack", action="store_true", help="only write the text files, do not tokenize")
+
+    p = commands.add_parser("pretrain", help="JSONL {text} / CSV text column -> packed token file")
+    common(p, "dataset/pretrain_data.jsonl")
+    packing(p)
+    p.add_argument("--out_path", default=None,
+                   help="output base (X -> X.bin, X.val.bin, ...); default: the first input without its extension")
+
+    p = commands.add_parser("sft", help="SFT data in any supported format -> sft_data_single/multi.jsonl")
+    common(p, "dataset/sft_data_zh.jsonl")
+    p.add_argument("--out_dir", default="dataset", help="where sft_data_single.jsonl and sft_data_multi.jsonl go")
+    for name, what in [("min_prompt_chars", "drop a conversation with a user message shorter than this"),
+                       ("max_prompt_chars", "drop a conversation with a user message longer than this"),
+                       ("min_answer_chars", "drop a conversation with an assistant message shorter than this"),
+                       ("max_answer_chars", "drop a conversation with an assistant message longer than this")]:
+        p.add_argument(f"--{name}", type=int, default=0, help=f"{what} (0 = off)")
+    p.add_argument("--min_zh_ratio", type=float, default=0.0,
+                   help="drop a conversation whose share of Chinese characters is below this (0 = off)")
+
+    p = commands.add_parser("dpo", help="preference data in any supported format -> dpo_data.jsonl")
+    common(p, "dataset/dpo.jsonl")
+    p.add_argument("--out_path", default="dataset/dpo_data.jsonl", help="output file")
+
+    args = parser.parse_args(argv)
+    {"demo": run_demo, "pretrain": run_pretrain, "sft": run_sft, "dpo": run_dpo}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

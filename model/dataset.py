@@ -1,0 +1,300 @@
+"""
+Datasets for the three training stages. Each item is a dict of tensors; a batch goes straight into model(**batch).
+
+    PretrainDataset(path, max_seq_len, doc_mask=False)   the packed token file from `data_process.py pretrain`
+        item: input_ids [T], shift_labels [T] (already-shifted targets; -100 = ignored)
+              + position_ids [T] when doc_mask=True (restart at 0 at every <s>: the model derives the document
+              mask from the resets, so a token attends only within its document)
+        batch with torch's default collate (all rows have the same length)
+    SFTDataset(path, tokenizer, max_seq_len, pack=False)  sft_data_*.jsonl
+        item: input_ids [L], labels [L] (aligned with input_ids, the model shifts; -100 except the content and the
+              closing </s> of EVERY assistant turn) + position_ids [L] when packed
+        batch with dataset.collate_fn: right padding to the longest row, attention_mask added
+    DPODataset(path, tokenizer, max_seq_len)              dpo_data.jsonl
+        item: chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels (labels only on the final
+              assistant turn, i.e. the response); collate_fn pads both sides to ONE length, so they can be
+              concatenated into one forward pass, and adds chosen_attention_mask / rejected_attention_mask
+
+Order, sharding and exact resume are the sampler's job (model.trainer.ResumableBatchSampler: a permutation from
+(seed, epoch), sharded by rank, starting at any batch). Items here depend only on the index, so any sampler
+works, and the datasets hold no open file or memmap when pickled to DataLoader workers.
+
+Chat rendering is the tokenizer's chat template (train_tokenizer.py), built piece by piece so the label spans
+are exact: per message `<s>{role}\\n` + content + `</s>` + `\\n`. For normal text the ids equal
+tokenizer.apply_chat_template(messages) (tests/test_dataset.py checks it on the demo corpus). Message content is
+encoded with special tokens disabled: a "</s>" typed by a user is text, not an end of turn.
+Truncation to max_seq_len keeps the first max_seq_len tokens; if that would leave no label (a prompt longer
+than the window) the window is moved to start max_seq_len // 2 tokens before the first labelled token. Labels
+are fixed per token before cutting, so truncation never puts a label on a prompt token.
+
+Bad records: data_process.py validates and reports bad lines; these datasets trust their canonical files and raise
+ValueError("file:line: reason") on a record that is not canonical, rather than skipping it silently.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pretraining: a memory-mapped token stream
+
+def packed_meta_path(bin_path):
+    return (bin_path[:-4] if bin_path.endswith(".bin") else bin_path) + ".meta.json"
+
+
+class PretrainDataset(Dataset):
+    """Row i = tokens[i*T : i*T + T + 1] of the packed stream (T = max_seq_len): consecutive rows share one
+    token, so every token is a target exactly once and no row is padded."""
+
+    def __init__(self, path, max_seq_len, doc_mask=False):
+        meta_path = packed_meta_path(path)
+        if not os.path.isfile(path) or not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{path}: packed token file or its {os.path.basename(meta_path)} is missing "
+                                    f"(make them with `python data_process.py pretrain --data_path <file.jsonl>`)")
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        self.path, self.max_seq_len, self.doc_mask = path, max_seq_len, doc_mask
+        self.dtype = np.dtype(meta["dtype"])
+        self.vocab_size, self.bos_id, self.eos_id = meta["vocab_size"], meta["bos_id"], meta["eos_id"]
+        self.n_tokens = os.path.getsize(path) // self.dtype.itemsize
+        if self.n_tokens != meta["n_tokens"]:
+            raise ValueError(f"{path}: holds {self.n_tokens} tokens but {meta_path} says {meta['n_tokens']} "
+                             f"(an interrupted or mixed-up write?); re-run data_process.py pretrain")
+        self.n_rows = (self.n_tokens - 1) // max_seq_len
+        if self.n_rows < 1:
+            raise ValueError(f"{path}: {self.n_tokens} tokens, fewer than one row of max_seq_len + 1 = {max_seq_len + 1}")
+        self._tokens = None  # opened lazily, once per process
+
+    @staticmethod
+    def val_path(path):
+        """dataset/pretrain_data.bin -> dataset/pretrain_data.val.bin"""
+        return (path[:-4] if path.endswith(".bin") else path) + ".val.bin"
+
+    def __getstate__(self):  # DataLoader workers re-open the memmap instead of receiving a copy of it
+        return {**self.__dict__, "_tokens": None}
+
+    def __len__(self):
+        return self.n_rows
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n_rows:
+            raise IndexError(i)
+        if self._tokens is None:  # mapping reads nothing; only the rows actually used are paged in
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        start = i * self.max_seq_len
+        row = torch.from_numpy(self._tokens[start:start + self.max_seq_len + 1].astype(np.int64))
+        item = {"input_ids": row[:-1], "shift_labels": row[1:].clone()}
+        if self.doc_mask:
+            is_start = row[:-1] == self.bos_id
+            index = torch.arange(self.max_seq_len)
+            last_start = torch.cummax(torch.where(is_start, index, 0), dim=0).values
+            item["position_ids"] = index - last_start
+            # </s> -> next document's <s> crosses a boundary the model is not allowed to look across
+            item["shift_labels"][row[1:] == self.bos_id] = IGNORE
+        return item
+
+
+def pretrain_useful_fraction(dataset):
+    """Share of the packed stream's tokens that are targets (not -100) in some row."""
+    targets = len(dataset) * dataset.max_seq_len
+    if dataset.doc_mask:  # one ignored target per document start inside the covered range
+        tokens = np.memmap(dataset.path, dtype=dataset.dtype, mode="r")[1:targets + 1]
+        targets -= int((tokens == dataset.bos_id).sum())
+    return targets / dataset.n_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chat data: shared encoding of conversations
+
+def index_lines(path):
+    """Byte offsets and 1-based line numbers of the non-blank lines of a JSONL file (one pass, no parsing)."""
+    offsets, line_nos, pos = [], [], 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if raw.strip():
+                offsets.append(pos)
+                line_nos.append(line_no)
+            pos += len(raw)
+    return np.array(offsets, dtype=np.int64), np.array(line_nos, dtype=np.int64)
+
+
+class ChatEncoder:
+    """Messages -> (input_ids, labels) with the chat template's layout and exact assistant label spans."""
+
+    def __init__(self, tokenizer, max_seq_len):
+        self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
+        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.newline = self._encode(["\n"])[0]
+        self._prefix = {}
+
+    def _encode(self, texts):
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def prefix(self, role):
+        if role not in self._prefix:
+            self._prefix[role] = [self.bos_id] + self._encode([f"{role}\n"])[0]
+        return self._prefix[role]
+
+    def encode(self, messages, train_on="all"):
+        """train_on: "all" = every assistant turn (SFT), "last" = only the final assistant turn (DPO response)."""
+        contents = self._encode([m["content"] for m in messages])
+        last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+        ids, labels = [], []
+        for k, (message, content) in enumerate(zip(messages, contents)):
+            prefix, suffix = self.prefix(message["role"]), [self.eos_id] + self.newline
+            learn = message["role"] == "assistant" and (train_on == "all" or k == last)
+            ids += prefix + content + suffix
+            labels += [IGNORE] * len(prefix)
+            labels += content + [self.eos_id] if learn else [IGNORE] * (len(content) + 1)
+            labels += [IGNORE] * len(self.newline)
+        return self.truncate(ids, labels)
+
+    def truncate(self, ids, labels):
+        if len(ids) <= self.max_seq_len:
+            return ids, labels
+        start = 0
+        if all(label == IGNORE for label in labels[:self.max_seq_len]):  # the window would teach nothing
+            first = next(i for i, label in enumerate(labels) if label != IGNORE)
+            start = max(0, first - self.max_seq_len // 2)
+        return ids[start:start + self.max_seq_len], labels[start:start + self.max_seq_len]
+
+
+def _check_messages(messages, where):
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: expected a non-empty list of messages")
+    for m in messages:
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: every message needs role system/user/assistant and a string content")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last message must be from the assistant")
+    return messages
+
+
+def pad_right(rows, value, length):
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+class _JsonlRecords(Dataset):
+    """Lazy random access to the records of a JSONL file: only the line index lives in memory."""
+
+    def __init__(self, path, tokenizer, max_seq_len):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (make it with `python data_process.py ...`)")
+        self.path = path
+        self.offsets, self.line_nos = index_lines(path)
+        if len(self.offsets) == 0:
+            raise ValueError(f"{path}: no records")
+        self.encoder = ChatEncoder(tokenizer, max_seq_len)
+        self.pad_id = self.encoder.pad_id
+
+    def record(self, i):
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[i])
+            raw = f.readline()
+        where = f"{self.path}:{self.line_nos[i]}"
+        try:
+            return json.loads(raw), where
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{where}: not valid JSON ({err}); clean the file with data_process.py") from None
+
+    def __len__(self):
+        return len(self.offsets)
+
+
+class SFTDataset(_JsonlRecords):
+    """Conversations; the loss covers every assistant turn. pack=True concatenates consecutive conversations
+    into rows of up to max_seq_len tokens (tokenizing the whole file once at start-up), with position_ids
+    restarting per conversation so the model keeps them apart."""
+
+    def __init__(self, path, tokenizer, max_seq_len, pack=False):
+        super().__init__(path, tokenizer, max_seq_len)
+        self.rows = None
+        if pack:
+            self.rows, current, length = [], [], 0
+            for i in range(len(self.offsets)):
+                n = len(self.encode(i)[0])
+                if current and length + n > max_seq_len:
+                    self.rows.append(current)
+                    current, length = [], 0
+                current.append(i)
+                length += n
+            self.rows.append(current)
+        self[0]  # a file in the wrong format fails now, not hours into training
+
+    def encode(self, i):
+        record, where = self.record(i)
+        if not isinstance(record, dict) or "conversations" not in record:
+            raise ValueError(f'{where}: expected {{"conversations": [...]}}; convert with `data_process.py sft`')
+        return self.encoder.encode(_check_messages(record["conversations"], where), train_on="all")
+
+    def __len__(self):
+        return len(self.rows) if self.rows is not None else len(self.offsets)
+
+    def __getitem__(self, i):
+        if self.rows is None:
+            ids, labels = self.encode(i)
+            return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        ids, labels, positions = [], [], []
+        for j in self.rows[i]:
+            conv_ids, conv_labels = self.encode(j)
+            ids += conv_ids
+            labels += conv_labels
+            positions += range(len(conv_ids))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
+
+    def collate_fn(self, batch):
+        length = max(len(item["input_ids"]) for item in batch)
+        out = {
+            "input_ids": pad_right([b["input_ids"] for b in batch], self.pad_id, length),
+            "labels": pad_right([b["labels"] for b in batch], IGNORE, length),
+            "attention_mask": pad_right([torch.ones_like(b["input_ids"]) for b in batch], 0, length),
+        }
+        if "position_ids" in batch[0]:  # padding continues the last conversation's positions
+            out["position_ids"] = torch.stack([torch.cat([b["position_ids"], b["position_ids"][-1] + 1 + torch.arange(
+                length - len(b["position_ids"]))]) for b in batch])
+        return out
+
+
+class DPODataset(_JsonlRecords):
+    """Preference pairs; labels only on the final assistant turn (the response), prompts encoded as in SFT."""
+
+    def __init__(self, path, tokenizer, max_seq_len):
+        super().__init__(path, tokenizer, max_seq_len)
+        self[0]  # a file in the wrong format fails now, not hours into training
+
+    def __getitem__(self, i):
+        record, where = self.record(i)
+        if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+            raise ValueError(f'{where}: expected {{"chosen": [...], "rejected": [...]}}; convert with `data_process.py dpo`')
+        item = {}
+        for side in ("chosen", "rejected"):
+            ids, labels = self.encoder.encode(_check_messages(record[side], f"{where} ({side})"), train_on="last")
+            item[f"{side}_input_ids"], item[f"{side}_labels"] = torch.tensor(ids), torch.tensor(labels)
+        return item
+
+    def collate_fn(self, batch):
+        length = max(len(b[f"{side}_input_ids"]) for b in batch for side in ("chosen", "rejected"))
+        out = {}
+        for side in ("chosen", "rejected"):
+            ids = [b[f"{side}_input_ids"] for b in batch]
+            out[f"{side}_input_ids"] = pad_right(ids, self.pad_id, length)
+            out[f"{side}_labels"] = pad_right([b[f"{side}_labels"] for b in batch], IGNORE, length)
+            out[f"{side}_attention_mask"] = pad_right([torch.ones_like(x) for x in ids], 0, length)
+        return out
+
+
+def token_fractions(batch):
+    """Useful-token measures of a collated chat batch: non-padding share and labelled share of all positions."""
+    mask = batch.get("attention_mask", batch.get("chosen_attention_mask"))
+    labels = batch.get("labels", batch.get("chosen_labels"))
+    return {"non_pad": mask.float().mean().item(), "labelled": (labels != IGNORE).float().mean().item()}
