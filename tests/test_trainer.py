@@ -1,0 +1,186 @@
+"""The shared training loop, in-process on a toy task: learning, exact resume, atomic saves, NaN guard, data order."""
+import argparse
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import LMConfig, Transformer, trainer
+
+V = 64
+
+
+class ToyCountingTask(torch.utils.data.Dataset):
+    """Rows that count upwards from a random start (next token = this token + 1): easy to learn, so the loss
+    must fall fast."""
+
+    def __init__(self, n=256, length=17, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, V - 3, (n, 1), generator=g)
+        self.rows = (starts + torch.arange(length)) % (V - 3) + 3
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i, :-1], "shift_labels": self.rows[i, 1:]}
+
+
+def lm_loss(model, batch):
+    return model(**batch).loss, {}, batch["shift_labels"].numel()
+
+
+def make_args(tmp_path, *extra):
+    parser = argparse.ArgumentParser()
+    trainer.add_training_args(parser)
+    trainer.add_model_args(parser)
+    return parser.parse_args(["--batch_size", "8", "--learning_rate", "3e-3", "--warmup_iters", "3",
+                              "--log_interval", "5", "--save_interval", "5", "--eval_interval", "0",
+                              "--dtype", "float32", "--device", "cpu", "--out_dir", str(tmp_path)] + list(extra))
+
+
+def tiny_model(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, max_seq_len=32,
+                                dropout=dropout))
+
+
+RUNTIME = trainer.Runtime(torch.device("cpu"), False, 0, 0, 1)
+
+
+def run(tmp_path, *extra, loss_fn=lm_loss, model=None, data=None):
+    args = make_args(tmp_path, *extra)
+    model = model or tiny_model()
+    return trainer.fit(model, data or ToyCountingTask(), None, loss_fn, args, RUNTIME, str(tmp_path))
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_loss_falls_and_run_dir_is_complete(tmp_path):
+    run(tmp_path, "--max_steps", "60", "--learning_rate", "1e-2")
+    rows = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert Transformer.from_pretrained(tmp_path).config.dim == 32
+    assert [os.path.basename(p) for p in trainer.list_checkpoints(str(tmp_path))] == ["step_000055", "step_000060"]
+    state = torch.load(tmp_path / "step_000060" / "training_state.pt", weights_only=True)
+    assert state["step"] == 60 and "optimizer" in state and state["rng"]
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step_to_crash):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] == step_to_crash:
+            raise Crash()
+        return lm_loss(model, batch)
+    return loss_fn
+
+
+def test_resume_after_crash_is_bitwise_equal_to_uninterrupted(tmp_path):
+    # 2 micro-batches per step and several epochs (256 rows / 8 = 32 batches = 16 steps per epoch)
+    # dropout makes the RNG state part of what must be restored
+    common = ["--max_steps", "40", "--accumulation_steps", "2"]
+    run(tmp_path / "a", *common, model=tiny_model(dropout=0.1))
+    with pytest.raises(Crash):  # dies in step 24, after the step-20 save
+        run(tmp_path / "b", *common, loss_fn=crash_at(2 * 23 + 1), model=tiny_model(dropout=0.1))
+    assert os.path.basename(trainer.list_checkpoints(str(tmp_path / "b"))[-1]) == "step_000020"
+    run(tmp_path / "b", *common, "--resume", model=tiny_model(seed=99, dropout=0.1))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the metrics of the resumed run continue the old ones without the lost steps' rows
+    steps = [__import__("json").loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_crash_while_saving_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    run(tmp_path, "--max_steps", "5")
+    before = weights(tmp_path)
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **k):
+        real_save(obj, path, *a, **k)
+        with open(path, "r+b") as f:  # leave a truncated file behind, then die
+            f.truncate(10)
+        raise Crash()
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(Crash):
+        run(tmp_path, "--max_steps", "10", "--resume")
+    monkeypatch.setattr(torch, "save", real_save)
+    # the top-level weights and the step-5 checkpoint are still the complete step-5 ones
+    after = weights(tmp_path)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [os.path.basename(p) for p in trainer.list_checkpoints(str(tmp_path))] == ["step_000005"]
+    Transformer.from_pretrained(tmp_path)
+    run(tmp_path, "--max_steps", "10", "--resume")  # and the run can go on from it
+    assert not any(n.startswith(".tmp") for n in os.listdir(tmp_path))
+
+
+def nan_from(first_bad, last_bad):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss, metrics, n = lm_loss(model, batch)
+        if first_bad <= calls["n"] <= last_bad:
+            loss = loss * float("nan")
+        return loss, metrics, n
+    return loss_fn
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
+    # a single bad step is skipped: the weights after it equal the weights before it
+    run(tmp_path / "one", "--max_steps", "3", "--save_interval", "1", "--keep_last", "5",
+        loss_fn=nan_from(3, 3))
+    w2, w3 = weights(tmp_path / "one" / "step_000002"), weights(tmp_path / "one" / "step_000003")
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    assert all(torch.isfinite(t).all() for t in w3.values())
+    printed = capsys.readouterr()
+    assert "update skipped" in printed.out + printed.err
+    assert '"skipped_update"' in (tmp_path / "one" / "metrics.jsonl").read_text()
+    # max_bad_steps in a row: a clear stop, the last good checkpoint intact
+    with pytest.raises(trainer.StageError, match="3 steps in a row"):
+        run(tmp_path / "many", "--max_steps", "20", "--max_bad_steps", "3", loss_fn=nan_from(7, 100))
+    assert os.path.basename(trainer.list_checkpoints(str(tmp_path / "many"))[-1]) == "step_000005"
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "many").values())
+
+
+def test_sampler_shards_are_the_single_process_batches():
+    single = trainer.ResumableBatchSampler(50, 8, seed=3)
+    ranks = [trainer.ResumableBatchSampler(50, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for s in [single] + ranks:
+        s.set_epoch(1)
+    for batch, part0, part1 in zip(single, *ranks):
+        assert batch == part0 + part1
+    assert len(single) == len(ranks[0]) == 6
+    # a different epoch is a different order; a start offset skips exactly that many batches
+    epoch1 = list(single)
+    single.set_epoch(2)
+    assert list(single) != epoch1
+    single.set_epoch(1, start_batch=4)
+    assert list(single) == epoch1[4:]
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    lrs = [trainer.lr_at(s, 100, 10, 1e-3, 0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[100] == pytest.approx(1e-4)
+
+
+def test_no_decay_on_norms_and_embeddings():
+    model = tiny_model()
+    optimizer = trainer.build_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2 and "tok_embeddings" not in name), name
