@@ -9,10 +9,10 @@ Datasets for the three training stages. Each item is a dict of tensors; a batch 
     SFTDataset(path, tokenizer, max_seq_len, pack=False)  sft_data_*.jsonl
         item: input_ids [L], labels [L] (aligned with input_ids, the model shifts; -100 except the content and the
               closing </s> of EVERY assistant turn) + position_ids [L] when packed
-        batch with dataset.collate_fn: right padding to the longest row, attention_mask added
+        batch with dataset.collate: right padding to the longest row, attention_mask added
     DPODataset(path, tokenizer, max_seq_len)              dpo_data.jsonl
         item: chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels (labels only on the final
-              assistant turn, i.e. the response); collate_fn pads both sides to ONE length, so they can be
+              assistant turn, i.e. the response); collate pads both sides to ONE length, so they can be
               concatenated into one forward pass, and adds chosen_attention_mask / rejected_attention_mask
 
 Order, sharding and exact resume are the sampler's job (model.trainer.ResumableBatchSampler: a permutation from
@@ -24,7 +24,8 @@ are exact: per message `<s>{role}\\n` + content + `</s>` + `\\n`. For normal tex
 tokenizer.apply_chat_template(messages) (tests/test_dataset.py checks it on the demo corpus). Message content is
 encoded with special tokens disabled: a "</s>" typed by a user is text, not an end of turn.
 Truncation to max_seq_len keeps the first max_seq_len tokens; if that would leave no label (a prompt longer
-than the window) the window is moved to start max_seq_len // 2 tokens before the first labelled token. Labels
+than the window) the window moves to start max_seq_len // 2 tokens before the first labelled token (or ends at
+the last token, whichever comes first). Labels
 are fixed per token before cutting, so truncation never puts a label on a prompt token.
 
 Bad records: data_process.py validates and reports bad lines; these datasets trust their canonical files and raise
@@ -161,7 +162,7 @@ class ChatEncoder:
         start = 0
         if all(label == IGNORE for label in labels[:self.max_seq_len]):  # the window would teach nothing
             first = next(i for i, label in enumerate(labels) if label != IGNORE)
-            start = max(0, first - self.max_seq_len // 2)
+            start = max(0, min(first - self.max_seq_len // 2, len(ids) - self.max_seq_len))
         return ids[start:start + self.max_seq_len], labels[start:start + self.max_seq_len]
 
 
@@ -252,7 +253,7 @@ class SFTDataset(_JsonlRecords):
             positions += range(len(conv_ids))
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
 
-    def collate_fn(self, batch):
+    def collate(self, batch):
         length = max(len(item["input_ids"]) for item in batch)
         out = {
             "input_ids": pad_right([b["input_ids"] for b in batch], self.pad_id, length),
@@ -282,7 +283,7 @@ class DPODataset(_JsonlRecords):
             item[f"{side}_input_ids"], item[f"{side}_labels"] = torch.tensor(ids), torch.tensor(labels)
         return item
 
-    def collate_fn(self, batch):
+    def collate(self, batch):
         length = max(len(b[f"{side}_input_ids"]) for b in batch for side in ("chosen", "rejected"))
         out = {}
         for side in ("chosen", "rejected"):

@@ -1,0 +1,325 @@
+"""data_process.py: converters, bad-input reporting, atomic outputs, packing; the demo corpus generator."""
+import csv
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+import data_process
+from conftest import SHIPPED_TOKENIZER
+from model import demo_corpus
+
+DOCS = ["张伟出生于杭州。他毕业于东湖大学。", "Plain English text, with punctuation!", "emoji 😀 and digits 12345",
+        "a literal <s> and </s> stay text", "多行\n文本\t制表符", "最后一篇。"] * 3
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return str(path)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def decode_packed(base):
+    """All documents of a packed part, decoded back to text (bos/eos checked)."""
+    meta = json.load(open(base + ".meta.json"))
+    tokens = np.memmap(base + ".bin", dtype=meta["dtype"], mode="r")
+    bounds = np.load(base + ".idx.npy")
+    assert len(bounds) == meta["n_docs"] + 1 and bounds[-1] == len(tokens) == meta["n_tokens"]
+    tok = Tokenizer.from_file(os.path.join(SHIPPED_TOKENIZER, "tokenizer.json"))
+    docs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        ids = tokens[start:end].tolist()
+        assert ids[0] == meta["bos_id"] and ids[-1] == meta["eos_id"]
+        assert meta["bos_id"] not in ids[1:]  # <s> marks document starts only
+        docs.append(tok.decode(ids[1:-1], skip_special_tokens=False))
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pretrain
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pretrain_packs_and_decodes_back(tmp_path, workers, capsys):
+    src = write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in DOCS])
+    data_process.main(["pretrain", "--data_path", src, "--num_workers", str(workers), "--val_ratio", "0.2",
+                       "--chunk_bytes", "64"])  # tiny chunks: many round trips through the pool, order kept
+    base = str(tmp_path / "corpus")
+    train, val = decode_packed(base), decode_packed(base + ".val")
+    # doc k is val iff floor(k r) != floor((k-1) r): 0, 5, 10, 15 for r = 0.2
+    assert val == [DOCS[k] for k in (0, 5, 10, 15)]
+    assert train == [d for k, d in enumerate(DOCS) if k not in (0, 5, 10, 15)]
+    meta = json.load(open(base + ".meta.json"))
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 6400 and meta["split"] == "train"
+    out = capsys.readouterr().out
+    assert "MB/s" in out and "tokens/s" in out
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_pretrain_csv_with_text_column(tmp_path, capsys):
+    path = tmp_path / "corpus.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerow(["1", "第一篇，含逗号"])
+        w.writerow(["2", "第二篇\n跨两行"])
+        w.writerow(["3", "多了一列", "extra"])
+        w.writerow(["4", "第四篇"])
+    data_process.main(["pretrain", "--data_path", str(path), "--num_workers", "1", "--val_ratio", "0",
+                       "--max_bad_ratio", "0.5"])
+    assert decode_packed(str(tmp_path / "corpus")) == ["第一篇，含逗号", "第二篇\n跨两行", "第四篇"]
+    err = capsys.readouterr().err
+    assert f"{path}:5: wrong column count: expected 2 (id,text), got 3" in err  # row 3 starts on line 5
+    assert "bad lines: 1 of 4 (25.00%): wrong column count 1" in err
+
+
+def bad_pretrain_file(tmp_path):
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in DOCS[:6]]
+    lines[1] = b'{"text": "unterminated'
+    lines[2] = json.dumps({"content": "no text field"}).encode()
+    lines[3] = json.dumps({"text": 42}).encode()
+    lines[4] = json.dumps({"text": "   "}).encode()
+    lines.append(b'{"text": "bad byte \xff here"}')
+    lines.append(b"")
+    lines.append(json.dumps(["not", "an", "object"]).encode())
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def test_pretrain_reports_every_bad_kind(tmp_path, capsys):
+    src = bad_pretrain_file(tmp_path)
+    data_process.main(["pretrain", "--data_path", src, "--num_workers", "1", "--max_bad_ratio", "0.9"])
+    err = capsys.readouterr().err
+    for line_no, reason in [(2, "malformed JSON"), (3, "missing field: text"), (4, "wrong type: text is int"),
+                            (5, "empty text"), (7, "invalid UTF-8"), (8, "blank line"),
+                            (9, "wrong type: record is list")]:
+        assert f"{src}:{line_no}: {reason}" in err
+    assert ("bad lines: 7 of 9 (77.78%): blank line 1, empty text 1, invalid UTF-8 1, malformed JSON 1, "
+            "missing field 1, wrong type 2") in err
+    assert decode_packed(str(tmp_path / "bad")) + decode_packed(str(tmp_path / "bad.val")) != []
+
+
+def test_pretrain_max_bad_ratio_fails_and_publishes_nothing(tmp_path, capsys):
+    src = bad_pretrain_file(tmp_path)
+    (tmp_path / "bad.bin").write_bytes(b"OLD")  # an earlier good output must survive a failed run
+    with pytest.raises(SystemExit) as exit_info:
+        data_process.main(["pretrain", "--data_path", src, "--num_workers", "1", "--report_limit", "2"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "exceeds --max_bad_ratio 1.00%" in err and "only the first 2 were listed" in err
+    assert len(re.findall(r"bad\.jsonl:\d+: ", err)) == 2
+    assert sorted(os.listdir(tmp_path)) == ["bad.bin", "bad.jsonl"]
+    assert (tmp_path / "bad.bin").read_bytes() == b"OLD"
+
+
+def test_pretrain_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        data_process.main(["pretrain", "--data_path", str(tmp_path / "none.jsonl")])
+    assert "none.jsonl: no such file" in str(exit_info.value.code)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sft / dpo converters
+
+def conv(*pairs, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    for q, a in pairs:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return messages
+
+
+def run_sft(tmp_path, *paths, extra=()):
+    out = tmp_path / "out"
+    data_process.main(["sft", "--data_path", *map(str, paths), "--out_dir", str(out), *extra])
+    return ([r["conversations"] for r in read_jsonl(out / "sft_data_single.jsonl")],
+            [r["conversations"] for r in read_jsonl(out / "sft_data_multi.jsonl")])
+
+
+def test_sft_seed_csv_history_q_a(tmp_path):
+    path = tmp_path / "sft.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["history", "q", "a"])
+        w.writerow(["[]", "你好", "你好！"])
+        w.writerow(["[['1+1=?', '2'], ['再加1呢', '3']]", "再加1呢？", "4"])  # Python literal, as the seed wrote it
+        w.writerow(['[["问题", "回答"]]', "追问", "再答"])  # JSON
+        w.writerow(["", "空历史", "可以"])
+    single, multi = run_sft(tmp_path, path)
+    assert single == [conv(("你好", "你好！")), conv(("空历史", "可以"))]
+    assert multi == [conv(("1+1=?", "2"), ("再加1呢", "3"), ("再加1呢？", "4")), conv(("问题", "回答"), ("追问", "再答"))]
+
+
+def test_sft_deepctrl_sharegpt_canonical_jsonl(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"instruction": "翻译", "input": "hello", "output": "你好", "history": []},
+        {"instruction": "第二问", "input": "", "output": "第二答", "history": [["第一问", "第一答"]]},
+        {"conversations": [{"from": "system", "value": "系统"}, {"from": "human", "value": "问"},
+                           {"from": "gpt", "value": "答"}]},
+        {"conversations": conv(("q1", "a1"), ("q2", "a2"))},
+    ])
+    single, multi = run_sft(tmp_path, path)
+    assert single == [conv(("翻译\nhello", "你好")), conv(("问", "答"), system="系统")]
+    assert multi == [conv(("第一问", "第一答"), ("第二问", "第二答")), conv(("q1", "a1"), ("q2", "a2"))]
+
+
+def test_sft_alpaca_json_array(tmp_path):
+    records = [{"instruction": f"问题{i}", "input": "", "output": f"答案{i}"} for i in range(3)]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+    single, multi = run_sft(tmp_path, path)
+    assert single == [conv((f"问题{i}", f"答案{i}")) for i in range(3)] and multi == []
+
+
+def test_sft_alpaca_array_syntax_error_names_its_line(tmp_path, capsys):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c", "output": \n}\n]\n')
+    single, _ = run_sft(tmp_path, path, extra=["--max_bad_ratio", "0.9"])
+    assert single == [conv(("a", "b"))]
+    assert f"{path}:4: malformed JSON" in capsys.readouterr().err
+
+
+def test_sft_bad_records_are_reported(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        {"conversations": conv(("q", "a"))},
+        {"conversations": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
+        {"instruction": "no output"},
+        {"conversations": "not a list"},
+        {"conversations": conv(("q", "  "))},
+        {"conversations": [{"role": "robot", "content": "x"}]},
+        {"something": "else"},
+    ])
+    single, _ = run_sft(tmp_path, path, extra=["--max_bad_ratio", "0.9"])
+    assert single == [conv(("q", "a"))]
+    err = capsys.readouterr().err
+    assert f"{path}:2: invalid conversation: message 0 is assistant, expected user" in err
+    assert f"{path}:3: missing field: output" in err
+    assert f"{path}:4: wrong type: conversations is str, expected list" in err
+    assert f"{path}:5: empty text: empty assistant message" in err
+    assert f"{path}:6: invalid conversation: unknown role 'robot'" in err
+    assert f"{path}:7: missing field" in err
+    assert "bad lines: 6 of 7" in err
+
+
+def test_sft_filters_are_off_by_default_and_work_when_set(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "f.jsonl", [{"conversations": conv(("中文问题", "中文回答"))},
+                                               {"conversations": conv(("english only", "yes"))}])
+    assert len(run_sft(tmp_path, path)[0]) == 2
+    single, _ = run_sft(tmp_path, path, extra=["--min_zh_ratio", "0.5"])
+    assert single == [conv(("中文问题", "中文回答"))]
+    assert "filtered (Chinese ratio below --min_zh_ratio): 1" in capsys.readouterr().out
+
+
+def test_dpo_formats(tmp_path):
+    prompt = [{"role": "user", "content": "1+1=?"}]
+    path = write_jsonl(tmp_path / "dpo.jsonl", [
+        {"chosen": prompt + [{"role": "assistant", "content": "2"}],
+         "rejected": prompt + [{"role": "assistant", "content": "3"}]},
+        {"prompt": "1+1=?", "chosen": "2", "rejected": "3"},
+        {"conversations": [{"from": "human", "value": "1+1=?"}], "chosen": {"from": "gpt", "value": "2"},
+         "rejected": {"from": "gpt", "value": "3"}},
+        {"conversations": prompt, "chosen": "2", "rejected": "3", "system": "S"},
+    ])
+    out = tmp_path / "dpo_data.jsonl"
+    data_process.main(["dpo", "--data_path", path, "--out_path", str(out)])
+    expected = {"chosen": conv(("1+1=?", "2")), "rejected": conv(("1+1=?", "3"))}
+    with_system = {side: [{"role": "system", "content": "S"}] + msgs for side, msgs in expected.items()}
+    assert read_jsonl(out) == [expected] * 3 + [with_system]
+
+
+def test_dpo_bad_records_and_atomic_failure(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "dpo.jsonl", [
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        {"chosen": conv(("q1", "a")), "rejected": conv(("q2", "b"))},
+        {"prompt": "q", "chosen": "a"},
+        {"prompt": "q", "chosen": 1, "rejected": "b"},
+    ])
+    out = tmp_path / "dpo_data.jsonl"
+    out.write_text("OLD")
+    with pytest.raises(SystemExit):
+        data_process.main(["dpo", "--data_path", path, "--out_path", str(out)])
+    err = capsys.readouterr().err
+    assert f"{path}:1: invalid conversation: chosen and rejected answers are identical" in err
+    assert f"{path}:2: invalid conversation: chosen and rejected have different prompt turns" in err
+    assert f"{path}:3: missing field: rejected" in err
+    assert f"{path}:4: wrong type: chosen is int" in err
+    assert out.read_text() == "OLD" and sorted(os.listdir(tmp_path)) == ["dpo.jsonl", "dpo_data.jsonl"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the demo corpus
+
+def test_demo_generator_is_deterministic(demo_dir, tmp_path):
+    demo_corpus.generate_demo(str(tmp_path))
+    for name in sorted(os.listdir(demo_dir)):
+        assert (tmp_path / name).read_bytes() == open(os.path.join(demo_dir, name), "rb").read(), name
+    other = tmp_path / "other"
+    demo_corpus.generate_demo(str(other), seed=7)
+    assert (other / "pretrain_data.jsonl").read_bytes() != (tmp_path / "pretrain_data.jsonl").read_bytes()
+
+
+def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
+    load = lambda name: read_jsonl(os.path.join(demo_dir, name))  # noqa: E731
+    world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
+    heldout_names = {p["name"] for p in world["people"] if p["split"] == "heldout"}
+    train_chat = [r["conversations"] for r in load("sft_data_single.jsonl") + load("sft_data_multi.jsonl")]
+    train_chat += [r[side] for r in load("dpo_data.jsonl") for side in ("chosen", "rejected")]
+    chat_text = "\n".join(m["content"] for messages in train_chat for m in messages)
+    pretrain_text = "\n".join(r["text"] for r in load("pretrain_data.jsonl"))
+    user_messages = {m["content"] for messages in train_chat for m in messages if m["role"] == "user"}
+
+    chat_eval, completion_eval = load("eval_chat.jsonl"), load("eval_pretrain.jsonl")
+    assert {r["category"] for r in chat_eval} == {"people_qa", "people_qa_followup", "arith"}
+    assert {r["category"] for r in completion_eval} == {"completion_fact", "arith_completion"}
+    for name in heldout_names:
+        assert name not in chat_text  # held-out people never appear in SFT or DPO ...
+        assert pretrain_text.count(name) >= 6 * world["n_bios"]  # ... but every bio sentence names them
+    train_prefixes = {json.dumps(messages[:k], ensure_ascii=False)
+                      for messages in train_chat for k in range(1, len(messages) + 1)}
+    for record in chat_eval:
+        assert json.dumps(record["messages"], ensure_ascii=False) not in train_prefixes
+        assert record["messages"][0]["content"] not in user_messages
+        if record["category"] != "arith":
+            assert record["messages"][0]["content"][:3] in heldout_names
+        if record["category"] == "arith":
+            expression = re.search(r"(\d+)(?:\+|-|加|减)(\d+)", record["messages"][-1]["content"]).group(0)
+            assert expression.replace("加", "+").replace("减", "-") not in pretrain_text + chat_text
+    people = {p["name"]: p for p in world["people"]}
+    for record in completion_eval:
+        if record["category"] == "completion_fact":
+            name = record["prompt"][:3]
+            assert name in heldout_names and record["prompt"] + record["answer"] in pretrain_text
+            assert people[name][record["attribute"]] == record["answer"]
+        else:
+            assert record["prompt"] not in pretrain_text + chat_text  # held-out arithmetic
+            a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", record["prompt"]).groups()
+            assert record["answer"] == f"={int(a) + int(b) if op == '+' else int(a) - int(b)}。"
+
+
+def test_demo_gold_answers_are_unambiguous_substrings(demo_dir):
+    """Scoring is "gold answer in the generated line": no gold may hide inside another candidate answer."""
+    values = [v for spec in demo_corpus.ATTRIBUTES.values() for v in spec["values"]]
+    for record in read_jsonl(os.path.join(demo_dir, "eval_chat.jsonl")):
+        if record["category"] != "arith":
+            assert sum(record["answer"] in v for v in values) == 1
+    assert "1988年1月" not in values  # would hide inside 1988年11月
+
+
+def test_demo_subcommand_writes_every_file_and_packs(tmp_path, capsys):
+    out = tmp_path / "demo"
+    data_process.main(["demo", "--out_dir", str(out), "--n_people", "20", "--num_workers", "1"])
+    expected = {"tokenizer_train.jsonl", "pretrain_data.jsonl", "sft_data_single.jsonl", "sft_data_multi.jsonl",
+                "dpo_data.jsonl", "eval_chat.jsonl", "eval_pretrain.jsonl", "world.json"}
+    expected |= {f"pretrain_data{split}.{ext}" for split in ("", ".val") for ext in ("bin", "idx.npy", "meta.json")}
+    assert set(os.listdir(out)) == expected
+    docs = decode_packed(str(out / "pretrain_data")) + decode_packed(str(out / "pretrain_data.val"))
+    assert sorted(docs) == sorted(r["text"] for r in read_jsonl(out / "pretrain_data.jsonl"))
+    assert "demo corpus generated" in capsys.readouterr().out

@@ -1,0 +1,227 @@
+"""model/dataset.py: packed pretraining rows, SFT/DPO label masks, truncation, packing and collation."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import data_process
+from model.dataset import (DPODataset, PretrainDataset, SFTDataset, pretrain_useful_fraction, token_fractions)
+
+IGNORE = -100
+
+
+def packed_file(tmp_path, texts, val_ratio="0"):
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    data_process.main(["pretrain", "--data_path", str(src), "--num_workers", "1", "--val_ratio", val_ratio])
+    path = str(tmp_path / "corpus.bin")
+    return path, np.fromfile(path, dtype=np.uint16).astype(np.int64)
+
+
+TEXTS = [f"第{i}篇文档：张伟出生于杭州，{'很' * (i % 7)}好。" for i in range(40)]
+
+
+def test_pretrain_rows_are_consecutive_shifted_windows(tmp_path):
+    path, tokens = packed_file(tmp_path, TEXTS)
+    ds = PretrainDataset(path, max_seq_len=16)
+    assert len(ds) == (len(tokens) - 1) // 16 and ds.vocab_size == 6400
+    for i in (0, 1, len(ds) - 1):
+        item = ds[i]
+        assert set(item) == {"input_ids", "shift_labels"}
+        assert item["input_ids"].tolist() == tokens[i * 16:i * 16 + 16].tolist()
+        assert item["shift_labels"].tolist() == tokens[i * 16 + 1:i * 16 + 17].tolist()
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    assert batch["input_ids"].shape == batch["shift_labels"].shape == (4, 16)
+    assert batch["input_ids"].dtype == torch.long
+    assert pretrain_useful_fraction(ds) >= 0.99  # packing wastes at most the tail
+
+
+def test_pretrain_doc_mask_positions_restart_and_boundary_targets_are_ignored(tmp_path):
+    path, tokens = packed_file(tmp_path, TEXTS)
+    plain, masked = PretrainDataset(path, 64), PretrainDataset(path, 64, doc_mask=True)
+    for i in range(len(masked)):
+        row = tokens[i * 64:i * 64 + 65]
+        item = masked[i]
+        expected_pos, pos = [], 0
+        for t, token in enumerate(row[:-1]):
+            pos = 0 if token == 1 else (pos + 1 if t else 0)
+            expected_pos.append(pos)
+        assert item["position_ids"].tolist() == expected_pos
+        expected = [IGNORE if nxt == 1 else nxt for nxt in row[1:]]
+        assert item["shift_labels"].tolist() == expected
+        assert plain[i]["shift_labels"].tolist() == row[1:].tolist()  # the flag changes only what it should
+    assert 1 in tokens[64:-1]  # the test really crossed document boundaries inside rows
+
+
+def test_pretrain_val_path_and_split(tmp_path):
+    path, _ = packed_file(tmp_path, TEXTS, val_ratio="0.1")
+    val = PretrainDataset(PretrainDataset.val_path(path), 8)
+    assert PretrainDataset.val_path(path).endswith("corpus.val.bin") and len(val) >= 1
+
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to read RSS")
+def test_one_gigabyte_file_opens_without_being_read(tmp_path):
+    path = tmp_path / "big.bin"
+    n_bytes = 1 << 30
+    with open(path, "wb") as f:
+        f.truncate(n_bytes)  # sparse: costs no disk and no page cache until read
+    meta = {"dtype": "uint16", "n_tokens": n_bytes // 2, "vocab_size": 6400, "bos_id": 1, "eos_id": 2}
+    (tmp_path / "big.meta.json").write_text(json.dumps(meta))
+    before = rss_kib()
+    ds = PretrainDataset(str(path), max_seq_len=512, doc_mask=True)
+    rows = [ds[i] for i in (0, len(ds) // 2, len(ds) - 1)]
+    grown_mib = (rss_kib() - before) / 1024
+    assert len(ds) == (n_bytes // 2 - 1) // 512
+    assert all(r["input_ids"].shape == (512,) for r in rows)
+    assert grown_mib < 32, f"RSS grew by {grown_mib:.0f} MiB"
+    assert len(pickle.dumps(ds)) < 10_000  # DataLoader workers get the path, not the mapped data
+
+
+def test_pretrain_size_mismatch_is_a_clear_error(tmp_path):
+    path, _ = packed_file(tmp_path, TEXTS)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(ValueError, match="meta.json says"):
+        PretrainDataset(path, 16)
+    with pytest.raises(FileNotFoundError, match="data_process.py pretrain"):
+        PretrainDataset(str(tmp_path / "missing.bin"), 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chat data
+
+CONVERSATION = [
+    {"role": "system", "content": "你是一个助手。"},
+    {"role": "user", "content": "张伟出生在哪个城市？"},
+    {"role": "assistant", "content": "张伟出生于杭州。"},
+    {"role": "user", "content": "他在哪里工作？"},
+    {"role": "assistant", "content": "张伟的工作单位是蓝海科技。"},
+    {"role": "user", "content": "37+45等于多少？"},
+    {"role": "assistant", "content": "37+45=82。 Done!"},
+]
+
+
+def jsonl(tmp_path, name, records):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def labelled_runs(labels):
+    """Consecutive labelled positions as lists of target ids."""
+    runs, current = [], []
+    for label in labels:
+        if label != IGNORE:
+            current.append(label)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+def test_sft_labels_cover_exactly_every_assistant_turn(tmp_path, tokenizer):
+    ds = SFTDataset(jsonl(tmp_path, "sft.jsonl", [{"conversations": CONVERSATION}]), tokenizer, 512)
+    item = ds[0]
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    # the ids are the chat template's, so label positions refer to what the model sees at inference
+    assert ids == tokenizer.apply_chat_template(CONVERSATION)["input_ids"]
+    assert all(label in (IGNORE, token) for label, token in zip(labels, ids))  # aligned, the model shifts
+    runs = labelled_runs(labels)
+    answers = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    assert [tokenizer.decode(run) for run in runs] == [a + "</s>" for a in answers]
+
+
+def test_sft_ids_match_the_chat_template_on_the_demo_corpus(demo_dir, tokenizer):
+    path = os.path.join(demo_dir, "sft_data_multi.jsonl")
+    ds = SFTDataset(path, tokenizer, 512)
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(next(f)) for _ in range(30)]
+    for i, record in enumerate(records):
+        assert ds[i]["input_ids"].tolist() == tokenizer.apply_chat_template(record["conversations"])["input_ids"]
+
+
+def test_sft_truncation_never_labels_a_prompt_token(tmp_path, tokenizer):
+    long_prompt = [{"role": "user", "content": "很长的问题" * 40}, {"role": "assistant", "content": "简短的回答。"}]
+    long_answer = [{"role": "user", "content": "问"}, {"role": "assistant", "content": "很长的回答" * 40}]
+    ds = SFTDataset(jsonl(tmp_path, "t.jsonl", [{"conversations": long_prompt}, {"conversations": long_answer},
+                                                {"conversations": CONVERSATION}]), tokenizer, 32)
+    for i, answers in enumerate([["简短的回答。</s>"], ["很长的回答" * 40], None]):
+        item = ds[i]
+        assert len(item["input_ids"]) == 32
+        runs = [tokenizer.decode(run) for run in labelled_runs(item["labels"].tolist())]
+        assert runs, "a truncated example must keep at least one label"
+        for run in runs:  # every labelled stretch is a piece of an assistant answer
+            assert any(run in a + "</s>" for a in answers or [m["content"] for m in CONVERSATION
+                                                               if m["role"] == "assistant"])
+    assert tokenizer.decode(labelled_runs(ds[0]["labels"].tolist())[0]) == "简短的回答。</s>"
+
+
+def test_sft_collate_pads_right_with_masks(tmp_path, tokenizer):
+    short = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}]
+    ds = SFTDataset(jsonl(tmp_path, "c.jsonl", [{"conversations": short}, {"conversations": CONVERSATION}]),
+                    tokenizer, 512)
+    batch = ds.collate([ds[0], ds[1]])
+    n0, n1 = len(ds[0]["input_ids"]), len(ds[1]["input_ids"])
+    assert batch["input_ids"].shape == (2, n1) and batch["attention_mask"].sum(1).tolist() == [n0, n1]
+    assert (batch["input_ids"][0, n0:] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, n0:] == IGNORE).all()
+    fractions = token_fractions(batch)
+    assert fractions["non_pad"] == pytest.approx((n0 + n1) / (2 * n1))
+    assert 0 < fractions["labelled"] < fractions["non_pad"]
+
+
+def test_sft_packing_keeps_conversations_apart(tmp_path, tokenizer):
+    convs = [[{"role": "user", "content": f"问题{i}"}, {"role": "assistant", "content": f"回答{i}" * (i % 3 + 1)}]
+             for i in range(12)]
+    path = jsonl(tmp_path, "p.jsonl", [{"conversations": c} for c in convs])
+    plain, packed = SFTDataset(path, tokenizer, 64), SFTDataset(path, tokenizer, 64, pack=True)
+    assert len(packed) < len(plain)
+    pieces = []
+    for i in range(len(packed)):
+        item = packed[i]
+        ids, pos = item["input_ids"].tolist(), item["position_ids"].tolist()
+        assert len(ids) <= 64
+        starts = [t for t, p in enumerate(pos) if p == 0]
+        assert all(ids[t] == tokenizer.bos_token_id and item["labels"][t] == IGNORE for t in starts)
+        for a, b in zip(starts, starts[1:] + [len(ids)]):
+            pieces.append((ids[a:b], item["labels"][a:b].tolist()))
+    # unpacking gives back every conversation exactly, labels included
+    assert pieces == [(plain[j]["input_ids"].tolist(), plain[j]["labels"].tolist()) for j in range(len(plain))]
+    batch = packed.collate([packed[0], packed[len(packed) - 1]])
+    assert batch["position_ids"].shape == batch["input_ids"].shape
+    assert token_fractions(batch)["non_pad"] > 0.5
+
+
+def test_sft_bad_record_names_file_and_line(tmp_path, tokenizer):
+    path = jsonl(tmp_path, "bad.jsonl", [{"conversations": CONVERSATION}, {"text": "pretraining text"}])
+    ds = SFTDataset(path, tokenizer, 64)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected"):
+        ds[1]
+    with pytest.raises(ValueError, match=r"pre\.jsonl:1: expected"):  # wrong file type fails at construction
+        SFTDataset(jsonl(tmp_path, "pre.jsonl", [{"text": "x"}]), tokenizer, 64)
+
+
+def test_dpo_labels_only_the_response_and_prompts_match(tmp_path, tokenizer):
+    prompt = CONVERSATION[:-1]
+    record = {"chosen": prompt + [{"role": "assistant", "content": "37+45=82。"}],
+              "rejected": prompt + [{"role": "assistant", "content": "37+45=83。这是错的"}]}
+    ds = DPODataset(jsonl(tmp_path, "dpo.jsonl", [record, record]), tokenizer, 512)
+    item = ds[0]
+    for side, answer in (("chosen", "37+45=82。"), ("rejected", "37+45=83。这是错的")):
+        runs = labelled_runs(item[f"{side}_labels"].tolist())
+        assert [tokenizer.decode(r) for r in runs] == [answer + "</s>"]  # earlier assistant turns: prompt only
+    prompt_len = len(tokenizer.apply_chat_template(prompt)["input_ids"])
+    assert item["chosen_input_ids"][:prompt_len].tolist() == item["rejected_input_ids"][:prompt_len].tolist()
+    batch = ds.collate([ds[0], ds[1]])
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
+    n = len(item["chosen_input_ids"])
+    assert batch["chosen_attention_mask"][0].sum() == n and (batch["chosen_labels"][0, n:] == IGNORE).all()
