@@ -384,20 +384,27 @@ def main(argv=None):
         p.add_argument("--chunk_bytes", type=int, default=1 << 20, help="input bytes sent to a worker at a time")
 
     p = commands.add_parser("demo", help="generate the demo corpus into dataset/demo/ and pack its pretraining text",
-                            description=run_demo.__doc__)
+                            description="Generate the demo world (model/demo_corpus.py) into --out_dir: every "
+                            "canonical file, the eval files and world.json; then pack pretrain_data.jsonl with "
+                            "--tokenizer_dir unless --no_pack.")
     from model.demo_corpus import add_demo_args
     add_demo_args(p)
     packing(p)
     common(p, None)
     p.add_argument("--no_pack", action="store_true", help="only write the text files, do not tokenize")
 
-    p = commands.add_parser("pretrain", help="JSONL {text} / CSV text column -> packed token file")
+    p = commands.add_parser("pretrain", help="JSONL {text} / CSV text column -> packed token file",
+                            description="Tokenize documents into X.bin + X.idx.npy + X.meta.json and the X.val.* "
+                            "validation part (layout: see `python data_process.py --help`).")
     common(p, "dataset/pretrain_data.jsonl")
     packing(p)
     p.add_argument("--out_path", default=None,
                    help="output base (X -> X.bin, X.val.bin, ...); default: the first input without its extension")
 
-    p = commands.add_parser("sft", help="SFT data in any supported format -> sft_data_single/multi.jsonl")
+    p = commands.add_parser("sft", help="SFT data in any supported format -> sft_data_single/multi.jsonl",
+                            description="Convert the seed's CSV (history,q,a), deepctrl JSONL (instruction/input/"
+                            "output/history), ShareGPT (from/value), alpaca JSON arrays or canonical role/content "
+                            "conversations; one assistant turn -> sft_data_single.jsonl, more -> sft_data_multi.jsonl.")
     common(p, "dataset/sft_data_zh.jsonl")
     p.add_argument("--out_dir", default="dataset", help="where sft_data_single.jsonl and sft_data_multi.jsonl go")
     for name, what in [("min_prompt_chars", "drop a conversation with a user message shorter than this"),
@@ -408,7 +415,9 @@ def main(argv=None):
     p.add_argument("--min_zh_ratio", type=float, default=0.0,
                    help="drop a conversation whose share of Chinese characters is below this (0 = off)")
 
-    p = commands.add_parser("dpo", help="preference data in any supported format -> dpo_data.jsonl")
+    p = commands.add_parser("dpo", help="preference data in any supported format -> dpo_data.jsonl",
+                            description="Convert chosen/rejected message lists, prompt/chosen/rejected strings, or "
+                            "conversations + chosen/rejected (strings, messages or message lists).")
     common(p, "dataset/dpo.jsonl")
     p.add_argument("--out_path", default="dataset/dpo_data.jsonl", help="output file")
 
