@@ -45,6 +45,9 @@ from tqdm import tqdm
 from model.data_formats import (BadRecord, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
                                 pretrain_text, to_conversation, to_preference, zh_ratio)
 
+# the shipped tokenizer is part of the repo, so it is found wherever the script is run from
+DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "tokenizer")
+
 
 class BadLines:
     """Counts unusable input lines per kind and reports them as `file:line: kind: detail`."""
@@ -377,7 +380,8 @@ def main(argv=None):
                            help="input container format (default: from the file extension)")
 
     def packing(p):
-        p.add_argument("--tokenizer_dir", default="model/tokenizer", help="directory with tokenizer.json")
+        p.add_argument("--tokenizer_dir", default=DEFAULT_TOKENIZER_DIR,
+                       help="directory with tokenizer.json (default: the shipped model/tokenizer/)")
         p.add_argument("--val_ratio", type=float, default=0.01, help="fraction of documents held out for validation")
         p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
                        help="tokenizer processes (1 = tokenize in this process, with the tokenizer's threads)")

@@ -133,8 +133,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", default="dataset/tokenizer_train.jsonl",
                         help='JSONL file with one {"text": ...} per line')
-    parser.add_argument("--out_dir", default="model/tokenizer",
-                        help="directory for tokenizer.json + tokenizer_config.json")
+    parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "tokenizer"),
+                        help="directory for tokenizer.json + tokenizer_config.json (default: this repo's model/tokenizer/)")
     parser.add_argument("--vocab_size", type=int, default=6400,
                         help="target vocabulary size incl. the 3 special tokens; LMConfig.vocab_size must match")
     parser.add_argument("--min_frequency", type=int, default=2,
