@@ -21,7 +21,7 @@ Packed token file (`pretrain`), from dataset/X.jsonl by default (--out_path chan
     X.val.bin, X.val.idx.npy, X.val.meta.json   the held-out validation documents, same layout
 Text is encoded with special tokens disabled, so a literal "<s>" in a document is text, and the <s> id marks
 exactly the document starts. Document k goes to validation when floor(k*r) != floor((k-1)*r), r = --val_ratio:
-evenly spread, deterministic, and document 0 always, so the val part is never empty.
+evenly spread, deterministic, and document 0 always, so the val part is never empty (--val_ratio 0: no X.val.*).
 
 Bad input (malformed JSON, missing field, wrong type, empty text, invalid UTF-8, a CSV row with the wrong
 column count, an invalid conversation) is reported as `file:line: kind: detail` on stderr (the first
@@ -256,7 +256,13 @@ def run_pretrain(args):
         if n_docs == 0:
             sys.exit(f"error: no usable document in {', '.join(args.data_path)}")
         train.commit({**meta, "split": "train"})
-        val.commit({**meta, "split": "val"})
+        if val.n_docs:
+            val.commit({**meta, "split": "val"})
+        else:  # --val_ratio 0: no validation part, and no stale one from an earlier run
+            val.discard()
+            for suffix in (".bin", ".idx.npy", ".meta.json"):
+                if os.path.exists(f"{base}.val{suffix}"):
+                    os.remove(f"{base}.val{suffix}")
         published = True
     finally:
         if pool is not None:

@@ -76,6 +76,7 @@ def test_pretrain_csv_with_text_column(tmp_path, capsys):
     data_process.main(["pretrain", "--data_path", str(path), "--num_workers", "1", "--val_ratio", "0",
                        "--max_bad_ratio", "0.5"])
     assert decode_packed(str(tmp_path / "corpus")) == ["第一篇，含逗号", "第二篇\n跨两行", "第四篇"]
+    assert not (tmp_path / "corpus.val.bin").exists()  # --val_ratio 0: no validation part
     err = capsys.readouterr().err
     assert f"{path}:5: wrong column count: expected 2 (id,text), got 3" in err  # row 3 starts on line 5
     assert "bad lines: 1 of 4 (25.00%): wrong column count 1" in err
