@@ -24,9 +24,9 @@ are exact: per message `<s>{role}\\n` + content + `</s>` + `\\n`. For normal tex
 tokenizer.apply_chat_template(messages) (tests/test_dataset.py checks it on the demo corpus). Message content is
 encoded with special tokens disabled: a "</s>" typed by a user is text, not an end of turn.
 Truncation to max_seq_len keeps the first max_seq_len tokens; if that would leave no label (a prompt longer
-than the window) the window moves to start max_seq_len // 2 tokens before the first labelled token (or ends at
-the last token, whichever comes first). Labels
-are fixed per token before cutting, so truncation never puts a label on a prompt token.
+than the window) the window moves to start max_seq_len // 2 tokens before the first labelled token (or to end
+at the last token, whichever is earlier). Labels are fixed per token before cutting, so truncation never puts a
+label on a prompt token.
 
 Bad records: data_process.py validates and reports bad lines; these datasets trust their canonical files and raise
 ValueError("file:line: reason") on a record that is not canonical, rather than skipping it silently.
