@@ -75,7 +75,8 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults):
     a("--weight_decay", type=float, default=0.1, help="AdamW weight decay (not applied to norms/embeddings)")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-      help="autocast precision; auto = bfloat16 where supported, else float16 on CUDA, float32 elsewhere")
+      help="autocast precision; auto = bfloat16 on CUDA (float16 on GPUs without bf16) and on CPUs with "
+           "native bf16 (AVX512-BF16/AMX), float32 elsewhere")
     a("--device", default="auto", help="auto (cuda > mps > cpu), or e.g. cuda:0, cpu")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--num_workers", type=int, default=0, help="DataLoader worker processes (0 = load in the main process)")
@@ -216,12 +217,25 @@ def init_runtime(device_arg="auto") -> Runtime:
     return Runtime(device, ddp, rank, local_rank, world_size)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are fast only with native support (AVX512-BF16 / AMX); on an AVX2-only CPU they are
+    emulated and ~10x slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype != "auto":
         return dtype
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if device.type == "cpu" else "float32"
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return "bfloat16"
+    return "float32"
 
 
 def autocast(device: torch.device, dtype: str):

@@ -1,0 +1,79 @@
+"""
+Pretraining: next-token prediction on the packed token file that `data_process.py pretrain` writes.
+
+Run as:
+    python 1-pretrain.py                                  # one process (GPU, Mac or CPU)
+    torchrun --nproc_per_node N 1-pretrain.py             # N GPUs (or N CPU processes with gloo)
+    python 1-pretrain.py --dim 768 --n_layers 16 --use_moe --max_steps 2000
+    python 1-pretrain.py --resume                         # continue out/pretrain_<dim>[_moe] exactly
+
+The model's shape comes from model/LMConfig.py, overridden by the flags; it is saved with the weights in
+out/pretrain_<dim>[_moe]/, where 3-full_sft.py finds it.
+"""
+import argparse
+import os
+
+from model import LMConfig, Transformer
+from model.dataset import PretrainDataset
+from model import trainer
+
+
+def pretrain_loss(model, batch):
+    """Mean next-token loss over the row (targets are pre-shifted: shift_labels)."""
+    out = model(**batch)
+    return out.loss, {}, int((batch["shift_labels"] != -100).sum())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", default="dataset/pretrain_data.bin",
+                        help="packed token file from `data_process.py pretrain` (its .val part is the validation set)")
+    parser.add_argument("--init_from", default=None, help="continue pretraining from this checkpoint directory")
+    parser.add_argument("--doc_mask", action="store_true",
+                        help="documents packed in one row do not attend to each other (positions restart per document)")
+    trainer.add_training_args(parser, batch_size=32, learning_rate=5e-4, warmup_iters=100)
+    trainer.add_model_args(parser)
+    args = parser.parse_args()
+
+    runtime = trainer.init_runtime(args.device)
+    if args.init_from:
+        model = trainer.load_init_model(args.init_from, args)
+        tokenizer_dir = args.tokenizer_dir or (args.init_from if os.path.isfile(
+            os.path.join(args.init_from, "tokenizer.json")) else trainer.DEFAULT_TOKENIZER_DIR)
+    else:
+        try:
+            config = LMConfig(**trainer.model_overrides(args))
+        except ValueError as err:
+            raise trainer.StageError(str(err)) from None
+        model = None
+        tokenizer_dir = args.tokenizer_dir or trainer.DEFAULT_TOKENIZER_DIR
+    config = model.config if model is not None else config
+    trainer.load_tokenizer(tokenizer_dir, config.vocab_size)
+
+    if not os.path.isfile(args.data_path):
+        raise trainer.StageError(f"pretraining data not found: {args.data_path} (make it with "
+                                 f"`python data_process.py pretrain --data_path <your .jsonl>`)")
+    seq_len = args.max_seq_len or config.max_seq_len
+    train_set = PretrainDataset(args.data_path, seq_len, doc_mask=args.doc_mask)
+    if train_set.vocab_size > config.vocab_size:
+        raise trainer.StageError(f"{args.data_path} was tokenized with a {train_set.vocab_size}-token vocabulary "
+                                 f"but the model has vocab_size {config.vocab_size}")
+    val_path = PretrainDataset.val_path(args.data_path)
+    val_set = PretrainDataset(val_path, seq_len, doc_mask=args.doc_mask) if os.path.isfile(val_path) else None
+
+    if model is None:
+        import torch
+        torch.manual_seed(args.seed)
+        model = Transformer(config)
+    run_dir = args.out_dir or os.path.join("out", trainer.run_name("pretrain", config))
+    if runtime.is_master:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"pretraining {n_params / 1e6:.2f}M parameters on {len(train_set)} rows of {seq_len} tokens "
+              f"-> {run_dir}")
+        os.makedirs(run_dir, exist_ok=True)
+        trainer.copy_tokenizer(tokenizer_dir, run_dir)
+    trainer.fit(model, train_set, None, pretrain_loss, args, runtime, run_dir, val_set=val_set, title="pretrain")
+
+
+if __name__ == "__main__":
+    trainer.run_stage(main)

@@ -1,0 +1,67 @@
+"""
+Supervised fine-tuning on conversations: the loss counts the assistant's tokens only, on every assistant turn.
+
+The seed's flow, with no code edits — run it twice:
+    python 3-full_sft.py                                          # single-turn: dataset/sft_data_single.jsonl,
+                                                                  #   from out/pretrain_<dim> -> out/sft_single_<dim>
+    python 3-full_sft.py --data_path dataset/sft_data_multi.jsonl # multi-turn: from out/sft_single_<dim>
+                                                                  #   -> out/sft_multi_<dim>
+    torchrun --nproc_per_node N 3-full_sft.py [...]               # N GPUs / processes
+
+A data file whose name contains "multi" is the multi-turn stage. --init_from / --out_dir override the defaults;
+the model's shape always comes from the checkpoint it starts from.
+"""
+import argparse
+import os
+
+from model.dataset import SFTDataset
+from model import trainer
+
+
+def sft_loss(model, batch):
+    out = model(**batch)
+    # labels are aligned with input_ids; the first position is never a target
+    return out.loss, {}, int((batch["labels"][:, 1:] != -100).sum())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", default="dataset/sft_data_single.jsonl",
+                        help="conversations JSONL (data_process.py sft writes sft_data_single/multi.jsonl)")
+    parser.add_argument("--init_from", default=None,
+                        help="checkpoint to fine-tune (default: newest out/pretrain_* for single-turn data, "
+                             "newest out/sft_single_* for multi-turn data)")
+    parser.add_argument("--val_path", default=None, help="optional held-out conversations for validation loss")
+    trainer.add_training_args(parser, batch_size=16, learning_rate=1e-4, warmup_iters=20, save_interval=200,
+                              eval_interval=200)
+    trainer.add_model_args(parser)
+    args = parser.parse_args()
+
+    multi_turn = "multi" in os.path.basename(args.data_path)
+    stage, previous = ("sft_multi", "sft_single") if multi_turn else ("sft_single", "pretrain")
+    init_dir = args.init_from or trainer.find_run(previous, args.dim, args.use_moe)
+    if init_dir is None:
+        raise trainer.StageError(f"no out/{previous}_* checkpoint found to start {stage} from: run the previous "
+                                 f"stage first or pass --init_from DIR")
+    runtime = trainer.init_runtime(args.device)
+    model = trainer.load_init_model(init_dir, args)
+    tokenizer_dir = args.tokenizer_dir or (init_dir if os.path.isfile(os.path.join(init_dir, "tokenizer.json"))
+                                           else trainer.DEFAULT_TOKENIZER_DIR)
+    tokenizer = trainer.load_tokenizer(tokenizer_dir, model.config.vocab_size)
+
+    if not os.path.isfile(args.data_path):
+        raise trainer.StageError(f"SFT data not found: {args.data_path} (make it with `python data_process.py sft`)")
+    seq_len = args.max_seq_len or model.config.max_seq_len
+    train_set = SFTDataset(args.data_path, tokenizer, seq_len)
+    val_set = SFTDataset(args.val_path, tokenizer, seq_len) if args.val_path else None
+
+    run_dir = args.out_dir or os.path.join("out", trainer.run_name(stage, model.config))
+    if runtime.is_master:
+        print(f"{stage}: {len(train_set)} conversations from {args.data_path}, starting from {init_dir} -> {run_dir}")
+        os.makedirs(run_dir, exist_ok=True)
+        trainer.copy_tokenizer(tokenizer_dir, run_dir)
+    trainer.fit(model, train_set, train_set.collate, sft_loss, args, runtime, run_dir, val_set=val_set, title=stage)
+
+
+if __name__ == "__main__":
+    trainer.run_stage(main)

@@ -1,0 +1,147 @@
+"""
+Direct Preference Optimisation (native PyTorch, no TRL), starting from the SFT model.
+
+    loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
+
+The reference model is the starting weights, frozen. Its log-probabilities do not change, so they are computed
+once per example before training, kept with the checkpoint, and never recomputed (the policy alone is in memory
+while training).
+
+Run as:
+    python 4-dpo.py                                    # dataset/dpo_data.jsonl, from the newest out/sft_multi_*
+                                                       #   (else out/sft_single_*) -> out/dpo_<dim>
+    torchrun --nproc_per_node N 4-dpo.py --beta 0.1
+"""
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from model.dataset import DPODataset
+from model import trainer
+
+
+def sequence_logps(model, input_ids, labels, attention_mask):
+    """Sum of log p(token) over the labelled (response) tokens of each row."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return (token_logps * (targets != -100)).sum(dim=1)
+
+
+def policy_logps(model, batch):
+    """Chosen and rejected rows in one forward pass (one pass also keeps DDP to one graph per step)."""
+    n = batch["chosen_input_ids"].shape[0]
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def stacked(key, pad):
+        rows = [F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]), value=pad)
+                for side in ("chosen", "rejected")]
+        return torch.cat(rows, dim=0)
+    logps = sequence_logps(model, stacked("input_ids", 0), stacked("labels", -100), stacked("attention_mask", 0))
+    return logps[:n], logps[n:]
+
+
+class WithReference(torch.utils.data.Dataset):
+    """A DPO dataset whose items also carry the cached reference log-probs, read from the run's saved state
+    (filled before training, or by the trainer from the checkpoint on --resume)."""
+
+    def __init__(self, dataset, state: dict):
+        self.dataset, self.state = dataset, state
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i], self.state["reference_logps"][i]
+
+    def collate(self, items):
+        batch = self.dataset.collate([item for item, _ in items])
+        reference = torch.stack([ref for _, ref in items])
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference[:, 0], reference[:, 1]
+        return batch
+
+
+@torch.no_grad()
+def reference_logps(model, dataset, args, runtime, dtype):
+    """(N, 2) log-probs of chosen/rejected under the frozen starting model; each process does its share."""
+    model.to(runtime.device).eval()
+    reference = torch.zeros(len(dataset), 2, dtype=torch.float64)
+    indices = list(range(runtime.rank, len(dataset), runtime.world_size))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size,
+                        collate_fn=dataset.collate)
+    done = 0
+    for batch in loader:
+        batch = {k: v.to(runtime.device) for k, v in batch.items()}
+        with trainer.autocast(runtime.device, dtype):
+            chosen, rejected = policy_logps(model, batch)
+        rows = indices[done:done + len(chosen)]
+        reference[rows] = torch.stack([chosen, rejected], dim=1).double().cpu()
+        done += len(chosen)
+    if runtime.ddp:
+        reference = reference.to(runtime.device)
+        dist.all_reduce(reference)
+    model.train()
+    return reference.float().cpu()
+
+
+def make_dpo_loss(beta):
+    def dpo_loss(model, batch):
+        chosen, rejected = policy_logps(model, batch)
+        chosen_reward = beta * (chosen - batch["ref_chosen_logps"])
+        rejected_reward = beta * (rejected - batch["ref_rejected_logps"])
+        loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+        metrics = {"reward_accuracy": (chosen_reward > rejected_reward).float().mean().item(),
+                   "reward_margin": (chosen_reward - rejected_reward).mean().item()}
+        n_tokens = int((batch["chosen_labels"] != -100).sum() + (batch["rejected_labels"] != -100).sum())
+        return loss, metrics, n_tokens
+    return dpo_loss
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", default="dataset/dpo_data.jsonl", help="preference pairs JSONL "
+                        "({\"chosen\": [messages], \"rejected\": [messages]}, from `data_process.py dpo`)")
+    parser.add_argument("--init_from", default=None,
+                        help="SFT checkpoint (default: newest out/sft_multi_*, else out/sft_single_*)")
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature: how far the policy may move "
+                        "from the reference")
+    trainer.add_training_args(parser, batch_size=8, learning_rate=5e-6, warmup_iters=10, save_interval=200,
+                              eval_interval=0)
+    trainer.add_model_args(parser)
+    args = parser.parse_args()
+
+    init_dir = args.init_from or trainer.find_run("sft_multi", args.dim, args.use_moe) or \
+        trainer.find_run("sft_single", args.dim, args.use_moe)
+    if init_dir is None:
+        raise trainer.StageError("no out/sft_multi_* or out/sft_single_* checkpoint found: run 3-full_sft.py first "
+                                 "or pass --init_from DIR")
+    runtime = trainer.init_runtime(args.device)
+    model = trainer.load_init_model(init_dir, args)
+    tokenizer_dir = args.tokenizer_dir or (init_dir if os.path.isfile(os.path.join(init_dir, "tokenizer.json"))
+                                           else trainer.DEFAULT_TOKENIZER_DIR)
+    tokenizer = trainer.load_tokenizer(tokenizer_dir, model.config.vocab_size)
+    if not os.path.isfile(args.data_path):
+        raise trainer.StageError(f"DPO data not found: {args.data_path} (make it with `python data_process.py dpo`)")
+    dataset = DPODataset(args.data_path, tokenizer, args.max_seq_len or model.config.max_seq_len)
+
+    run_dir = args.out_dir or os.path.join("out", trainer.run_name("dpo", model.config))
+    extra_state = {}
+    if not args.resume:  # on resume the cached reference comes back from the checkpoint
+        dtype = trainer.resolve_dtype(args.dtype, runtime.device)
+        extra_state["reference_logps"] = reference_logps(model, dataset, args, runtime, dtype)
+    if runtime.is_master:
+        print(f"dpo: {len(dataset)} pairs from {args.data_path}, beta {args.beta}, starting from {init_dir} -> {run_dir}")
+        os.makedirs(run_dir, exist_ok=True)
+        trainer.copy_tokenizer(tokenizer_dir, run_dir)
+
+    train_set = WithReference(dataset, extra_state)
+    trainer.fit(model, train_set, train_set.collate, make_dpo_loss(args.beta), args, runtime, run_dir,
+                title="dpo", extra_state=extra_state)
+
+
+if __name__ == "__main__":
+    trainer.run_stage(main)
