@@ -324,3 +324,16 @@ def test_demo_subcommand_writes_every_file_and_packs(tmp_path, capsys):
     docs = decode_packed(str(out / "pretrain_data")) + decode_packed(str(out / "pretrain_data.val"))
     assert sorted(docs) == sorted(r["text"] for r in read_jsonl(out / "pretrain_data.jsonl"))
     assert "demo corpus generated" in capsys.readouterr().out
+
+
+def test_json_array_reader_streams_across_chunk_boundaries(tmp_path):
+    from model.data_formats import BadRecord, iter_json_array
+    records = [{"instruction": f"问题{i}" * (i + 1), "output": "答"} for i in range(6)]
+    path = tmp_path / "a.json"
+    path.write_text("\ufeff" + json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    got = list(iter_json_array(str(path), chunk_chars=7))  # every element is cut by a chunk boundary
+    assert [r for _, r, _ in got] == records
+    assert [line for line, _, _ in got] == [2 + 4 * i for i in range(6)]  # indent=1: 4 lines per element
+    path.write_text('[{"a": 1}] trailing', encoding="utf-8")
+    last = list(iter_json_array(str(path), chunk_chars=4))[-1][1]
+    assert isinstance(last, BadRecord) and last.kind == "malformed JSON"
