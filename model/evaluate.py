@@ -1,0 +1,459 @@
+"""
+What the evaluation scripts share (0-eval_pretrain.py, 2-eval.py, eval_ceval.py, demo.py): loading a checkpoint
+with its tokenizer, encoding prompts, batched greedy generation, scoring an eval JSONL, trimming chat history,
+perplexity on the packed validation split.
+
+Public API (stable; demo.py imports it):
+
+    load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="auto", tokenizer_dir=None,
+                    root="out") -> (model, tokenizer, checkpoint_dir)
+        checkpoint None = the newest run of the first stage in `stages` that has one (model.trainer.find_run):
+        PRETRAIN_STAGES = ("pretrain",), CHAT_STAGES = ("dpo", "sft_multi", "sft_single").
+        Tokenizer: tokenizer_dir, else the checkpoint's own copy, else model/tokenizer/ (checked against
+        vocab_size). Model in eval mode on `device` (auto: cuda > mps > cpu) in `dtype` (auto: bfloat16 on CUDA
+        when supported, else float32). Every problem a user can cause raises model.trainer.StageError.
+    resolve_checkpoint(checkpoint=None, stages=CHAT_STAGES, root="out") -> checkpoint_dir   (same rule, no loading)
+
+    score_eval_file(model, tokenizer, path, mode, max_new_tokens=64, out_path=None, batch_size=64,
+                    temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0) -> dict
+        mode "chat":       record {"category", "messages": [{"role", "content"}, ...] (last one the user's), "answer"}
+                           rendered with tokenizer.apply_chat_template(add_generation_prompt=True)
+        mode "completion": record {"category", "prompt", "answer"}, encoded as <s> + prompt
+        Greedy by default. Correct iff `answer` is a substring of the first line of the generated text
+        (generation of a row stops at </s> or at its first newline). Returns
+            {"overall": accuracy, "per_category": {category: (correct, total, accuracy)}, "n": scored records,
+             "n_correct": int, "n_bad": unusable lines (reported on stderr as file:line: reason), "out_path": str}
+        and writes one JSON line per record to out_path: the record + "line", "generated", "first_line", "correct".
+        Default out_path: <checkpoint dir>/<eval file stem>.answers.jsonl (beside the eval file for a model that
+        was not loaded from a directory).
+    format_scores(scores) -> str                          the per-category table score_eval_file's result prints as
+
+    generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=64, stop_at_newline=True,
+                   temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0) -> list[str]
+        prompts: token-id lists; batches of similar length, left-padded; returns the decoded continuations
+        (up to and excluding </s>) in the prompts' order.
+    encode_chat(tokenizer, messages) -> list[int]         chat template + generation prompt
+    encode_completion(tokenizer, text) -> list[int]       <s> + text (pretraining documents start with <s>)
+    trim_history(tokenizer, messages, max_tokens) -> messages
+        drops the oldest turns (a leading system message stays) until encode_chat fits in max_tokens; the newest
+        user message always stays, its text cut from the front if it alone is too long.
+    context_budget(max_seq_len, max_new_tokens) -> int    prompt tokens allowed: max_seq_len - max_new_tokens,
+                                                          at least max_seq_len // 2
+    fit_context(ids, max_new_tokens, max_seq_len) -> (ids, max_new_tokens)   keep prompt + reply within the context
+    perplexity(model, data_path, max_seq_len=None, batch_size=8, max_batches=None, doc_mask=False) -> dict
+        {"ppl", "loss", "n_tokens", "path"} over the packed validation split (PretrainDataset.val_path(data_path)).
+    stream_reply(model, tokenizer, ids, max_new_tokens, temperature=0.85, top_k=None, top_p=None,
+                 repetition_penalty=1.0) -> iterator of text pieces (one prompt, stops at </s>)
+    add_common_args(parser) / sampling_kwargs(args, scoring) / read_prompts(path) / read_input(prompt) / run_cli(main)
+        the command-line pieces 0-eval_pretrain.py and 2-eval.py share
+
+Why batched generation: per-step overhead dominates small models on a CPU. Measured on 2 (busy) CPU cores, the
+demo's 400 chat questions x 20 new tokens with a dim-128, 4-layer model: ~300 s one by one, ~13 s in batches of
+64, ~6 s in batches of 128 (dim 256, 6 layers: ~520 s vs ~33 s at 64). Greedy results are the same either way
+(tests/test_eval.py checks it), so batches of 64 are the default; lower --batch_size for big models on a GPU
+with little memory.
+"""
+import json
+import math
+import os
+import sys
+
+import torch
+
+from .generate import generate_stream, stream_text
+from .trainer import DEFAULT_TOKENIZER_DIR, StageError, find_run, load_tokenizer, run_stage
+
+PRETRAIN_STAGES = ("pretrain",)
+CHAT_STAGES = ("dpo", "sft_multi", "sft_single")
+MODES = ("chat", "completion")
+REPORT_LIMIT = 20  # bad lines printed per file; all are counted
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    # CPUs: float32 even where bf16 is fast, so scores do not depend on the machine's instruction set.
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def resolve_checkpoint(checkpoint=None, stages=CHAT_STAGES, root="out") -> str:
+    if checkpoint:
+        if not os.path.isdir(checkpoint):
+            raise StageError(f"checkpoint directory not found: {checkpoint}")
+        if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+            raise StageError(f"no model.safetensors in {checkpoint}: not a checkpoint directory "
+                             f"(pass a run directory such as out/pretrain_512)")
+        return checkpoint
+    for stage in stages:
+        found = find_run(stage, root=root)
+        if found:
+            return found
+    names = ", ".join(f"{root}/{stage}_*" for stage in stages)
+    raise StageError(f"no checkpoint found ({names}): train one first or pass --checkpoint DIR")
+
+
+def load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="auto", tokenizer_dir=None,
+                    root="out"):
+    """-> (model, tokenizer, checkpoint_dir); see the module docstring."""
+    from .model import Transformer
+
+    path = resolve_checkpoint(checkpoint, stages, root)
+    try:
+        model = Transformer.from_pretrained(path)
+    except (OSError, ValueError) as err:  # missing/invalid config.json, tensors that do not fit the config
+        raise StageError(f"cannot load checkpoint {path}: {err}") from None
+    if tokenizer_dir is None:
+        tokenizer_dir = path if os.path.isfile(os.path.join(path, "tokenizer.json")) else DEFAULT_TOKENIZER_DIR
+    tokenizer = load_tokenizer(tokenizer_dir, model.config.vocab_size)
+    device = pick_device(device)
+    model = model.to(device=device, dtype=pick_dtype(dtype, device)).eval()
+    model.checkpoint_dir = path
+    return model, tokenizer, path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompts
+
+def encode_completion(tokenizer, text: str) -> list:
+    return [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_chat(tokenizer, messages) -> list:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def context_budget(max_seq_len: int, max_new_tokens: int) -> int:
+    return max(max_seq_len - max_new_tokens, max_seq_len // 2)
+
+
+def fit_context(ids, max_new_tokens: int, max_seq_len: int):
+    """Keep prompt + reply within the trained context: cut the prompt from the front to at most
+    context_budget(...) tokens, then shorten the reply to what is left."""
+    ids = list(ids)[-context_budget(max_seq_len, max_new_tokens):]
+    return ids, max(1, min(max_new_tokens, max_seq_len - len(ids)))
+
+
+def trim_history(tokenizer, messages, max_tokens: int):
+    """Drop the oldest turns until the templated prompt fits in max_tokens (see the module docstring)."""
+    system = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
+    turns = list(messages[len(system):])
+    fits = lambda msgs: len(encode_chat(tokenizer, msgs)) <= max_tokens  # noqa: E731
+    while len(turns) > 1 and not fits(system + turns):
+        turns.pop(0)
+        while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation restarts with a user turn
+            turns.pop(0)
+    if system and not fits(system + turns):
+        system = []
+    last = dict(turns[-1])
+    while not fits([last]) and last["content"]:
+        overflow = len(encode_chat(tokenizer, [last])) - max_tokens
+        last["content"] = last["content"][max(1, overflow):]
+    return system + turns[:-1] + [last]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation
+
+def _newline_ids(tokenizer):
+    """Bool mask over the vocabulary: tokens whose text contains a newline."""
+    cached = getattr(tokenizer, "_nanollm_newline_ids", None)
+    if cached is None:
+        cached = torch.tensor(["\n" in tokenizer.decode([i]) for i in range(len(tokenizer))])
+        tokenizer._nanollm_newline_ids = cached
+    return cached
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=64, stop_at_newline=True,
+                   temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0):
+    """Continuations of many prompts (token-id lists), batched with left padding; see the module docstring.
+
+    Rows are sorted by length so a batch holds similar lengths (little padding), and a batch stops as soon as
+    every row has finished: </s>, or a newline when stop_at_newline (scoring reads the first line only).
+    """
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    newline = _newline_ids(tokenizer).to(device) if stop_at_newline else None
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
+            attention_mask[r, width - len(prompts[i]):] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        steps = []
+        for next_ids in generate_stream(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                        eos_token_id=eos, attention_mask=attention_mask):
+            steps.append(next_ids)
+            done |= next_ids == eos
+            if newline is not None:
+                done |= newline[next_ids]
+            if bool(done.all()):
+                break
+        generated = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]
+        for r, i in enumerate(rows):
+            ids = generated[r]
+            if eos in ids:
+                ids = ids[:ids.index(eos)]
+            if newline is not None:  # cut after the first line, so a row's text does not depend on its batch
+                ends = [k for k, token in enumerate(ids) if newline[token]]
+                ids = ids[:ends[0] + 1] if ends else ids
+            texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    return texts
+
+
+def stream_reply(model, tokenizer, ids, max_new_tokens, temperature=0.85, top_k=None, top_p=None,
+                 repetition_penalty=1.0):
+    """Text pieces of one continuation as they are generated (whole characters only), up to </s>."""
+    input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    tokens = generate_stream(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=tokenizer.eos_token_id)
+    yield from stream_text(tokenizer, tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval files
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0]
+
+
+def _check_record(record, mode):
+    """The reason a parsed line cannot be scored, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if not isinstance(record.get("answer"), str) or not record["answer"]:
+        return "missing or empty string field 'answer'"
+    if not isinstance(record.get("category", ""), str):
+        return "'category' is not a string"
+    if mode == "completion":
+        if not isinstance(record.get("prompt"), str) or not record["prompt"]:
+            return "missing or empty string field 'prompt'"
+        return None
+    messages = record.get("messages")
+    if messages is None and isinstance(record.get("prompt"), str):
+        return None  # a bare question is one user turn
+    if not isinstance(messages, list) or not messages:
+        return "missing field 'messages' (a non-empty list of {role, content}), or 'prompt'"
+    for k, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            return f"messages[{k}] is not a {{\"role\": str, \"content\": str}} object"
+    if messages[-1]["role"] != "user":
+        return f"the last message is the {messages[-1]['role']}'s; it must be the user's question"
+    return None
+
+
+def read_eval_file(path, mode):
+    """-> (records, n_bad). Each record gets its 1-based "line"; bad lines are reported on stderr and counted."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if not os.path.isfile(path):
+        raise StageError(f"eval file not found: {path}")
+    records, n_bad = [], 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                reason = _check_record(record, mode)
+            except UnicodeDecodeError:
+                reason = "invalid UTF-8"
+            except json.JSONDecodeError as err:
+                reason = f"invalid JSON ({err.msg} at column {err.colno})"
+            if reason:
+                n_bad += 1
+                if n_bad <= REPORT_LIMIT:
+                    print(f"{path}:{line_no}: {reason}", file=sys.stderr)
+                continue
+            records.append({**record, "line": line_no})
+    if n_bad > REPORT_LIMIT:
+        print(f"{path}: ... {n_bad - REPORT_LIMIT} more bad lines not shown", file=sys.stderr)
+    if not records:
+        raise StageError(f"{path}: no usable {mode} records ({n_bad} bad lines): expected JSONL with "
+                         + ("'prompt' and 'answer'" if mode == "completion" else "'messages' and 'answer'"))
+    return records, n_bad
+
+
+def default_answers_path(model, eval_path):
+    stem = os.path.splitext(os.path.basename(eval_path))[0]
+    directory = getattr(model, "checkpoint_dir", None) or getattr(model, "name_or_path", None)
+    if not directory or not os.path.isdir(directory):
+        directory = os.path.dirname(os.path.abspath(eval_path))
+    return os.path.join(directory, f"{stem}.answers.jsonl")
+
+
+def score_eval_file(model, tokenizer, path, mode, max_new_tokens=64, out_path=None, batch_size=64,
+                    temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0):
+    """Generate an answer for every record of an eval JSONL and score it; see the module docstring."""
+    records, n_bad = read_eval_file(path, mode)
+    if mode == "completion":
+        prompts = [encode_completion(tokenizer, r["prompt"]) for r in records]
+    else:
+        prompts = [encode_chat(tokenizer, r.get("messages") or [{"role": "user", "content": r["prompt"]}])
+                   for r in records]
+    texts = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    out_path = out_path or default_answers_path(model, path)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    per_category = {}
+    with open(out_path + ".tmp", "w", encoding="utf-8") as f:
+        for record, text in zip(records, texts):
+            line = first_line(text)
+            correct = record["answer"] in line
+            counts = per_category.setdefault(record.get("category") or "all", [0, 0])
+            counts[0] += correct
+            counts[1] += 1
+            f.write(json.dumps({**record, "generated": text, "first_line": line, "correct": correct},
+                               ensure_ascii=False) + "\n")
+    os.replace(out_path + ".tmp", out_path)
+    n_correct = sum(c for c, _ in per_category.values())
+    return {"overall": n_correct / len(records),
+            "per_category": {k: (c, t, c / t) for k, (c, t) in per_category.items()},
+            "n": len(records), "n_correct": n_correct, "n_bad": n_bad, "out_path": out_path}
+
+
+def format_scores(scores) -> str:
+    width = max(len("overall"), *(len(k) for k in scores["per_category"]))
+    lines = [f"{'category':<{width}}  correct  total  accuracy"]
+    for category, (correct, total, accuracy) in scores["per_category"].items():
+        lines.append(f"{category:<{width}}  {correct:>7}  {total:>5}  {accuracy:>8.2%}")
+    lines.append(f"{'overall':<{width}}  {scores['n_correct']:>7}  {scores['n']:>5}  {scores['overall']:>8.2%}")
+    if scores.get("n_bad"):
+        lines.append(f"({scores['n_bad']} unusable lines skipped, listed above)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# perplexity
+
+@torch.no_grad()
+def perplexity(model, data_path, max_seq_len=None, batch_size=8, max_batches=None, doc_mask=False):
+    """exp(mean next-token loss) over the validation split of a packed token file; see the module docstring."""
+    from .dataset import PretrainDataset
+
+    val_path = PretrainDataset.val_path(data_path)
+    if not os.path.isfile(val_path):
+        raise StageError(f"no validation split {val_path} (written by `python data_process.py pretrain "
+                         f"--data_path <file.jsonl>` unless --val_ratio 0); pass --data_path <packed .bin>")
+    seq_len = max_seq_len or model.config.max_seq_len
+    try:
+        dataset = PretrainDataset(val_path, seq_len, doc_mask=doc_mask)
+    except (OSError, ValueError) as err:
+        raise StageError(str(err)) from None
+    if dataset.vocab_size > model.config.vocab_size:
+        raise StageError(f"{val_path} was tokenized with a {dataset.vocab_size}-token vocabulary but the model "
+                         f"has vocab_size {model.config.vocab_size}")
+    device = next(model.parameters()).device
+    total, n_tokens = 0.0, 0
+    n_rows = len(dataset) if not max_batches else min(len(dataset), max_batches * batch_size)
+    for start in range(0, n_rows, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, n_rows))]
+        batch = {k: torch.stack([item[k] for item in items]).to(device) for k in items[0]}
+        count = int((batch["shift_labels"] != -100).sum())
+        total += model(**batch).loss.float().item() * count
+        n_tokens += count
+    loss = total / max(1, n_tokens)
+    return {"ppl": math.exp(loss), "loss": loss, "n_tokens": n_tokens, "path": val_path}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line pieces shared by 0-eval_pretrain.py and 2-eval.py
+
+GENERATION_DEFAULTS = dict(temperature=0.85, top_p=0.85, max_new_tokens=256)
+SCORING_DEFAULTS = dict(temperature=0.0, top_p=None, max_new_tokens=64)
+
+
+def add_common_args(parser):
+    a = parser.add_argument
+    a("--checkpoint", default=None, help="checkpoint directory (default: the newest, see above)")
+    a("--tokenizer_dir", default=None, help="tokenizer directory (default: the checkpoint's copy, else model/tokenizer)")
+    a("--device", default="auto", help="auto (cuda > mps > cpu), or e.g. cuda:0, cpu")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="weights precision; auto = bfloat16 on CUDA (float16 without bf16), float32 elsewhere")
+    a("--prompts", default=None, help="text file, one prompt per line (default: the built-in list)")
+    a("--interactive", action="store_true", help="read prompts from the terminal; Ctrl-D or Ctrl-C quits")
+    a("--max_new_tokens", type=int, default=None,
+      help=f"tokens to generate per answer (default: {GENERATION_DEFAULTS['max_new_tokens']}, "
+           f"{SCORING_DEFAULTS['max_new_tokens']} with --eval_file); capped by the model's context length")
+    a("--temperature", type=float, default=None,
+      help=f"sampling temperature, 0 = greedy (default: {GENERATION_DEFAULTS['temperature']}, 0 with --eval_file)")
+    a("--top_k", type=int, default=None, help="sample only among the k most likely tokens (default: off)")
+    a("--top_p", type=float, default=None,
+      help=f"nucleus sampling threshold (default: {GENERATION_DEFAULTS['top_p']}, off with --eval_file)")
+    a("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeating tokens (1 = off)")
+    a("--seed", type=int, default=1337, help="random seed for sampling")
+    a("--eval_file", default=None,
+      help="score this JSONL of questions with gold answers instead of free generation (accuracy per category)")
+    a("--answers_out", default=None,
+      help="where --eval_file writes every answer (default: <checkpoint>/<eval file name>.answers.jsonl)")
+    a("--batch_size", type=int, default=64, help="rows per batch for --eval_file (and --ppl)")
+
+
+def sampling_kwargs(args, scoring: bool) -> dict:
+    """Generation settings from the flags; unset flags take the free-generation or the scoring default."""
+    defaults = SCORING_DEFAULTS if scoring else GENERATION_DEFAULTS
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
+    if pick("max_new_tokens") < 1:
+        raise StageError(f"--max_new_tokens must be >= 1, not {args.max_new_tokens}")
+    return dict(temperature=pick("temperature"), top_k=args.top_k, top_p=pick("top_p"),
+                repetition_penalty=args.repetition_penalty, max_new_tokens=pick("max_new_tokens"))
+
+
+def read_prompts(path) -> list:
+    """Non-empty lines of a UTF-8 text file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        raise StageError(f"prompts file not found: {path}") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise StageError(f"cannot read prompts file {path}: {err}") from None
+    if not prompts:
+        raise StageError(f"{path}: no prompts (one per line)")
+    return prompts
+
+
+def read_input(prompt: str):
+    """One line from the terminal, or None when the user quits (Ctrl-D / end of input, Ctrl-C)."""
+    try:
+        return input(prompt)
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+
+
+def run_cli(main):
+    """model.trainer.run_stage (StageError -> one line, exit 1), and also: Ctrl-C outside the interactive prompt
+    stops quietly (exit 130); a closed pipe (`... | head`) ends the output without a traceback."""
+    try:
+        run_stage(main)
+    except KeyboardInterrupt:
+        print()
+        sys.exit(130)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        sys.exit(0)
