@@ -32,6 +32,9 @@ def main():
                         help="checkpoint to fine-tune (default: newest out/pretrain_* for single-turn data, "
                              "newest out/sft_single_* for multi-turn data)")
     parser.add_argument("--val_path", default=None, help="optional held-out conversations for validation loss")
+    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                        help="pack several conversations into each row (positions restart per conversation, so "
+                             "they cannot see each other): ~95%% real tokens per batch instead of ~75%% with padding")
     trainer.add_training_args(parser, batch_size=16, learning_rate=1e-4, warmup_iters=20, save_interval=200,
                               eval_interval=200)
     trainer.add_model_args(parser)
@@ -52,12 +55,12 @@ def main():
     if not os.path.isfile(args.data_path):
         raise trainer.StageError(f"SFT data not found: {args.data_path} (make it with `python data_process.py sft`)")
     seq_len = args.max_seq_len or model.config.max_seq_len
-    train_set = SFTDataset(args.data_path, tokenizer, seq_len)
-    val_set = SFTDataset(args.val_path, tokenizer, seq_len) if args.val_path else None
+    train_set = SFTDataset(args.data_path, tokenizer, seq_len, pack=args.pack)
+    val_set = SFTDataset(args.val_path, tokenizer, seq_len, pack=args.pack) if args.val_path else None
 
     run_dir = args.out_dir or os.path.join("out", trainer.run_name(stage, model.config))
     if runtime.is_master:
-        print(f"{stage}: {len(train_set)} conversations from {args.data_path}, starting from {init_dir} -> {run_dir}")
+        print(f"{stage}: {len(train_set.offsets)} conversations ({len(train_set)} rows) from {args.data_path}, starting from {init_dir} -> {run_dir}")
         os.makedirs(run_dir, exist_ok=True)
         trainer.copy_tokenizer(tokenizer_dir, run_dir)
     trainer.fit(model, train_set, train_set.collate, sft_loss, args, runtime, run_dir, val_set=val_set, title=stage)

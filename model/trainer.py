@@ -447,10 +447,11 @@ def _all_reduce(value: float, runtime: Runtime) -> float:
 def evaluate(model, val_set, collate_fn, loss_fn, args, runtime, dtype) -> float:
     """Token-weighted mean loss over the first eval_batches batches of each rank's shard."""
     model.eval()
-    sampler = ResumableBatchSampler(len(val_set), args.batch_size, seed=0, rank=runtime.rank,
-                                    world_size=runtime.world_size)
+    # Fixed order, every example counted once, a short last batch allowed: a small val split still works.
+    shard = list(range(runtime.rank, len(val_set), runtime.world_size))
+    batches = [shard[i:i + args.batch_size] for i in range(0, len(shard), args.batch_size)]
     total, tokens = 0.0, 0
-    loader = DataLoader(val_set, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers,
+    loader = DataLoader(val_set, batch_sampler=batches, collate_fn=collate_fn, num_workers=args.num_workers,
                         generator=torch.Generator())
     for i, batch in enumerate(loader):
         if i >= args.eval_batches:

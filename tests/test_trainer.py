@@ -184,3 +184,11 @@ def test_no_decay_on_norms_and_embeddings():
     decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() >= 2 and "tok_embeddings" not in name), name
+
+
+def test_validation_set_smaller_than_a_batch_is_still_evaluated(tmp_path):
+    args = make_args(tmp_path, "--max_steps", "4", "--eval_interval", "2")
+    trainer.fit(tiny_model(), ToyCountingTask(), None, lm_loss, args, RUNTIME, str(tmp_path),
+                val_set=ToyCountingTask(n=5, seed=1))
+    rows = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
