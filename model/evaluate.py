@@ -47,11 +47,10 @@ Public API (stable; demo.py imports it):
     add_common_args(parser) / sampling_kwargs(args, scoring) / read_prompts(path) / read_input(prompt) / run_cli(main)
         the command-line pieces 0-eval_pretrain.py and 2-eval.py share
 
-Why batched generation: per-step overhead dominates small models on a CPU. Measured on 2 (busy) CPU cores, the
-demo's 400 chat questions x 20 new tokens with a dim-128, 4-layer model: ~300 s one by one, ~13 s in batches of
-64, ~6 s in batches of 128 (dim 256, 6 layers: ~520 s vs ~33 s at 64). Greedy results are the same either way
-(tests/test_eval.py checks it), so batches of 64 are the default; lower --batch_size for big models on a GPU
-with little memory.
+Why batched generation: per-step overhead dominates small models on a CPU. Measured with one CPU thread, the
+demo's 400 chat questions x 20 new tokens: dim 128 / 4 layers ~70 s one by one, ~7 s in batches of 16, ~4 s in
+batches of 64; dim 256 / 6 layers ~68 s, ~11 s, ~7 s. Greedy results are the same either way (tests/test_eval.py
+checks it), so batches of 64 are the default; lower --batch_size for a big model on a GPU with little memory.
 """
 import json
 import math
