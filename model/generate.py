@@ -71,20 +71,22 @@ def generate_stream(model, input_ids, max_new_tokens=256, temperature=1.0, top_k
     max_len = T + max_new_tokens
     param = next(model.parameters())
     cache = KVCache(model.config, B, max_len, param.device, param.dtype)
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    generated = input_ids
+    # Tokens so far, preallocated: the repetition penalty reads them, nothing else does.
+    tokens = torch.empty(B, max_len, dtype=input_ids.dtype, device=input_ids.device)
+    tokens[:, :T] = input_ids
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device) if eos_token_id is not None else None
     step_ids = input_ids
-    for _ in range(max_new_tokens):
+    for t in range(T, max_len):
         logits = model(step_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
-        next_ids = sample_next(logits, generated, temperature, top_k, top_p, repetition_penalty)
-        if eos_token_id is not None:
-            next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
+        next_ids = sample_next(logits, tokens[:, :t], temperature, top_k, top_p, repetition_penalty)
+        if finished is not None:
+            next_ids = next_ids.masked_fill(finished, eos_token_id)
             finished |= next_ids == eos_token_id
         yield next_ids
-        if eos_token_id is not None and bool(finished.all()):
+        if finished is not None and bool(finished.all()):
             return
-        generated = torch.cat([generated, next_ids[:, None]], dim=1)
-        step_ids = next_ids[:, None]
+        tokens[:, t] = next_ids
+        step_ids = tokens[:, t:t + 1]
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
 
