@@ -119,8 +119,11 @@ def load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="a
     if tokenizer_dir is None:
         tokenizer_dir = path if os.path.isfile(os.path.join(path, "tokenizer.json")) else DEFAULT_TOKENIZER_DIR
     tokenizer = load_tokenizer(tokenizer_dir, model.config.vocab_size)
-    device = pick_device(device)
-    model = model.to(device=device, dtype=pick_dtype(dtype, device)).eval()
+    try:
+        device = pick_device(device)
+        model = model.to(device=device, dtype=pick_dtype(dtype, device)).eval()
+    except (RuntimeError, AssertionError) as err:  # e.g. --device cuda on a machine without CUDA
+        raise StageError(f"cannot put the model on device {device}: {err}") from None
     model.checkpoint_dir = path
     return model, tokenizer, path
 
@@ -409,7 +412,8 @@ def add_common_args(parser):
       help="score this JSONL of questions with gold answers instead of free generation (accuracy per category)")
     a("--answers_out", default=None,
       help="where --eval_file writes every answer (default: <checkpoint>/<eval file name>.answers.jsonl)")
-    a("--batch_size", type=int, default=64, help="rows per batch for --eval_file (and --ppl)")
+    a("--batch_size", type=int, default=64,
+      help="rows per batch for --eval_file (and --ppl in 0-eval_pretrain.py) (default: 64)")
 
 
 def sampling_kwargs(args, scoring: bool) -> dict:

@@ -374,7 +374,7 @@ def ceval_dir(tmp_path):
     # question "k（选X）": the model answers X; gold answers agree on 3 of 4 rows, plus 2 bad rows
     write_csv(root / "val" / "math_val.csv", ["id", "question", "A", "B", "C", "D", "answer"],
               [[0, "一加一（选B）", "1", "2", "3", "4", "B"], [1, "多行\n问题（选C）", "a", "b", "c", "d", "C"],
-               [2, "问题（选A）", "a", "b", "c", "d", "D"], [3, "坏答案（选A）", "a", "b", "c", "d", "E"],
+               [2, "问题（选A）", "a", "b", "c", "d", "D"], [3, "坏答案\n（选A）", "a", "b", "c", "d", "E"],
                [4, "问题（选D）", "a", "b", "c", "d", "d"], [5, "少列", "a"]])
     write_csv(root / "dev" / "math_dev.csv", ["id", "question", "A", "B", "C", "D", "answer", "explanation"],
               [[0, "例题一（选A）", "x", "y", "z", "w", "A", ""], [1, "例题二（选B）", "x", "y", "z", "w", "B", ""]])
@@ -393,9 +393,9 @@ def test_ceval_scores_by_choice_logits_with_both_header_styles(tokenizer, ceval_
     assert (results["subjects"]["law"]["correct"], results["subjects"]["law"]["total"]) == (0, 1)
     assert results["n"] == 5 and results["overall"] == 3 / 5 and results["average"] == (0.75 + 0) / 2
     err = capsys.readouterr().err
-    # the quoted question of row 2 spans lines 3-4, so the bad rows are on lines 6 and 8
+    # quoted questions span lines 3-4 and 6-7: a bad row is reported at the line where it starts
     assert f"{ceval_dir / 'val' / 'math_val.csv'}:6: answer 'E' is not one of A, B, C, D" in err
-    assert f"{ceval_dir / 'val' / 'math_val.csv'}:8: 3 columns, the header has 7" in err
+    assert f"{ceval_dir / 'val' / 'math_val.csv'}:9: 3 columns, the header has 7" in err
     assert sum("以下是中国关于数学考试" in p for p in model.prompts) == 4  # the Chinese name from subject_mapping.json
     assert sum("以下是中国关于law考试" in p for p in model.prompts) == 1
     assert not any("例题一" in p for p in model.prompts)
@@ -405,8 +405,8 @@ def test_ceval_scores_by_choice_logits_with_both_header_styles(tokenizer, ceval_
     model = ChoiceModel(tokenizer)
     results = ceval.score_folder(model, tokenizer, str(ceval_dir), shots=2, subjects=["math"])
     assert results["n_correct"] == 3 and list(results["subjects"]) == ["math"]
-    assert all(p.count("例题一（选A）") == 1 and "例题二（选B）" in p and "<s>assistant\nB</s>" in p
-               for p in model.prompts)
+    assert all(p.count("例题一（选A）") == 1 and "<s>assistant\nB</s>" in p
+               and p.index("例题一") < p.index("例题二") < p.index("答案：</s>\n<s>assistant\n") for p in model.prompts)
 
     # CMMLU: unnamed index column, Question/Answer, test/<subject>.csv and dev/<subject>.csv
     cmmlu = tmp_path / "cmmlu"
