@@ -30,8 +30,9 @@ Public API (stable; demo.py imports it):
 
     generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=64, stop_at_newline=True,
                    temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0) -> list[str]
-        prompts: token-id lists; batches of similar length, left-padded; returns the decoded continuations
-        (up to and excluding </s>) in the prompts' order.
+        prompts: token-id lists; batches of similar length, left-padded; returns the decoded continuations in
+        the prompts' order, each up to (excluding) </s> and, when stop_at_newline, up to (including) its first
+        newline, so a row's text never depends on the other rows of its batch.
     encode_chat(tokenizer, messages) -> list[int]         chat template + generation prompt
     encode_completion(tokenizer, text) -> list[int]       <s> + text (pretraining documents start with <s>)
     trim_history(tokenizer, messages, max_tokens) -> messages
