@@ -19,7 +19,8 @@ Public API (stable; demo.py imports it):
         mode "chat":       record {"category", "messages": [{"role", "content"}, ...] (last one the user's), "answer"}
                            rendered with tokenizer.apply_chat_template(add_generation_prompt=True)
         mode "completion": record {"category", "prompt", "answer"}, encoded as <s> + prompt
-        Greedy by default. Correct iff `answer` is a substring of the first line of the generated text
+        Greedy by default. Correct iff `answer` is a substring of the first line of the generated text (for a
+        completion: of its first sentence, up to the first "。")
         (generation of a row stops at </s> or at its first newline). Returns
             {"overall": accuracy, "per_category": {category: (correct, total, accuracy)}, "n": scored records,
              "n_correct": int, "n_bad": unusable lines (reported on stderr as file:line: reason), "out_path": str}
@@ -239,8 +240,13 @@ def stream_reply(model, tokenizer, ids, max_new_tokens, temperature=0.85, top_k=
 # ----------------------------------------------------------------------------------------------------------
 # eval files
 
-def first_line(text: str) -> str:
-    return text.split("\n", 1)[0]
+def first_line(text: str, mode: str = "chat") -> str:
+    """What is scored: the first line; for a completion only up to its first "。", because a pretrained model
+    runs on into the next sentence of a biography, which could name the right value by chance."""
+    line = text.split("\n", 1)[0]
+    if mode == "completion" and "。" in line:
+        line = line[:line.index("。") + 1]
+    return line
 
 
 def _check_record(record, mode):
@@ -325,7 +331,7 @@ def score_eval_file(model, tokenizer, path, mode, max_new_tokens=64, out_path=No
     per_category = {}
     with open(out_path + ".tmp", "w", encoding="utf-8") as f:
         for record, text in zip(records, texts):
-            line = first_line(text)
+            line = first_line(text, mode)
             correct = record["answer"] in line
             counts = per_category.setdefault(record.get("category") or "all", [0, 0])
             counts[0] += correct

@@ -1,0 +1,173 @@
+"""
+The one-command demo: every stage, end to end, on the generated demo corpus, in minutes on a laptop CPU.
+
+Run as:
+    make demo                      # sets up .venv first, then runs this
+    python demo.py                 # the same, in an environment that already has the requirements
+    python demo.py --quick         # a smaller run (the end-to-end test uses it)
+
+Steps (each one is the command a user would type, run as a subprocess):
+    data_process.py demo  ->  train_tokenizer.py  ->  data_process.py pretrain  ->  1-pretrain.py
+    ->  3-full_sft.py (single-turn)  ->  3-full_sft.py (multi-turn)  ->  4-dpo.py  ->  evaluation
+and writes out/demo/report.md: config, wall time per stage, final losses, loss curves, held-out accuracy
+(pretrain completion of held-out facts; chat QA about people never seen in SFT; arithmetic on held-out pairs;
+before/after DPO) and sample chats.
+
+The demo world (model/demo_corpus.py) holds facts about fictional people; some people are asked about in SFT,
+the others only appear in the pretraining text. Answering questions about those held-out people, and doing
+arithmetic on number pairs that appear nowhere in training, is only possible if pretraining stored the facts
+and the rules and SFT taught the model to use them.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Model and schedule chosen to fit the 10-minute budget on 2 CPU cores (see README's demo section).
+FULL = dict(
+    model=["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "256"],
+    pretrain=["--max_steps", "300", "--batch_size", "16", "--learning_rate", "3e-3", "--warmup_iters", "20"],
+    sft_single=["--max_steps", "150", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "10"],
+    sft_multi=["--max_steps", "40", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "5"],
+    dpo=["--max_steps", "40", "--batch_size", "16", "--learning_rate", "2e-5", "--warmup_iters", "5",
+         "--beta", "0.1"],
+    data=[],
+    eval_limit=None,
+)
+QUICK = dict(
+    model=["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "256"],
+    pretrain=["--max_steps", "120", "--batch_size", "16", "--learning_rate", "3e-3", "--warmup_iters", "10"],
+    sft_single=["--max_steps", "60", "--batch_size", "16", "--learning_rate", "2e-3", "--warmup_iters", "5"],
+    sft_multi=["--max_steps", "15", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "2"],
+    dpo=["--max_steps", "15", "--batch_size", "16", "--learning_rate", "2e-5", "--warmup_iters", "2",
+         "--beta", "0.1"],
+    data=[],
+    eval_limit=100,
+)
+COMMON = ["--dtype", "auto", "--log_interval", "10", "--save_interval", "100000", "--eval_interval", "0"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="out/demo", help="where checkpoints and report.md go")
+    parser.add_argument("--data_dir", default="dataset/demo", help="where the demo corpus is generated")
+    parser.add_argument("--quick", action="store_true", help="smaller model and fewer steps (for tests)")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    out, data = args.out_dir, args.data_dir
+    os.makedirs(out, exist_ok=True)
+    times, started = {}, time.time()
+
+    def step(name, *command):
+        print(f"\n==> {name}: {' '.join(command)}", flush=True)
+        t0 = time.time()
+        result = subprocess.run([sys.executable, *command], cwd=os.getcwd())
+        if result.returncode != 0:
+            sys.exit(f"demo: stage '{name}' failed (exit code {result.returncode}); see the output above")
+        times[name] = time.time() - t0
+
+    script = lambda name: os.path.join(ROOT, name)  # noqa: E731 - the stage scripts live beside this file
+    tokenizer_dir = os.path.join(out, "tokenizer")
+    step("corpus", script("data_process.py"), "demo", "--out_dir", data, "--no_pack", *plan["data"])
+    step("tokenizer", script("train_tokenizer.py"), "--data_path", os.path.join(data, "tokenizer_train.jsonl"),
+         "--out_dir", tokenizer_dir)
+    step("pack", script("data_process.py"), "pretrain", "--data_path", os.path.join(data, "pretrain_data.jsonl"),
+         "--tokenizer_dir", tokenizer_dir)
+    runs = {name: os.path.join(out, name) for name in ("pretrain", "sft_single", "sft_multi", "dpo")}
+    step("pretrain", script("1-pretrain.py"), "--data_path", os.path.join(data, "pretrain_data.bin"),
+         "--tokenizer_dir", tokenizer_dir, "--out_dir", runs["pretrain"], *plan["model"], *plan["pretrain"],
+         *COMMON, "--eval_interval", "100")
+    step("sft_single", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_single.jsonl"),
+         "--init_from", runs["pretrain"], "--out_dir", runs["sft_single"], *plan["sft_single"], *COMMON)
+    step("sft_multi", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_multi.jsonl"),
+         "--init_from", runs["sft_single"], "--out_dir", runs["sft_multi"], *plan["sft_multi"], *COMMON)
+    step("dpo", script("4-dpo.py"), "--data_path", os.path.join(data, "dpo_data.jsonl"),
+         "--init_from", runs["sft_multi"], "--out_dir", runs["dpo"], *plan["dpo"], *COMMON)
+
+    t0 = time.time()
+    results = evaluate_all(runs, data, plan["eval_limit"])
+    times["eval"] = time.time() - t0
+    total = time.time() - started
+    report = write_report(out, plan, runs, results, times, total)
+    print(f"\ndemo finished in {total / 60:.1f} min; report: {report}")
+
+
+def evaluate_all(runs, data, limit):
+    """Held-out accuracy of every stage's model (greedy), plus a few sample chats from the final model."""
+    from model.evaluate import encode_chat, generate_batch, load_checkpoint, score_eval_file
+
+    results = {}
+    for name, mode, file_name in [("pretrain", "completion", "eval_pretrain.jsonl"),
+                                  ("sft_single", "chat", "eval_chat.jsonl"), ("sft_multi", "chat", "eval_chat.jsonl"),
+                                  ("dpo", "chat", "eval_chat.jsonl")]:
+        model, tokenizer, _ = load_checkpoint(runs[name])
+        path = sample_lines(os.path.join(data, file_name), limit, runs[name])
+        results[name] = score_eval_file(model, tokenizer, path, mode, max_new_tokens=24,
+                                        out_path=os.path.join(runs[name], f"{mode}_answers.jsonl"))
+        print(f"{name}: {results[name]['overall']:.1%} of {results[name]['n']} held-out {mode} checks")
+    with open(os.path.join(data, "eval_chat.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    samples = [records[i] for i in range(0, len(records), max(1, len(records) // 6))][:6]
+    replies = generate_batch(model, tokenizer, [encode_chat(tokenizer, r["messages"]) for r in samples],
+                             max_new_tokens=48)
+    results["samples"] = [(r["messages"], reply, r["answer"]) for r, reply in zip(samples, replies)]
+    return results
+
+
+def sample_lines(path, limit, out_dir):
+    """The eval file itself, or (for --quick) a copy of `limit` evenly spaced lines, so every category is in it."""
+    if not limit:
+        return path
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    subset = os.path.join(out_dir, os.path.basename(path))
+    with open(subset, "w", encoding="utf-8") as f:
+        f.writelines(lines[::max(1, len(lines) // limit)][:limit])
+    return subset
+
+
+def final_losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    train = [r["loss"] for r in rows if "loss" in r]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    return (train[-1] if train else None), (val[-1] if val else None)
+
+
+def write_report(out, plan, runs, results, times, total):
+    lines = ["# nano-LLM demo report", "",
+             f"Total wall time: **{total / 60:.1f} min** ({os.cpu_count()} CPU cores visible).", "",
+             "## Config", "", "```", "model: " + " ".join(plan["model"])]
+    lines += [f"{stage}: " + " ".join(plan[stage]) for stage in ("pretrain", "sft_single", "sft_multi", "dpo")]
+    lines += ["```", "", "## Stages", "", "| stage | wall time | final train loss | final val loss |", "|---|---|---|---|"]
+    for name, seconds in times.items():
+        train, val = final_losses(runs[name]) if name in runs else (None, None)
+        fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {name} | {seconds:.0f} s | {fmt(train)} | {fmt(val)} |")
+    lines += ["", "## Held-out accuracy", "",
+              "Questions about people whose facts appear only in pretraining text, and arithmetic on number pairs "
+              "that appear in no training file. Correct = the gold answer appears in the first line of the greedy "
+              "output.", "", "| model | category | correct | accuracy |", "|---|---|---|---|"]
+    for name in ("pretrain", "sft_single", "sft_multi", "dpo"):
+        for category, (correct, n, accuracy) in sorted(results[name]["per_category"].items()):
+            lines.append(f"| {name} | {category} | {correct}/{n} | {accuracy:.1%} |")
+    lines += ["", "DPO before/after (chat QA, all categories): "
+              f"{results['sft_multi']['overall']:.1%} → {results['dpo']['overall']:.1%}", "", "## Loss curves", ""]
+    lines += [f"![{name}]({os.path.relpath(os.path.join(runs[name], 'loss.png'), out)})" for name in runs]
+    lines += ["", "## Sample chats (DPO model)", ""]
+    for messages, reply, answer in results["samples"]:
+        turns = " / ".join(f"{m['role']}: {m['content']}" for m in messages)
+        lines.append(f"- {turns}\n  - **assistant:** {reply}  (gold: {answer})")
+    path = os.path.join(out, "report.md")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
