@@ -13,6 +13,8 @@ out/pretrain_<dim>[_moe]/, where 3-full_sft.py finds it.
 import argparse
 import os
 
+import torch
+
 from model import LMConfig, Transformer
 from model.dataset import PretrainDataset
 from model import trainer
@@ -37,18 +39,17 @@ def main():
 
     runtime = trainer.init_runtime(args.device)
     if args.init_from:
-        model = trainer.load_init_model(args.init_from, args)
-        tokenizer_dir = args.tokenizer_dir or (args.init_from if os.path.isfile(
-            os.path.join(args.init_from, "tokenizer.json")) else trainer.DEFAULT_TOKENIZER_DIR)
+        model, _, tokenizer_dir = trainer.start_from_checkpoint(args.init_from, args)
     else:
         try:
             config = LMConfig(**trainer.model_overrides(args))
         except ValueError as err:
             raise trainer.StageError(str(err)) from None
-        model = None
-        tokenizer_dir = args.tokenizer_dir or trainer.DEFAULT_TOKENIZER_DIR
-    config = model.config if model is not None else config
-    trainer.load_tokenizer(tokenizer_dir, config.vocab_size)
+        tokenizer_dir = trainer.tokenizer_dir_for(args)
+        trainer.load_tokenizer(tokenizer_dir, config.vocab_size)
+        torch.manual_seed(args.seed)  # the same seed gives the same initial weights
+        model = Transformer(config)
+    config = model.config
 
     if not os.path.isfile(args.data_path):
         raise trainer.StageError(f"pretraining data not found: {args.data_path} (make it with "
@@ -61,10 +62,6 @@ def main():
     val_path = PretrainDataset.val_path(args.data_path)
     val_set = PretrainDataset(val_path, seq_len, doc_mask=args.doc_mask) if os.path.isfile(val_path) else None
 
-    if model is None:
-        import torch
-        torch.manual_seed(args.seed)
-        model = Transformer(config)
     run_dir = args.out_dir or os.path.join("out", trainer.run_name("pretrain", config))
     if runtime.is_master:
         n_params = sum(p.numel() for p in model.parameters())

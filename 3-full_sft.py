@@ -47,10 +47,7 @@ def main():
         raise trainer.StageError(f"no out/{previous}_* checkpoint found to start {stage} from: run the previous "
                                  f"stage first or pass --init_from DIR")
     runtime = trainer.init_runtime(args.device)
-    model = trainer.load_init_model(init_dir, args)
-    tokenizer_dir = args.tokenizer_dir or (init_dir if os.path.isfile(os.path.join(init_dir, "tokenizer.json"))
-                                           else trainer.DEFAULT_TOKENIZER_DIR)
-    tokenizer = trainer.load_tokenizer(tokenizer_dir, model.config.vocab_size)
+    model, tokenizer, tokenizer_dir = trainer.start_from_checkpoint(init_dir, args)
 
     if not os.path.isfile(args.data_path):
         raise trainer.StageError(f"SFT data not found: {args.data_path} (make it with `python data_process.py sft`)")

@@ -120,10 +120,7 @@ def main():
         raise trainer.StageError("no out/sft_multi_* or out/sft_single_* checkpoint found: run 3-full_sft.py first "
                                  "or pass --init_from DIR")
     runtime = trainer.init_runtime(args.device)
-    model = trainer.load_init_model(init_dir, args)
-    tokenizer_dir = args.tokenizer_dir or (init_dir if os.path.isfile(os.path.join(init_dir, "tokenizer.json"))
-                                           else trainer.DEFAULT_TOKENIZER_DIR)
-    tokenizer = trainer.load_tokenizer(tokenizer_dir, model.config.vocab_size)
+    model, tokenizer, tokenizer_dir = trainer.start_from_checkpoint(init_dir, args)
     if not os.path.isfile(args.data_path):
         raise trainer.StageError(f"DPO data not found: {args.data_path} (make it with `python data_process.py dpo`)")
     dataset = DPODataset(args.data_path, tokenizer, args.max_seq_len or model.config.max_seq_len)

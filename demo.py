@@ -29,24 +29,24 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Model and schedule chosen to fit the 10-minute budget on 2 CPU cores (see README's demo section).
 FULL = dict(
+    data=["--n_people", "100", "--n_bios", "16", "--heldout_pair_ratio", "0.5"],
     model=["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "256"],
-    pretrain=["--max_steps", "300", "--batch_size", "16", "--learning_rate", "3e-3", "--warmup_iters", "20"],
-    sft_single=["--max_steps", "150", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "10"],
-    sft_multi=["--max_steps", "40", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "5"],
+    pretrain=["--max_steps", "600", "--batch_size", "16", "--learning_rate", "3e-3", "--warmup_iters", "30"],
+    sft_single=["--max_steps", "200", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "10"],
+    sft_multi=["--max_steps", "60", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "5"],
     dpo=["--max_steps", "40", "--batch_size", "16", "--learning_rate", "2e-5", "--warmup_iters", "5",
          "--beta", "0.1"],
-    data=[],
     eval_limit=None,
 )
-QUICK = dict(
-    model=["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "256"],
-    pretrain=["--max_steps", "120", "--batch_size", "16", "--learning_rate", "3e-3", "--warmup_iters", "10"],
-    sft_single=["--max_steps", "60", "--batch_size", "16", "--learning_rate", "2e-3", "--warmup_iters", "5"],
-    sft_multi=["--max_steps", "15", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "2"],
-    dpo=["--max_steps", "15", "--batch_size", "16", "--learning_rate", "2e-5", "--warmup_iters", "2",
+QUICK = dict(  # what the end-to-end test runs: same world and model, about half the steps
+    data=["--n_people", "100", "--n_bios", "16", "--heldout_pair_ratio", "0.5"],
+    model=["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "256"],
+    pretrain=["--max_steps", "300", "--batch_size", "16", "--learning_rate", "3e-3", "--warmup_iters", "30"],
+    sft_single=["--max_steps", "125", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "10"],
+    sft_multi=["--max_steps", "20", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "2"],
+    dpo=["--max_steps", "10", "--batch_size", "16", "--learning_rate", "2e-5", "--warmup_iters", "2",
          "--beta", "0.1"],
-    data=[],
-    eval_limit=100,
+    eval_limit=150,
 )
 # The demo world uses ~340 distinct characters: a 1024-token vocabulary holds each as one token and makes the
 # output layer 6x cheaper than the default 6400.

@@ -154,6 +154,22 @@ def load_init_model(init_dir: str, args) -> Transformer:
     return model
 
 
+def tokenizer_dir_for(args, checkpoint_dir=None) -> str:
+    """--tokenizer_dir, else the checkpoint's own copy, else the shipped model/tokenizer/."""
+    if args.tokenizer_dir:
+        return args.tokenizer_dir
+    if checkpoint_dir and os.path.isfile(os.path.join(checkpoint_dir, "tokenizer.json")):
+        return checkpoint_dir
+    return DEFAULT_TOKENIZER_DIR
+
+
+def start_from_checkpoint(init_dir: str, args):
+    """The previous stage's model (strictly loaded) and its tokenizer: (model, tokenizer, tokenizer_dir)."""
+    model = load_init_model(init_dir, args)
+    tokenizer_dir = tokenizer_dir_for(args, init_dir)
+    return model, load_tokenizer(tokenizer_dir, model.config.vocab_size), tokenizer_dir
+
+
 def load_tokenizer(tokenizer_dir, vocab_size: int):
     """AutoTokenizer from a directory, checked against the model's vocabulary (a mismatch fails at step 0
     with an index error otherwise)."""
