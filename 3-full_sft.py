@@ -5,6 +5,7 @@ The seed's flow, with no code edits — run it twice:
     python 3-full_sft.py                                          # single-turn: dataset/sft_data_single.jsonl,
                                                                   #   from out/pretrain_<dim> -> out/sft_single_<dim>
     python 3-full_sft.py --data_path dataset/sft_data_multi.jsonl # multi-turn: from out/sft_single_<dim>
+                                                                  #   (several files: --data_path a.jsonl b.jsonl)
                                                                   #   -> out/sft_multi_<dim>
     torchrun --nproc_per_node N 3-full_sft.py [...]               # N GPUs / processes
 
@@ -13,6 +14,8 @@ the model's shape always comes from the checkpoint it starts from.
 """
 import argparse
 import os
+
+from torch.utils.data import ConcatDataset
 
 from model.dataset import SFTDataset
 from model import trainer
@@ -26,8 +29,9 @@ def sft_loss(model, batch):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", default="dataset/sft_data_single.jsonl",
-                        help="conversations JSONL (data_process.py sft writes sft_data_single/multi.jsonl)")
+    parser.add_argument("--data_path", nargs="+", default=["dataset/sft_data_single.jsonl"],
+                        help="conversations JSONL file(s) (data_process.py sft writes sft_data_single/multi.jsonl); mixing in "
+                             "some single-turn data keeps the multi-turn stage from forgetting it")
     parser.add_argument("--init_from", default=None,
                         help="checkpoint to fine-tune (default: newest out/pretrain_* for single-turn data, "
                              "newest out/sft_single_* for multi-turn data)")
@@ -40,7 +44,7 @@ def main():
     trainer.add_model_args(parser)
     args = parser.parse_args()
 
-    multi_turn = "multi" in os.path.basename(args.data_path)
+    multi_turn = "multi" in os.path.basename(args.data_path[0])
     stage, previous = ("sft_multi", "sft_single") if multi_turn else ("sft_single", "pretrain")
     init_dir = args.init_from or trainer.find_run(previous, args.dim, args.use_moe)
     if init_dir is None:
@@ -49,18 +53,21 @@ def main():
     runtime = trainer.init_runtime(args.device)
     model, tokenizer, tokenizer_dir = trainer.start_from_checkpoint(init_dir, args)
 
-    if not os.path.isfile(args.data_path):
-        raise trainer.StageError(f"SFT data not found: {args.data_path} (make it with `python data_process.py sft`)")
+    for path in args.data_path:
+        if not os.path.isfile(path):
+            raise trainer.StageError(f"SFT data not found: {path} (make it with `python data_process.py sft`)")
     seq_len = args.max_seq_len or model.config.max_seq_len
-    train_set = SFTDataset(args.data_path, tokenizer, seq_len, pack=args.pack)
+    parts = [SFTDataset(path, tokenizer, seq_len, pack=args.pack) for path in args.data_path]
+    train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     val_set = SFTDataset(args.val_path, tokenizer, seq_len, pack=args.pack) if args.val_path else None
 
     run_dir = args.out_dir or os.path.join("out", trainer.run_name(stage, model.config))
     if runtime.is_master:
-        print(f"{stage}: {len(train_set.offsets)} conversations ({len(train_set)} rows) from {args.data_path}, starting from {init_dir} -> {run_dir}")
+        print(f"{stage}: {sum(len(p.offsets) for p in parts)} conversations ({len(train_set)} rows) from "
+              f"{', '.join(args.data_path)}, starting from {init_dir} -> {run_dir}")
         os.makedirs(run_dir, exist_ok=True)
         trainer.copy_tokenizer(tokenizer_dir, run_dir)
-    trainer.fit(model, train_set, train_set.collate, sft_loss, args, runtime, run_dir, val_set=val_set, title=stage)
+    trainer.fit(model, train_set, parts[0].collate, sft_loss, args, runtime, run_dir, val_set=val_set, title=stage)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,9 @@ def main():
          *COMMON, "--eval_interval", "100")
     step("sft_single", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_single.jsonl"),
          "--init_from", runs["pretrain"], "--out_dir", runs["sft_single"], *plan["sft_single"], *COMMON)
+    # the multi-turn data has no arithmetic: mixing the single-turn file back in keeps it from being forgotten
     step("sft_multi", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_multi.jsonl"),
+         os.path.join(data, "sft_data_single.jsonl"),
          "--init_from", runs["sft_single"], "--out_dir", runs["sft_multi"], *plan["sft_multi"], *COMMON)
     step("dpo", script("4-dpo.py"), "--data_path", os.path.join(data, "dpo_data.jsonl"),
          "--init_from", runs["sft_multi"], "--out_dir", runs["dpo"], *plan["dpo"], *COMMON)

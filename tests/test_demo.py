@@ -12,11 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # category -> minimum accuracy. Measured with `python demo.py --quick` (see README's demo section for the numbers);
 # chance is ~5-8% for the people questions (12-20 possible values) and ~0% for an exact arithmetic result.
+# Measured (2 shared CPU cores, 150 eval records): pretrain completion_fact 79%, sft_single people_qa 45%,
+# sft_single arith 32%.
 QUICK_THRESHOLDS = {
-    ("pretrain", "completion_fact"): 0.25,
-    ("pretrain", "arith_completion"): 0.25,
-    ("sft_multi", "people_qa"): 0.25,
-    ("sft_multi", "arith"): 0.25,
+    ("pretrain", "completion_fact"): 0.40,
+    ("sft_single", "people_qa"): 0.20,
+    ("sft_single", "arith"): 0.10,
 }
 
 
