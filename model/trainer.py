@@ -298,17 +298,8 @@ class ResumableBatchSampler:
 # optimizer and schedule
 
 def build_optimizer(model, learning_rate, weight_decay, device: torch.device):
-    """AdamW; matrices decay, norms/biases/embeddings do not (the tied embedding is the output matrix too, but
-    decaying token vectors that are rarely seen only shrinks them)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "tok_embeddings" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused kernels exist for cuda (and cpu in recent torch); foreach otherwise
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    """AdamW with decay groups (Transformer.configure_optimizer), betas (0.9, 0.95) as in nanoGPT/Llama."""
+    return model.configure_optimizer(weight_decay, learning_rate, betas=(0.9, 0.95), device_type=device.type)
 
 
 def lr_at(step: int, total_steps: int, warmup: int, peak: float, min_ratio: float) -> float:
