@@ -16,7 +16,8 @@ Sections
     train   tokens/s of forward + backward + AdamW step. HF: LlamaForCausalLM + fused AdamW (HF Trainer's default
             optimizer with torch >= 2.8). Ours: Transformer + configure_optimizer, eager and torch.compile'd.
             fp32 and bf16 autocast (bf16 is skipped where the CPU has no fast bf16 matmul, see --bf16).
-            Model FLOP/s = tokens/s x (6 x matmul parameters + 6 x n_layers x seq_len x dim (causal attention)).
+            Model FLOP/s = tokens/s x (6 x matmul parameters + 6 x n_layers x seq_len x dim (causal attention)),
+            and its fraction of a --peak_n^3 matmul that takes its turn in the same rounds.
     decode  batch 1, greedy, --new_tokens tokens: model.generate.generate_stream vs LlamaForCausalLM.generate, same
             weights, same tokens (checked); at the default thread count and at 1 thread. "floor" is the time the
             bare weight matrices take for one token (all Linear layers on one vector): the memory-bandwidth bound.
@@ -24,6 +25,8 @@ Sections
     data    share of useful tokens in pretraining and SFT batches of the demo corpus (dataset/demo, generated
             into a temporary directory if missing); peak RSS of a short 1-pretrain.py run over packed files of
             two sizes, both far larger than a batch: the difference shows whether memory grows with the data.
+            (The file's pages that the run touched show up in RSS as page cache, shared and reclaimable; the
+            process's own memory is the anonymous part.)
 """
 import argparse
 import json
@@ -156,13 +159,17 @@ def bench_train(args, peak: dict) -> dict:
             first[name] = step()
             if name.endswith("_compiled"):
                 compile_s[name] = time.perf_counter() - start
-        times = take_turns(steps, args.steps, args.warmup)
-        peak_gflops = peak["fp32_gflops" if dtype == "fp32" else "bf16_gflops"]
-        result = {"first_loss": first, "loss_diff_vs_hf": {n: abs(l - first["hf"]) for n, l in first.items()}}
+        # The peak matmul takes its turn in every round too, so "% of peak" compares times under the same load.
+        a, b = (torch.randn(args.peak_n, args.peak_n, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+                for _ in range(2))
+        times = take_turns({**steps, "matmul": lambda: a @ b}, args.steps, args.warmup)
+        matmul_flops = 2 * args.peak_n ** 3
+        result = {"first_loss": first, "loss_diff_vs_hf": {n: abs(l - first["hf"]) for n, l in first.items()},
+                  "matmul_gflops": matmul_flops / statistics.median(times.pop("matmul")) / 1e9}
         for name, ts in times.items():
             tok_s = tokens / statistics.median(ts)
             result[name] = {"tok_s": tok_s, "gflops": tok_s * flops_per_token / 1e9,
-                            "fraction_of_peak": tok_s * flops_per_token / 1e9 / peak_gflops}
+                            "fraction_of_peak": tok_s * flops_per_token / 1e9 / result["matmul_gflops"]}
             if name != "hf":
                 result[name]["ratio_vs_hf"] = ratio(times, name, "hf")
         for name, seconds in compile_s.items():
@@ -264,18 +271,20 @@ def write_packed_file(path: str, n_tokens: int, vocab_size: int, doc_len: int = 
 
 
 def run_and_watch_memory(cmd, cwd, data_path) -> dict:
-    """Run cmd; its peak RSS (wait4), and, polled from /proc (Linux): peak anonymous memory (the process's own
-    allocations) and peak resident pages of its mapping of data_path (page cache, shared and reclaimable)."""
+    """Run cmd and poll /proc (Linux) every 0.1 s for its peak RSS (VmHWM; wait4's ru_maxrss would include this
+    parent's RSS, inherited at fork), its peak anonymous memory (its own allocations), and the peak resident
+    pages of its mapping of data_path (page cache: shared, clean, reclaimable)."""
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log)
-    peak_anon_kb = peak_data_kb = 0
+    peak_anon_kb = peak_data_kb = peak_rss_kb = 0
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
         if pid:
             break
         try:
             with open(f"/proc/{proc.pid}/status") as f:
-                anon = [int(line.split()[1]) for line in f if line.startswith("RssAnon:")]
+                status_kb = {line.split(":")[0]: int(line.split()[1]) for line in f
+                             if line.startswith(("RssAnon:", "VmHWM:"))}
             data_kb, inside = 0, False
             with open(f"/proc/{proc.pid}/smaps") as f:
                 for line in f:
@@ -283,7 +292,8 @@ def run_and_watch_memory(cmd, cwd, data_path) -> dict:
                         inside = line.rstrip().endswith(data_path)
                     elif inside and line.startswith("Rss:"):
                         data_kb += int(line.split()[1])
-            peak_anon_kb, peak_data_kb = max(peak_anon_kb, *anon, 0), max(peak_data_kb, data_kb)
+            peak_anon_kb = max(peak_anon_kb, status_kb.get("RssAnon", 0))
+            peak_rss_kb, peak_data_kb = max(peak_rss_kb, status_kb.get("VmHWM", 0)), max(peak_data_kb, data_kb)
         except (OSError, ValueError):
             pass
         time.sleep(0.1)
@@ -291,7 +301,7 @@ def run_and_watch_memory(cmd, cwd, data_path) -> dict:
     if proc.returncode != 0:
         log.seek(0)
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read().decode(errors='replace')[-2000:]}")
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "peak_anon_mb": peak_anon_kb / 1024,  # ru_maxrss is in KiB
+    return {"peak_rss_mb": peak_rss_kb / 1024, "peak_anon_mb": peak_anon_kb / 1024,
             "peak_data_resident_mb": peak_data_kb / 1024}
 
 
@@ -348,7 +358,8 @@ def table(results: dict) -> str:
         lines.append(f"matmul peak          fp32 {peak['fp32_gflops']:7.1f} GFLOP/s   bf16 {peak['bf16_gflops']:7.1f} GFLOP/s")
     train = results.get("train")
     if train:
-        lines += ["", f"training ({train['tokens_per_step']} tokens/step, fwd+bwd+AdamW)     tok/s    x HF  GFLOP/s  % peak"]
+        lines += ["", f"training ({train['tokens_per_step']} tokens/step, fwd+bwd+AdamW)     tok/s    x HF  GFLOP/s  % peak",
+                  "  (% peak: of a large matmul timed in the same rounds)"]
         labels = {"hf": "HF + fused AdamW", "ours": "ours (eager)", "ours_compiled": "ours + torch.compile",
                   "hf_compiled": "HF + fused AdamW + torch.compile"}
         for dtype in ("fp32", "bf16"):
@@ -362,6 +373,8 @@ def table(results: dict) -> str:
                     extra = f"  (compile {x['compile_s']:.0f} s)" if "compile_s" in x else ""
                     lines.append(f"  {dtype}  {labels[name]:34s} {x['tok_s']:8.0f} {x.get('ratio_vs_hf', 1.0):7.2f} "
                                  f"{x['gflops']:8.1f} {100 * x['fraction_of_peak']:6.0f}%{extra}")
+            lines.append(f"  {dtype}  {'matmul ' + str(results['config'].get('peak_n', '')) + '^3 (peak)':34s} "
+                         f"{'':8s} {'':7s} {r['matmul_gflops']:8.1f}")
             lines.append(f"  {dtype}  first-step loss minus HF's: " +
                          ", ".join(f"{n} {d:.1e}" for n, d in r["loss_diff_vs_hf"].items() if n != "hf"))
     decode = results.get("decode")
@@ -455,7 +468,7 @@ def main():
         parser.error(f"unknown section(s) in --only: {', '.join(sorted(unknown))}")
     results = {"machine": machine(), "command": "python " + " ".join(sys.argv),
                "config": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                                                        "seq_len", "batch_size", "steps")}}
+                                                        "seq_len", "batch_size", "steps", "peak_n")}}
     if "peak" in sections or "train" in sections:
         results["peak"] = bench_peak(args)
     for name, fn in (("train", lambda: bench_train(args, results["peak"])), ("decode", lambda: bench_decode(args)),

@@ -306,8 +306,9 @@ class Transformer(PreTrainedModel, GenerationMixin):
     def _attention_mask(attention_mask, position_ids, past_len: int, T: int, find_documents: bool):
         """Boolean (B, 1, T, past+T) mask, or None when plain causal attention is exact (the fast path)."""
         padded = attention_mask is not None and not bool(attention_mask.all())
-        # Packed documents (only where the caller gave positions; derived ones never restart): a position that
-        # does not continue the previous one starts a new document.
+        # Packed documents: a position that does not continue the previous one starts a new document. Only
+        # positions the caller gave can hold such restarts (derived ones restart only where the padding mask
+        # already cuts), and skipping the scan spares plain batches a host sync and torch.compile a graph break.
         starts = None
         if find_documents and past_len == 0 and T > 1:
             starts = torch.ones_like(position_ids, dtype=torch.bool)
