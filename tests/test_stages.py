@@ -75,7 +75,7 @@ def test_every_stage_learns_and_finds_the_previous_one(workdir):
                    "--batch_size", "16", "--learning_rate", "1e-3", "--beta", "0.5", *FAST)
     assert "starting from out/sft_multi_32" in result.stdout
     rows = [r for r in metrics(workdir / "out/dpo_32") if "reward_accuracy" in r]
-    assert rows[0]["reward_accuracy"] == 0.0  # policy == reference at the start: every reward is 0, no wins
+    assert abs(rows[0]["reward_margin"]) < 1e-3  # policy == reference at the start: rewards are ~0
     assert sum(r["reward_accuracy"] for r in rows[-5:]) / 5 > 0.5
     assert sum(r["reward_margin"] for r in rows[-5:]) > 0
     state = torch.load(workdir / "out/dpo_32/step_000030/training_state.pt", weights_only=True)
