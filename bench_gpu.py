@@ -6,6 +6,8 @@ the datasheet when the card is known, and against a large bf16 matmul timed in t
 Run as:
     python bench_gpu.py                     # or: python bench.py --gpu
     python bench_gpu.py --batch_size 16 --seq_len 2048 --steps 20 --json
+    python bench_gpu.py --device cpu --dim 64 --n_layers 2 --n_heads 4 --n_kv_heads 2 --seq_len 32 --batch_size 2 \
+        --steps 1 --warmup 1 --no_compile --peak_n 256    # the same code path on a CPU, as tests/test_bench.py does
 Target: >= 45% MFU on an H100. FLOPs per token = 6 x matmul parameters (output projection included)
 + 6 x n_layers x seq_len x dim for causal attention (masked half not counted, unlike the PaLM/nanoGPT 12 x ...).
 """
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+from bench import train_flops_per_token
 from model import LMConfig, Transformer
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets; first match wins.
@@ -28,22 +31,23 @@ def datasheet_peak(name: str):
     return next((tflops for key, tflops in DATASHEET_TFLOPS if key in name), None)
 
 
-def cuda_time(fn, steps: int) -> list:
+def timed(fn, steps: int, device: str) -> list:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
 
-def matmul_tflops(n=8192, reps=20) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    cuda_time(lambda: a @ b, 3)
-    return 2 * n ** 3 / statistics.median(cuda_time(lambda: a @ b, reps)) / 1e12
+def matmul_tflops(device: str, n: int, reps=20) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    timed(lambda: a @ b, 3, device)
+    return 2 * n ** 3 / statistics.median(timed(lambda: a @ b, reps, device)) / 1e12
 
 
 def main(argv=None):
@@ -59,61 +63,60 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps (the first one compiles)")
     parser.add_argument("--compile_mode", default="default", help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
     parser.add_argument("--no_compile", action="store_true", help="eager, for comparison")
+    parser.add_argument("--peak_n", type=int, default=8192, help="matrix size of the bf16 peak matmul")
+    parser.add_argument("--device", default="cuda", help="cuda (or cuda:N); cpu only to check the script itself")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("bench_gpu.py: no CUDA GPU visible (torch.cuda.is_available() is False)")
+    device_type = torch.device(args.device).type
 
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     config = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                       vocab_size=args.vocab_size, max_seq_len=args.seq_len)
-    model = Transformer(config).cuda().train()
-    optimizer = model.configure_optimizer(0.1, 3e-4, (0.9, 0.95), "cuda")
+    model = Transformer(config).to(args.device).train()
+    optimizer = model.configure_optimizer(0.1, 3e-4, (0.9, 0.95), device_type)
     train_model = model if args.no_compile else torch.compile(model, mode=args.compile_mode)
-    batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device="cuda")
+    batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=args.device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             loss = train_model(batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    start = time.perf_counter()
-    cuda_time(step, 1)
-    first_step_s = time.perf_counter() - start
-    cuda_time(step, args.warmup - 1)
-    step_s = statistics.median(cuda_time(step, args.steps))
+    first_step_s = timed(step, 1, args.device)[0]
+    timed(step, args.warmup - 1, args.device)
+    step_s = statistics.median(timed(step, args.steps, args.device))
 
-    hd, L, D = config.head_dim, config.n_layers, config.dim
-    matmul_params = L * (D * config.n_heads * hd * 2 + D * config.n_kv_heads * hd * 2 + 3 * D * config.hidden_dim) \
-        + config.vocab_size * D
-    flops_per_token = 6 * matmul_params + 6 * L * args.seq_len * D
+    flops_per_token = train_flops_per_token(config, args.seq_len)
     tokens = args.batch_size * args.seq_len
     achieved = tokens / step_s * flops_per_token / 1e12
-    name = torch.cuda.get_device_name()
-    sheet = datasheet_peak(name)
-    measured = matmul_tflops()
+    name = torch.cuda.get_device_name(args.device) if device_type == "cuda" else args.device
+    sheet = datasheet_peak(name) if device_type == "cuda" else None
+    measured = matmul_tflops(args.device, args.peak_n)
     result = {
         "device": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "config": vars(args), "tokens_per_step": tokens, "step_s": step_s, "tok_s": tokens / step_s,
         "first_step_s (compile)": first_step_s, "achieved_tflops": achieved,
         "datasheet_bf16_tflops": sheet, "mfu_vs_datasheet": achieved / sheet if sheet else None,
         "measured_matmul_tflops": measured, "fraction_of_measured_matmul": achieved / measured,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(args.device) / 1e9 if device_type == "cuda" else None,
     }
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(f"{name}: {result['params_m']:.0f}M params, {tokens} tokens/step, bf16 autocast, "
               f"{'eager' if args.no_compile else 'torch.compile ' + args.compile_mode}")
-        print(f"  step {step_s * 1e3:.1f} ms, {tokens / step_s:,.0f} tok/s, {achieved:.0f} TFLOP/s achieved "
-              f"(first step incl. compile {first_step_s:.0f} s, peak memory {result['peak_memory_gb']:.1f} GB)")
+        memory = f", peak memory {result['peak_memory_gb']:.1f} GB" if result["peak_memory_gb"] is not None else ""
+        print(f"  step {step_s * 1e3:.1f} ms, {tokens / step_s:,.0f} tok/s, {achieved:.3g} TFLOP/s achieved "
+              f"(first step{'' if args.no_compile else ' incl. compile'} {first_step_s:.0f} s{memory})")
         if sheet:
             print(f"  MFU {100 * achieved / sheet:.1f}% of the {sheet} TFLOP/s datasheet peak")
-        print(f"  {100 * achieved / measured:.1f}% of a bf16 8192^3 matmul timed here ({measured:.0f} TFLOP/s)")
+        print(f"  {100 * achieved / measured:.1f}% of a bf16 {args.peak_n}^3 matmul timed here ({measured:.3g} TFLOP/s)")
     return result
 
 
