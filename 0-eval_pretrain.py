@@ -59,12 +59,7 @@ def main():
                         help="--ppl: documents packed in one row do not attend to each other (as 1-pretrain.py --doc_mask)")
     args = parser.parse_args()
 
-    model, tokenizer, checkpoint = evaluate.load_checkpoint(args.checkpoint, evaluate.PRETRAIN_STAGES, args.device,
-                                                            args.dtype, args.tokenizer_dir)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"checkpoint {checkpoint}: {n_params / 1e6:.2f}M parameters, context {model.config.max_seq_len} tokens",
-          file=sys.stderr)
-    torch.manual_seed(args.seed)
+    model, tokenizer, checkpoint = evaluate.load_for_cli(args, evaluate.PRETRAIN_STAGES)
 
     if args.ppl:
         result = evaluate.perplexity(model, args.data_path, args.ppl_seq_len, batch_size=args.batch_size,

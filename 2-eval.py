@@ -87,12 +87,7 @@ def main():
                         help="--interactive: answer every question on its own, without the earlier turns")
     args = parser.parse_args()
 
-    model, tokenizer, checkpoint = evaluate.load_checkpoint(args.checkpoint, evaluate.CHAT_STAGES, args.device,
-                                                            args.dtype, args.tokenizer_dir)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"checkpoint {checkpoint}: {n_params / 1e6:.2f}M parameters, context {model.config.max_seq_len} tokens",
-          file=sys.stderr)
-    torch.manual_seed(args.seed)
+    model, tokenizer, checkpoint = evaluate.load_for_cli(args, evaluate.CHAT_STAGES)
 
     if args.eval_file:
         settings = evaluate.sampling_kwargs(args, scoring=True)

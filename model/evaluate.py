@@ -92,6 +92,17 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def load_for_cli(args, stages):
+    """load_checkpoint from the eval scripts' shared flags, say what was loaded (stderr), seed the sampling."""
+    model, tokenizer, checkpoint = load_checkpoint(args.checkpoint, stages, args.device, args.dtype,
+                                                   args.tokenizer_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"checkpoint {checkpoint}: {n_params / 1e6:.2f}M parameters, context {model.config.max_seq_len} tokens",
+          file=sys.stderr)
+    torch.manual_seed(args.seed)
+    return model, tokenizer, checkpoint
+
+
 def resolve_checkpoint(checkpoint=None, stages=CHAT_STAGES, root="out") -> str:
     if checkpoint:
         if not os.path.isdir(checkpoint):
