@@ -18,8 +18,6 @@ written to <checkpoint>/<eval file name>.answers.jsonl (or --answers_out).
 import argparse
 import sys
 
-import torch
-
 from model import evaluate
 
 PROMPTS = [  # minimind-style completions: general knowledge a pretrained Chinese model should continue sensibly

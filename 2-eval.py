@@ -22,8 +22,6 @@ user's): greedy answer, correct iff the gold answer is in its first line; every 
 import argparse
 import sys
 
-import torch
-
 from model import evaluate
 
 PROMPTS = [  # minimind-style questions
