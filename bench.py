@@ -81,12 +81,12 @@ def model_config(args, **overrides) -> LMConfig:
     return LMConfig(**kwargs)
 
 
-def train_flops_per_token(config: LMConfig, seq_len: int, active_ffn_params=None) -> int:
-    """6 FLOPs per matmul weight per token (forward + backward), plus causal attention (QK^T and PV over on
-    average seq_len/2 keys: 2 x 2 x seq_len/2 x dim forward, x3 with backward)."""
+def train_flops_per_token(config: LMConfig, seq_len: int) -> int:
+    """Dense model: 6 FLOPs per matmul weight per token (forward + backward), plus causal attention (QK^T and
+    PV over on average seq_len/2 keys: 2 x 2 x seq_len/2 x dim forward, x3 with backward)."""
     hd, L, D = config.head_dim, config.n_layers, config.dim
     attention = D * config.n_heads * hd * 2 + D * config.n_kv_heads * hd * 2
-    ffn = active_ffn_params if active_ffn_params is not None else 3 * D * config.hidden_dim
+    ffn = 3 * D * config.hidden_dim
     matmul_params = L * (attention + ffn) + config.vocab_size * D  # + the output projection
     return 6 * matmul_params + 6 * L * seq_len * D
 
