@@ -182,14 +182,8 @@ def predict(model, prompts, choice_ids, pad_id, batch_size):
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention_mask[r, width - len(prompts[i]):] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       logits_to_keep=1).logits[:, -1]
+        input_ids, attention_mask = evaluate.left_pad([prompts[i] for i in rows], pad_id, device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
         best = logits[:, choice_ids].float().argmax(dim=-1).tolist()
         for r, i in enumerate(rows):
             picks[i] = CHOICES[best[r]]

@@ -195,6 +195,17 @@ def _newline_ids(tokenizer):
 
 
 @torch.no_grad()
+def left_pad(rows, pad_id, device):
+    """Token-id lists -> (input_ids, attention_mask) on device, padded on the left so every row ends together."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[r, width - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 def generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=64, stop_at_newline=True,
                    temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0):
     """Continuations of many prompts (token-id lists), batched with left padding; see the module docstring.
@@ -209,13 +220,7 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=64, 
     texts = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
-            attention_mask[r, width - len(prompts[i]):] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        input_ids, attention_mask = left_pad([prompts[i] for i in rows], pad, device)
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         steps = []
         for next_ids in generate_stream(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
