@@ -18,7 +18,7 @@ written to <checkpoint>/<eval file name>.answers.jsonl (or --answers_out).
 import argparse
 import sys
 
-from model import evaluate
+from model import evaluate, generate
 
 PROMPTS = [  # minimind-style completions: general knowledge a pretrained Chinese model should continue sensibly
     "马克思主义基本原理",
@@ -39,7 +39,7 @@ def continue_text(model, tokenizer, prompt, settings):
                                         model.config.max_seq_len)
     sampling = {k: v for k, v in settings.items() if k != "max_new_tokens"}
     print(prompt, end="", flush=True)
-    for piece in evaluate.stream_reply(model, tokenizer, ids, max_new, **sampling):
+    for piece in generate.stream_reply(model, tokenizer, ids, max_new, **sampling):
         print(piece, end="", flush=True)
     print()
 

@@ -17,7 +17,8 @@ import torch
 
 from model import LMConfig, Transformer
 from model.dataset import PretrainDataset
-from model import trainer
+from model import checkpoint, trainer
+from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
 
 
 def pretrain_loss(model, batch):
@@ -37,40 +38,40 @@ def main():
     trainer.add_model_args(parser)
     args = parser.parse_args()
 
-    runtime = trainer.init_runtime(args.device)
+    runtime = init_runtime(args.device)
     if args.init_from:
-        model, _, tokenizer_dir = trainer.start_from_checkpoint(args.init_from, args)
+        model, _, tokenizer_dir = checkpoint.start_from_checkpoint(args.init_from, args, trainer.model_overrides(args))
     else:
         try:
             config = LMConfig(**trainer.model_overrides(args))
         except ValueError as err:
-            raise trainer.StageError(str(err)) from None
-        tokenizer_dir = trainer.tokenizer_dir_for(args)
-        trainer.load_tokenizer(tokenizer_dir, config.vocab_size)
+            raise StageError(str(err)) from None
+        tokenizer_dir = checkpoint.tokenizer_dir_for(args)
+        checkpoint.load_tokenizer(tokenizer_dir, config.vocab_size)
         torch.manual_seed(args.seed)  # the same seed gives the same initial weights
         model = Transformer(config)
     config = model.config
 
     if not os.path.isfile(args.data_path):
-        raise trainer.StageError(f"pretraining data not found: {args.data_path} (make it with "
+        raise StageError(f"pretraining data not found: {args.data_path} (make it with "
                                  f"`python data_process.py pretrain --data_path <your .jsonl>`)")
     seq_len = args.max_seq_len or config.max_seq_len
     train_set = PretrainDataset(args.data_path, seq_len, doc_mask=args.doc_mask)
     if train_set.vocab_size > config.vocab_size:
-        raise trainer.StageError(f"{args.data_path} was tokenized with a {train_set.vocab_size}-token vocabulary "
+        raise StageError(f"{args.data_path} was tokenized with a {train_set.vocab_size}-token vocabulary "
                                  f"but the model has vocab_size {config.vocab_size}")
     val_path = PretrainDataset.val_path(args.data_path)
     val_set = PretrainDataset(val_path, seq_len, doc_mask=args.doc_mask) if os.path.isfile(val_path) else None
 
-    run_dir = args.out_dir or os.path.join("out", trainer.run_name("pretrain", config))
+    run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("pretrain", config))
     if runtime.is_master:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"pretraining {n_params / 1e6:.2f}M parameters on {len(train_set)} rows of {seq_len} tokens "
               f"-> {run_dir}")
         os.makedirs(run_dir, exist_ok=True)
-        trainer.copy_tokenizer(tokenizer_dir, run_dir)
+        checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
     trainer.fit(model, train_set, None, pretrain_loss, args, runtime, run_dir, val_set=val_set, title="pretrain")
 
 
 if __name__ == "__main__":
-    trainer.run_stage(main)
+    run_stage(main)

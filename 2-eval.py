@@ -22,7 +22,7 @@ user's): greedy answer, correct iff the gold answer is in its first line; every 
 import argparse
 import sys
 
-from model import evaluate
+from model import evaluate, generate
 
 PROMPTS = [  # minimind-style questions
     "你叫什么名字？",
@@ -45,7 +45,7 @@ def reply(model, tokenizer, messages, settings):
                                         model.config.max_seq_len)
     sampling = {k: v for k, v in settings.items() if k != "max_new_tokens"}
     pieces = []
-    for piece in evaluate.stream_reply(model, tokenizer, ids, max_new, **sampling):
+    for piece in generate.stream_reply(model, tokenizer, ids, max_new, **sampling):
         print(piece, end="", flush=True)
         pieces.append(piece)
     print()

@@ -18,7 +18,8 @@ import os
 from torch.utils.data import ConcatDataset
 
 from model.dataset import SFTDataset
-from model import trainer
+from model import checkpoint, trainer
+from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
 
 
 def sft_loss(model, batch):
@@ -46,29 +47,29 @@ def main():
 
     multi_turn = "multi" in os.path.basename(args.data_path[0])
     stage, previous = ("sft_multi", "sft_single") if multi_turn else ("sft_single", "pretrain")
-    init_dir = args.init_from or trainer.find_run(previous, args.dim, args.use_moe)
+    init_dir = args.init_from or checkpoint.find_run(previous, args.dim, args.use_moe)
     if init_dir is None:
-        raise trainer.StageError(f"no out/{previous}_* checkpoint found to start {stage} from: run the previous "
+        raise StageError(f"no out/{previous}_* checkpoint found to start {stage} from: run the previous "
                                  f"stage first or pass --init_from DIR")
-    runtime = trainer.init_runtime(args.device)
-    model, tokenizer, tokenizer_dir = trainer.start_from_checkpoint(init_dir, args)
+    runtime = init_runtime(args.device)
+    model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
 
     for path in args.data_path:
         if not os.path.isfile(path):
-            raise trainer.StageError(f"SFT data not found: {path} (make it with `python data_process.py sft`)")
+            raise StageError(f"SFT data not found: {path} (make it with `python data_process.py sft`)")
     seq_len = args.max_seq_len or model.config.max_seq_len
     parts = [SFTDataset(path, tokenizer, seq_len, pack=args.pack) for path in args.data_path]
     train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     val_set = SFTDataset(args.val_path, tokenizer, seq_len, pack=args.pack) if args.val_path else None
 
-    run_dir = args.out_dir or os.path.join("out", trainer.run_name(stage, model.config))
+    run_dir = args.out_dir or os.path.join("out", checkpoint.run_name(stage, model.config))
     if runtime.is_master:
         print(f"{stage}: {sum(len(p.offsets) for p in parts)} conversations ({len(train_set)} rows) from "
               f"{', '.join(args.data_path)}, starting from {init_dir} -> {run_dir}")
         os.makedirs(run_dir, exist_ok=True)
-        trainer.copy_tokenizer(tokenizer_dir, run_dir)
+        checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
     trainer.fit(model, train_set, parts[0].collate, sft_loss, args, runtime, run_dir, val_set=val_set, title=stage)
 
 
 if __name__ == "__main__":
-    trainer.run_stage(main)
+    run_stage(main)

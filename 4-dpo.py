@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from model.dataset import DPODataset
-from model import trainer
+from model import checkpoint, trainer
+from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
 
 
 def sequence_logps(model, input_ids, labels, attention_mask):
@@ -76,7 +77,7 @@ def reference_logps(model, dataset, args, runtime, dtype):
     done = 0
     for batch in loader:
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
-        with trainer.autocast(runtime.device, dtype):
+        with autocast(runtime.device, dtype):
             chosen, rejected = policy_logps(model, batch)
         rows = indices[done:done + len(chosen)]
         reference[rows] = torch.stack([chosen, rejected], dim=1).double().cpu()
@@ -114,26 +115,26 @@ def main():
     trainer.add_model_args(parser)
     args = parser.parse_args()
 
-    init_dir = args.init_from or trainer.find_run("sft_multi", args.dim, args.use_moe) or \
-        trainer.find_run("sft_single", args.dim, args.use_moe)
+    init_dir = args.init_from or checkpoint.find_run("sft_multi", args.dim, args.use_moe) or \
+        checkpoint.find_run("sft_single", args.dim, args.use_moe)
     if init_dir is None:
-        raise trainer.StageError("no out/sft_multi_* or out/sft_single_* checkpoint found: run 3-full_sft.py first "
+        raise StageError("no out/sft_multi_* or out/sft_single_* checkpoint found: run 3-full_sft.py first "
                                  "or pass --init_from DIR")
-    runtime = trainer.init_runtime(args.device)
-    model, tokenizer, tokenizer_dir = trainer.start_from_checkpoint(init_dir, args)
+    runtime = init_runtime(args.device)
+    model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
     if not os.path.isfile(args.data_path):
-        raise trainer.StageError(f"DPO data not found: {args.data_path} (make it with `python data_process.py dpo`)")
+        raise StageError(f"DPO data not found: {args.data_path} (make it with `python data_process.py dpo`)")
     dataset = DPODataset(args.data_path, tokenizer, args.max_seq_len or model.config.max_seq_len)
 
-    run_dir = args.out_dir or os.path.join("out", trainer.run_name("dpo", model.config))
+    run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("dpo", model.config))
     extra_state = {}
     if not args.resume:  # on resume the cached reference comes back from the checkpoint
-        dtype = trainer.resolve_dtype(args.dtype, runtime.device)
+        dtype = resolve_dtype(args.dtype, runtime.device)
         extra_state["reference_logps"] = reference_logps(model, dataset, args, runtime, dtype)
     if runtime.is_master:
         print(f"dpo: {len(dataset)} pairs from {args.data_path}, beta {args.beta}, starting from {init_dir} -> {run_dir}")
         os.makedirs(run_dir, exist_ok=True)
-        trainer.copy_tokenizer(tokenizer_dir, run_dir)
+        checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
 
     train_set = WithReference(dataset, extra_state)
     trainer.fit(model, train_set, train_set.collate, make_dpo_loss(args.beta), args, runtime, run_dir,
@@ -141,4 +142,4 @@ def main():
 
 
 if __name__ == "__main__":
-    trainer.run_stage(main)
+    run_stage(main)

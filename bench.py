@@ -307,7 +307,9 @@ def run_and_watch_memory(cmd, cwd, data_path) -> dict:
 
 def bench_data(args) -> dict:
     from model.dataset import PretrainDataset, SFTDataset, pretrain_useful_fraction
-    from model.trainer import DEFAULT_TOKENIZER_DIR, ResumableBatchSampler, load_tokenizer
+    from model.checkpoint import load_tokenizer
+    from model.runtime import DEFAULT_TOKENIZER_DIR
+    from model.trainer import ResumableBatchSampler
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         demo = demo_corpus_dir(tmp)

@@ -39,8 +39,8 @@ import sys
 
 import torch
 
-from model import evaluate
-from model.trainer import StageError
+from model import evaluate, generate
+from model.runtime import StageError
 
 CHOICES = ("A", "B", "C", "D")
 REQUIRED = ("question", "a", "b", "c", "d", "answer")
@@ -182,7 +182,7 @@ def predict(model, prompts, choice_ids, pad_id, batch_size):
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        input_ids, attention_mask = evaluate.left_pad([prompts[i] for i in rows], pad_id, device)
+        input_ids, attention_mask = generate.left_pad([prompts[i] for i in rows], pad_id, device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
         best = logits[:, choice_ids].float().argmax(dim=-1).tolist()
         for r, i in enumerate(rows):

@@ -7,11 +7,11 @@ Public API (stable; demo.py imports it):
 
     load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="auto", tokenizer_dir=None,
                     root="out") -> (model, tokenizer, checkpoint_dir)
-        checkpoint None = the newest run of the first stage in `stages` that has one (model.trainer.find_run):
+        checkpoint None = the newest run of the first stage in `stages` that has one (model.checkpoint.find_run):
         PRETRAIN_STAGES = ("pretrain",), CHAT_STAGES = ("dpo", "sft_multi", "sft_single").
         Tokenizer: tokenizer_dir, else the checkpoint's own copy, else model/tokenizer/ (checked against
         vocab_size). Model in eval mode on `device` (auto: cuda > mps > cpu) in `dtype` (auto: bfloat16 on CUDA
-        when supported, else float32). Every problem a user can cause raises model.trainer.StageError.
+        when supported, else float32). Every problem a user can cause raises model.runtime.StageError.
     resolve_checkpoint(checkpoint=None, stages=CHAT_STAGES, root="out") -> checkpoint_dir   (same rule, no loading)
 
     score_eval_file(model, tokenizer, path, mode, max_new_tokens=64, out_path=None, batch_size=64,
@@ -61,8 +61,9 @@ import sys
 
 import torch
 
-from .generate import generate_stream, stream_text
-from .trainer import DEFAULT_TOKENIZER_DIR, StageError, find_run, load_tokenizer, run_stage
+from .checkpoint import find_run, load_tokenizer
+from .generate import generate_batch, left_pad, stream_reply  # re-exported: the eval scripts' API
+from .runtime import DEFAULT_TOKENIZER_DIR, StageError, pick_device, pick_dtype, run_stage
 
 PRETRAIN_STAGES = ("pretrain",)
 CHAT_STAGES = ("dpo", "sft_multi", "sft_single")
@@ -72,25 +73,6 @@ REPORT_LIMIT = 20  # bad lines printed per file; all are counted
 
 # ----------------------------------------------------------------------------------------------------------
 # loading
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    # CPUs: float32 even where bf16 is fast, so scores do not depend on the machine's instruction set.
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
-
 
 def load_for_cli(args, stages):
     """load_checkpoint from the eval scripts' shared flags, say what was loaded (stderr), seed the sampling."""
@@ -180,77 +162,6 @@ def trim_history(tokenizer, messages, max_tokens: int):
         overflow = len(encode_chat(tokenizer, [last])) - max_tokens
         last["content"] = last["content"][max(1, overflow):]
     return system + turns[:-1] + [last]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# generation
-
-def _newline_ids(tokenizer):
-    """Bool mask over the vocabulary: tokens whose text contains a newline."""
-    cached = getattr(tokenizer, "_nanollm_newline_ids", None)
-    if cached is None:
-        cached = torch.tensor(["\n" in tokenizer.decode([i]) for i in range(len(tokenizer))])
-        tokenizer._nanollm_newline_ids = cached
-    return cached
-
-
-@torch.no_grad()
-def left_pad(rows, pad_id, device):
-    """Token-id lists -> (input_ids, attention_mask) on device, padded on the left so every row ends together."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        input_ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[r, width - len(row):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=64, stop_at_newline=True,
-                   temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0):
-    """Continuations of many prompts (token-id lists), batched with left padding; see the module docstring.
-
-    Rows are sorted by length so a batch holds similar lengths (little padding), and a batch stops as soon as
-    every row has finished: </s>, or a newline when stop_at_newline (scoring reads the first line only).
-    """
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    newline = _newline_ids(tokenizer).to(device) if stop_at_newline else None
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        input_ids, attention_mask = left_pad([prompts[i] for i in rows], pad, device)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        steps = []
-        for next_ids in generate_stream(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                        eos_token_id=eos, attention_mask=attention_mask):
-            steps.append(next_ids)
-            done |= next_ids == eos
-            if newline is not None:
-                done |= newline[next_ids]
-            if bool(done.all()):
-                break
-        generated = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]
-        for r, i in enumerate(rows):
-            ids = generated[r]
-            if eos in ids:
-                ids = ids[:ids.index(eos)]
-            if newline is not None:  # cut after the first line, so a row's text does not depend on its batch
-                ends = [k for k, token in enumerate(ids) if newline[token]]
-                ids = ids[:ends[0] + 1] if ends else ids
-            texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
-    return texts
-
-
-def stream_reply(model, tokenizer, ids, max_new_tokens, temperature=0.85, top_k=None, top_p=None,
-                 repetition_penalty=1.0):
-    """Text pieces of one continuation as they are generated (whole characters only), up to </s>."""
-    input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-    tokens = generate_stream(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=tokenizer.eos_token_id)
-    yield from stream_text(tokenizer, tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -473,7 +384,7 @@ def read_input(prompt: str):
 
 
 def run_cli(main):
-    """model.trainer.run_stage (StageError -> one line, exit 1), and also: Ctrl-C outside the interactive prompt
+    """model.runtime.run_stage (StageError -> one line, exit 1), and also: Ctrl-C outside the interactive prompt
     stops quietly (exit 130); a closed pipe (`... | head`) ends the output without a traceback."""
     try:
         run_stage(main)

@@ -6,6 +6,10 @@ small enough to read in one go and has no per-step bookkeeping beyond what decod
 
     for piece in stream_text(tokenizer, generate_stream(model, ids, max_new_tokens=100, temperature=0.7)):
         print(piece, end="", flush=True)
+
+Also here: left_pad (token-id lists -> a left-padded batch), generate_batch (many prompts, batched, greedy by
+default, each row cut at </s> / its first newline so its text never depends on its batch) and stream_reply
+(text pieces of one reply).
 """
 import torch
 
@@ -103,3 +107,74 @@ def stream_text(tokenizer, token_stream, skip_special_tokens=True):
         if len(text) > len(printed):
             yield text[len(printed):]
         printed = text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batches of prompts, streamed replies
+
+def _newline_ids(tokenizer):
+    """Bool mask over the vocabulary: tokens whose text contains a newline."""
+    cached = getattr(tokenizer, "_nanollm_newline_ids", None)
+    if cached is None:
+        cached = torch.tensor(["\n" in tokenizer.decode([i]) for i in range(len(tokenizer))])
+        tokenizer._nanollm_newline_ids = cached
+    return cached
+
+
+@torch.no_grad()
+def left_pad(rows, pad_id, device):
+    """Token-id lists -> (input_ids, attention_mask) on device, padded on the left so every row ends together."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[r, width - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=64, stop_at_newline=True,
+                   temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0):
+    """Continuations of many prompts (token-id lists), batched with left padding; see the module docstring.
+
+    Rows are sorted by length so a batch holds similar lengths (little padding), and a batch stops as soon as
+    every row has finished: </s>, or a newline when stop_at_newline (scoring reads the first line only).
+    """
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    newline = _newline_ids(tokenizer).to(device) if stop_at_newline else None
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        input_ids, attention_mask = left_pad([prompts[i] for i in rows], pad, device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        steps = []
+        for next_ids in generate_stream(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                        eos_token_id=eos, attention_mask=attention_mask):
+            steps.append(next_ids)
+            done |= next_ids == eos
+            if newline is not None:
+                done |= newline[next_ids]
+            if bool(done.all()):
+                break
+        generated = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]
+        for r, i in enumerate(rows):
+            ids = generated[r]
+            if eos in ids:
+                ids = ids[:ids.index(eos)]
+            if newline is not None:  # cut after the first line, so a row's text does not depend on its batch
+                ends = [k for k, token in enumerate(ids) if newline[token]]
+                ids = ids[:ends[0] + 1] if ends else ids
+            texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    return texts
+
+
+def stream_reply(model, tokenizer, ids, max_new_tokens, temperature=0.85, top_k=None, top_p=None,
+                 repetition_penalty=1.0):
+    """Text pieces of one continuation as they are generated (whole characters only), up to </s>."""
+    input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    tokens = generate_stream(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=tokenizer.eos_token_id)
+    yield from stream_text(tokenizer, tokens)

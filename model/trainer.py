@@ -21,37 +21,22 @@ import argparse
 import json
 import math
 import os
-import random
-import re
 import shutil
 import signal
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from transformers.utils import logging as transformers_logging
 
-from .LMConfig import LMConfig
+from .checkpoint import SHAPE_FIELDS, _set_rng_state, _rng_state, list_checkpoints, save_checkpoint
 from .model import Transformer
+from .runtime import Runtime, StageError, autocast, resolve_dtype
 
 transformers_logging.disable_progress_bar()  # a bar per checkpoint write would bury the training bar
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TOKENIZER_DIR = os.path.join(ROOT, "model", "tokenizer")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-# Fields that change a tensor's shape: a checkpoint must agree on all of them to be loaded.
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "use_moe",
-                "n_routed_experts", "n_shared_experts")
-
-
-class StageError(Exception):
-    """A problem the user can fix (bad path, mismatched shapes, ...): printed as one line, exit code 1."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,151 +100,6 @@ def model_overrides(args) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def run_name(stage: str, config: LMConfig) -> str:
-    return f"{stage}_{config.dim}{'_moe' if config.use_moe else ''}"
-
-
-def find_run(stage: str, dim=None, use_moe=None, root="out"):
-    """Newest out/<stage>_<dim>[_moe] directory holding weights, narrowed by dim/use_moe when given."""
-    pattern = re.compile(rf"^{re.escape(stage)}_(\d+)(_moe)?$")
-    found = []
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        match = pattern.match(name)
-        weights = os.path.join(root, name, "model.safetensors")
-        if not match or not os.path.isfile(weights):
-            continue
-        if (dim is not None and int(match.group(1)) != dim) or (use_moe is not None and bool(match.group(2)) != use_moe):
-            continue
-        found.append((os.path.getmtime(weights), os.path.join(root, name)))
-    return max(found)[1] if found else None
-
-
-def load_init_model(init_dir: str, args) -> Transformer:
-    """Load the previous stage's weights strictly; a requested shape that differs from them is an error."""
-    if not init_dir or not os.path.isfile(os.path.join(init_dir, "model.safetensors")):
-        raise StageError(f"no checkpoint to initialise from at {init_dir!r}: run the previous stage first or "
-                         f"pass --init_from DIR")
-    config = LMConfig.from_pretrained(init_dir)
-    for name, value in model_overrides(args).items():
-        if name in SHAPE_FIELDS and getattr(config, name) != value:
-            raise StageError(f"--{name} {value} does not match the checkpoint {init_dir} ({name}={getattr(config, name)}); "
-                             f"drop the flag or pick a checkpoint of that shape")
-    try:
-        model = Transformer.from_pretrained(init_dir)
-    except ValueError as err:
-        raise StageError(str(err)) from None
-    for name in ("dropout", "aux_loss_alpha"):  # training-only knobs may change between stages
-        if getattr(args, name, None) is not None:
-            setattr(model.config, name, getattr(args, name))
-    return model
-
-
-def tokenizer_dir_for(args, checkpoint_dir=None) -> str:
-    """--tokenizer_dir, else the checkpoint's own copy, else the shipped model/tokenizer/."""
-    if args.tokenizer_dir:
-        return args.tokenizer_dir
-    if checkpoint_dir and os.path.isfile(os.path.join(checkpoint_dir, "tokenizer.json")):
-        return checkpoint_dir
-    return DEFAULT_TOKENIZER_DIR
-
-
-def start_from_checkpoint(init_dir: str, args):
-    """The previous stage's model (strictly loaded) and its tokenizer: (model, tokenizer, tokenizer_dir)."""
-    model = load_init_model(init_dir, args)
-    tokenizer_dir = tokenizer_dir_for(args, init_dir)
-    return model, load_tokenizer(tokenizer_dir, model.config.vocab_size), tokenizer_dir
-
-
-def load_tokenizer(tokenizer_dir, vocab_size: int):
-    """AutoTokenizer from a directory, checked against the model's vocabulary (a mismatch fails at step 0
-    with an index error otherwise)."""
-    from transformers import AutoTokenizer
-    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-        raise StageError(f"no tokenizer.json in {tokenizer_dir}: train one with train_tokenizer.py or pass --tokenizer_dir")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if len(tokenizer) != vocab_size:
-        raise StageError(f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{vocab_size}: pass --vocab_size {len(tokenizer)} (or edit model/LMConfig.py) when "
-                         f"pretraining, or use the tokenizer the model was trained with")
-    return tokenizer
-
-
-def run_stage(main):
-    """Run a stage's main(); errors the user can fix become one line on stderr and exit code 1."""
-    try:
-        main()
-    except StageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# device, DDP, precision
-
-@dataclass
-class Runtime:
-    device: torch.device
-    ddp: bool
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @property
-    def is_master(self):
-        return self.rank == 0
-
-
-def init_runtime(device_arg="auto") -> Runtime:
-    """Pick the device (cuda > mps > cpu) and join the process group when launched by torchrun."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device_arg == "auto":
-        if torch.cuda.is_available():
-            device_arg = f"cuda:{local_rank}"
-        elif torch.backends.mps.is_available() and not ddp:
-            device_arg = "mps"
-        else:
-            device_arg = "cpu"
-    device = torch.device(device_arg)
-    if ddp:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, ddp, rank, local_rank, world_size)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls are fast only with native support (AVX512-BF16 / AMX); on an AVX2-only CPU they are
-    emulated and ~10x slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    if dtype != "auto":
-        return dtype
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return "bfloat16"
-    return "float32"
-
-
-def autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # data order
 
@@ -308,81 +148,6 @@ def lr_at(step: int, total_steps: int, warmup: int, peak: float, min_ratio: floa
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints
-
-def _atomic_link(src: str, dst: str):
-    """Make dst a hard link to (or copy of) src, replacing any old dst in one rename."""
-    tmp = f"{dst}.tmp{os.getpid()}"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_pos": random.getstate()[2], "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-             "numpy_rest": [int(v) if i < 2 else float(v) for i, v in enumerate(np.random.get_state()[2:])]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), *state["numpy_rest"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run_dir: str, model, training_state: dict, keep_last: int):
-    """Write run_dir/step_N/ completely under a temporary name, rename it, then point the run directory's
-    top-level weights at it. Any crash before the rename leaves the previous checkpoint as it was."""
-    step = training_state["step"]
-    final = os.path.join(run_dir, f"step_{step:06d}")
-    tmp = os.path.join(run_dir, f".tmp_step_{step:06d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(training_state, os.path.join(tmp, "training_state.pt"))
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
-    if os.path.exists(final):  # re-saving a step after a resume: move the old one aside first
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        os.rename(final, final + ".old")
-    os.rename(tmp, final)
-    shutil.rmtree(final + ".old", ignore_errors=True)
-    for name in ("config.json", "generation_config.json", "model.safetensors"):
-        if os.path.exists(os.path.join(final, name)):
-            _atomic_link(os.path.join(final, name), os.path.join(run_dir, name))
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def list_checkpoints(run_dir: str):
-    """Complete step checkpoints, oldest first."""
-    if not os.path.isdir(run_dir):
-        return []
-    names = sorted(n for n in os.listdir(run_dir) if n.startswith("step_") and n[5:].isdigit())
-    return [os.path.join(run_dir, n) for n in names
-            if os.path.isfile(os.path.join(run_dir, n, "training_state.pt"))]
-
-
-def copy_tokenizer(tokenizer_dir: str, run_dir: str):
-    """Put the tokenizer beside the weights, so the run directory is self-contained for the next stage."""
-    for name in TOKENIZER_FILES:
-        src = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(src) and os.path.abspath(tokenizer_dir) != os.path.abspath(run_dir):
-            shutil.copy2(src, os.path.join(run_dir, name + ".tmp"))
-            os.replace(os.path.join(run_dir, name + ".tmp"), os.path.join(run_dir, name))
 
 
 # ----------------------------------------------------------------------------------------------------------

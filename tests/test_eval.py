@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from model import LMConfig, Transformer
-from model import evaluate
-from model.trainer import DEFAULT_TOKENIZER_DIR, copy_tokenizer
+from model import evaluate, generate
+from model.checkpoint import copy_tokenizer
+from model.runtime import DEFAULT_TOKENIZER_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
@@ -259,7 +260,7 @@ def test_interactive_chat_trims_history_and_no_history_forgets(workdir, tokenize
         assert len(ids) + max_new_tokens <= model.config.max_seq_len
         yield "好的。"
 
-    monkeypatch.setattr(evaluate, "stream_reply", fake_reply)
+    monkeypatch.setattr(generate, "stream_reply", fake_reply)
     questions = [f"第{i}问" for i in range(1, 9)]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions) + "\n"))
     assert run_main(script, ["--interactive", "--max_new_tokens", "16"], monkeypatch, workdir) == 0

@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from model import LMConfig, Transformer, trainer
+from model.checkpoint import list_checkpoints
+from model.runtime import Runtime, StageError
 
 V = 64
 
@@ -46,7 +48,7 @@ def tiny_model(seed=0, dropout=0.0):
                                 dropout=dropout))
 
 
-RUNTIME = trainer.Runtime(torch.device("cpu"), False, 0, 0, 1)
+RUNTIME = Runtime(torch.device("cpu"), False, 0, 0, 1)
 
 
 def run(tmp_path, *extra, loss_fn=lm_loss, model=None, data=None):
@@ -66,7 +68,7 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert Transformer.from_pretrained(tmp_path).config.dim == 32
-    assert [os.path.basename(p) for p in trainer.list_checkpoints(str(tmp_path))] == ["step_000055", "step_000060"]
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step_000055", "step_000060"]
     state = torch.load(tmp_path / "step_000060" / "training_state.pt", weights_only=True)
     assert state["step"] == 60 and "optimizer" in state and state["rng"]
 
@@ -93,7 +95,7 @@ def test_resume_after_crash_is_bitwise_equal_to_uninterrupted(tmp_path):
     run(tmp_path / "a", *common, model=tiny_model(dropout=0.1))
     with pytest.raises(Crash):  # dies in step 24, after the step-20 save
         run(tmp_path / "b", *common, loss_fn=crash_at(2 * 23 + 1), model=tiny_model(dropout=0.1))
-    assert os.path.basename(trainer.list_checkpoints(str(tmp_path / "b"))[-1]) == "step_000020"
+    assert os.path.basename(list_checkpoints(str(tmp_path / "b"))[-1]) == "step_000020"
     run(tmp_path / "b", *common, "--resume", model=tiny_model(seed=99, dropout=0.1))
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys()
@@ -120,7 +122,7 @@ def test_crash_while_saving_leaves_previous_checkpoint_loadable(tmp_path, monkey
     # the top-level weights and the step-5 checkpoint are still the complete step-5 ones
     after = weights(tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert [os.path.basename(p) for p in trainer.list_checkpoints(str(tmp_path))] == ["step_000005"]
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step_000005"]
     Transformer.from_pretrained(tmp_path)
     run(tmp_path, "--max_steps", "10", "--resume")  # and the run can go on from it
     assert not any(n.startswith(".tmp") for n in os.listdir(tmp_path))
@@ -149,9 +151,9 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
     assert "update skipped" in printed.out + printed.err
     assert '"skipped_update"' in (tmp_path / "one" / "metrics.jsonl").read_text()
     # max_bad_steps in a row: a clear stop, the last good checkpoint intact
-    with pytest.raises(trainer.StageError, match="3 steps in a row"):
+    with pytest.raises(StageError, match="3 steps in a row"):
         run(tmp_path / "many", "--max_steps", "20", "--max_bad_steps", "3", loss_fn=nan_from(7, 100))
-    assert os.path.basename(trainer.list_checkpoints(str(tmp_path / "many"))[-1]) == "step_000005"
+    assert os.path.basename(list_checkpoints(str(tmp_path / "many"))[-1]) == "step_000005"
     assert all(torch.isfinite(t).all() for t in weights(tmp_path / "many").values())
 
 

@@ -1,0 +1,183 @@
+"""
+Checkpoints and run directories: find the previous stage's run, load it strictly, save training checkpoints
+atomically, list and prune them, restore the training state for an exact resume.
+
+Run directory layout (out/<stage>_<dim>[_moe]/):
+    config.json, model.safetensors, tokenizer files   the newest weights: a save_pretrained directory that the
+                                                      next stage, eval and export load
+    step_000100/                                      one complete checkpoint per save (--keep_last N kept):
+        config.json, model.safetensors, training_state.pt   (optimizer, scaler, step, data position, RNG)
+    metrics.jsonl, loss.png                           one JSON line per log interval; the curve at the end
+Every checkpoint is written under a temporary name and renamed when complete, so a crash mid-save leaves the
+previous one loadable. training_state.pt holds only tensors and plain types: it loads with weights_only=True.
+"""
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+from .LMConfig import LMConfig
+from .model import Transformer
+from .runtime import DEFAULT_TOKENIZER_DIR, StageError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# Fields that change a tensor's shape: a checkpoint must agree on all of them to be loaded.
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "use_moe",
+                "n_routed_experts", "n_shared_experts")
+
+
+def run_name(stage: str, config: LMConfig) -> str:
+    return f"{stage}_{config.dim}{'_moe' if config.use_moe else ''}"
+
+
+
+def find_run(stage: str, dim=None, use_moe=None, root="out"):
+    """Newest out/<stage>_<dim>[_moe] directory holding weights, narrowed by dim/use_moe when given."""
+    pattern = re.compile(rf"^{re.escape(stage)}_(\d+)(_moe)?$")
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        match = pattern.match(name)
+        weights = os.path.join(root, name, "model.safetensors")
+        if not match or not os.path.isfile(weights):
+            continue
+        if (dim is not None and int(match.group(1)) != dim) or (use_moe is not None and bool(match.group(2)) != use_moe):
+            continue
+        found.append((os.path.getmtime(weights), os.path.join(root, name)))
+    return max(found)[1] if found else None
+
+
+
+def load_init_model(init_dir: str, overrides: dict) -> Transformer:
+    """Load the previous stage's weights strictly; a requested shape that differs from them is an error."""
+    if not init_dir or not os.path.isfile(os.path.join(init_dir, "model.safetensors")):
+        raise StageError(f"no checkpoint to initialise from at {init_dir!r}: run the previous stage first or "
+                         f"pass --init_from DIR")
+    config = LMConfig.from_pretrained(init_dir)
+    for name, value in overrides.items():
+        if name in SHAPE_FIELDS and getattr(config, name) != value:
+            raise StageError(f"--{name} {value} does not match the checkpoint {init_dir} ({name}={getattr(config, name)}); "
+                             f"drop the flag or pick a checkpoint of that shape")
+    try:
+        model = Transformer.from_pretrained(init_dir)
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    for name in ("dropout", "aux_loss_alpha"):  # training-only knobs may change between stages
+        if name in overrides:
+            setattr(model.config, name, overrides[name])
+    return model
+
+
+
+def tokenizer_dir_for(args, checkpoint_dir=None) -> str:
+    """--tokenizer_dir, else the checkpoint's own copy, else the shipped model/tokenizer/."""
+    if args.tokenizer_dir:
+        return args.tokenizer_dir
+    if checkpoint_dir and os.path.isfile(os.path.join(checkpoint_dir, "tokenizer.json")):
+        return checkpoint_dir
+    return DEFAULT_TOKENIZER_DIR
+
+
+
+def start_from_checkpoint(init_dir: str, args, overrides: dict):
+    """The previous stage's model (strictly loaded) and its tokenizer: (model, tokenizer, tokenizer_dir)."""
+    model = load_init_model(init_dir, overrides)
+    tokenizer_dir = tokenizer_dir_for(args, init_dir)
+    return model, load_tokenizer(tokenizer_dir, model.config.vocab_size), tokenizer_dir
+
+
+
+def load_tokenizer(tokenizer_dir, vocab_size: int):
+    """AutoTokenizer from a directory, checked against the model's vocabulary (a mismatch fails at step 0
+    with an index error otherwise)."""
+    from transformers import AutoTokenizer
+    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+        raise StageError(f"no tokenizer.json in {tokenizer_dir}: train one with train_tokenizer.py or pass --tokenizer_dir")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if len(tokenizer) != vocab_size:
+        raise StageError(f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{vocab_size}: pass --vocab_size {len(tokenizer)} (or edit model/LMConfig.py) when "
+                         f"pretraining, or use the tokenizer the model was trained with")
+    return tokenizer
+
+
+
+def _atomic_link(src: str, dst: str):
+    """Make dst a hard link to (or copy of) src, replacing any old dst in one rename."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2], "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+             "numpy_rest": [int(v) if i < 2 else float(v) for i, v in enumerate(np.random.get_state()[2:])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), *state["numpy_rest"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+
+def save_checkpoint(run_dir: str, model, training_state: dict, keep_last: int):
+    """Write run_dir/step_N/ completely under a temporary name, rename it, then point the run directory's
+    top-level weights at it. Any crash before the rename leaves the previous checkpoint as it was."""
+    step = training_state["step"]
+    final = os.path.join(run_dir, f"step_{step:06d}")
+    tmp = os.path.join(run_dir, f".tmp_step_{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save(training_state, os.path.join(tmp, "training_state.pt"))
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.exists(final):  # re-saving a step after a resume: move the old one aside first
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        os.rename(final, final + ".old")
+    os.rename(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        if os.path.exists(os.path.join(final, name)):
+            _atomic_link(os.path.join(final, name), os.path.join(run_dir, name))
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+
+def list_checkpoints(run_dir: str):
+    """Complete step checkpoints, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith("step_") and n[5:].isdigit())
+    return [os.path.join(run_dir, n) for n in names
+            if os.path.isfile(os.path.join(run_dir, n, "training_state.pt"))]
+
+
+
+def copy_tokenizer(tokenizer_dir: str, run_dir: str):
+    """Put the tokenizer beside the weights, so the run directory is self-contained for the next stage."""
+    for name in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_dir, name)
+        if os.path.isfile(src) and os.path.abspath(tokenizer_dir) != os.path.abspath(run_dir):
+            shutil.copy2(src, os.path.join(run_dir, name + ".tmp"))
+            os.replace(os.path.join(run_dir, name + ".tmp"), os.path.join(run_dir, name))
+
+

@@ -1,0 +1,175 @@
+"""
+The runtime every script shares: user-facing errors, the device / DDP / precision rules for training and for
+inference side by side, and the one reporter of bad input lines.
+
+    run_stage(main)            a script's main(); a StageError becomes one line on stderr and exit code 1
+    init_runtime(device)       pick cuda > mps > cpu, join the process group when launched by torchrun
+    resolve_dtype / autocast   training precision (bf16 where it is fast, fp32 elsewhere)
+    pick_device / pick_dtype   inference device and weight dtype (fp32 on CPUs: scores do not depend on the CPU)
+    BadLines                   count, report (`file:line: reason`) and summarise unusable input lines
+"""
+import os
+import sys
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TOKENIZER_DIR = os.path.join(ROOT, "model", "tokenizer")
+
+
+class StageError(Exception):
+    """A problem the user can fix (bad path, mismatched shapes, ...): printed as one line, exit code 1."""
+
+
+def run_stage(main):
+    """Run a script's main(); errors the user can fix become one line on stderr and exit code 1."""
+    # Status lines must reach a log file as they are printed (`nohup python 1-pretrain.py > log`): a killed
+    # run would otherwise lose the block-buffered tail, which is exactly the part that says what happened.
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training: device, DDP, precision
+
+@dataclass
+class Runtime:
+    device: torch.device
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+
+def init_runtime(device_arg="auto") -> Runtime:
+    """Pick the device (cuda > mps > cpu) and join the process group when launched by torchrun."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device_arg == "auto":
+        if torch.cuda.is_available():
+            device_arg = f"cuda:{local_rank}"
+        elif torch.backends.mps.is_available() and not ddp:
+            device_arg = "mps"
+        else:
+            device_arg = "cpu"
+    device = torch.device(device_arg)
+    if ddp:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, ddp, rank, local_rank, world_size)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are fast only with native support (AVX512-BF16 / AMX); on an AVX2-only CPU they are
+    emulated and ~10x slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """Training precision: bf16 on CUDA (fp16 without bf16) and on CPUs with native bf16, fp32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+def all_reduce_sum(value, runtime: Runtime):
+    """Sum a number or a tensor over all processes (a float comes back as a float)."""
+    if not runtime.ddp:
+        return value
+    t = value.detach().clone() if torch.is_tensor(value) else torch.tensor([float(value)], dtype=torch.float64)
+    t = t.to(runtime.device)
+    dist.all_reduce(t)
+    return t if torch.is_tensor(value) else t.item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inference: device and weight dtype
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    # CPUs: float32 even where bf16 is fast, so scores do not depend on the machine's instruction set.
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input lines
+
+class BadLines:
+    """Counts unusable input lines per kind and reports the first `report_limit` as `file:line: message`.
+    `total` is the number of lines read (set by the reader), for the bad ratio."""
+
+    def __init__(self, report_limit=20):
+        self.report_limit, self.kinds, self.total = report_limit, Counter(), 0
+
+    @property
+    def count(self):
+        return sum(self.kinds.values())
+
+    def add(self, path, line_no, message, kind="bad"):
+        self.kinds[kind] += 1
+        if self.count <= self.report_limit:
+            print(f"{path}:{line_no}: {message}", file=sys.stderr)
+
+    def summary(self) -> str:
+        ratio = self.count / max(1, self.total)
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.kinds.items()))
+        text = f"bad lines: {self.count} of {self.total} ({ratio:.2%}){': ' + kinds if kinds else ''}"
+        if self.count > self.report_limit:
+            text += f" (only the first {self.report_limit} were listed)"
+        return text
+
+    def verdict(self, max_bad_ratio):
+        """Print the summary; False when the bad fraction is over the limit."""
+        print(self.summary(), file=sys.stderr)
+        ratio = self.count / max(1, self.total)
+        if ratio > max_bad_ratio:
+            print(f"error: {ratio:.2%} bad lines exceeds --max_bad_ratio {max_bad_ratio:.2%}; nothing was written",
+                  file=sys.stderr)
+            return False
+        return True
