@@ -6,6 +6,7 @@ Run as:
     torchrun --nproc_per_node N 1-pretrain.py             # N GPUs (or N CPU processes with gloo)
     python 1-pretrain.py --dim 768 --n_layers 16 --use_moe --max_steps 2000
     python 1-pretrain.py --resume                         # continue out/pretrain_<dim>[_moe] exactly
+    torchrun --nproc_per_node N --max_restarts 3 1-pretrain.py --resume auto   # restart by itself after a crash
 
 The model's shape comes from model/LMConfig.py, overridden by the flags; it is saved with the weights in
 out/pretrain_<dim>[_moe]/, where 3-full_sft.py finds it.
@@ -15,16 +16,9 @@ import os
 
 import torch
 
-from model import LMConfig, Transformer
+from model import LMConfig, Transformer, checkpoint, trainer
 from model.dataset import PretrainDataset
-from model import checkpoint, trainer
-from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
-
-
-def pretrain_loss(model, batch):
-    """Mean next-token loss over the row (targets are pre-shifted: shift_labels)."""
-    out = model(**batch)
-    return out.loss, {}, int((batch["shift_labels"] != -100).sum())
+from model.runtime import StageError, init_runtime, run_stage
 
 
 def main():
@@ -54,23 +48,25 @@ def main():
 
     if not os.path.isfile(args.data_path):
         raise StageError(f"pretraining data not found: {args.data_path} (make it with "
-                                 f"`python data_process.py pretrain --data_path <your .jsonl>`)")
-    seq_len = args.max_seq_len or config.max_seq_len
+                         f"`python data_process.py pretrain --data_path <your .jsonl>`)")
+    seq_len = config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
     train_set = PretrainDataset(args.data_path, seq_len, doc_mask=args.doc_mask)
     if train_set.vocab_size > config.vocab_size:
         raise StageError(f"{args.data_path} was tokenized with a {train_set.vocab_size}-token vocabulary "
-                                 f"but the model has vocab_size {config.vocab_size}")
+                         f"but the model has vocab_size {config.vocab_size}")
     val_path = PretrainDataset.val_path(args.data_path)
     val_set = PretrainDataset(val_path, seq_len, doc_mask=args.doc_mask) if os.path.isfile(val_path) else None
 
     run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("pretrain", config))
+    resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     if runtime.is_master:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"pretraining {n_params / 1e6:.2f}M parameters on {len(train_set)} rows of {seq_len} tokens "
               f"-> {run_dir}")
-        os.makedirs(run_dir, exist_ok=True)
         checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
-    trainer.fit(model, train_set, None, pretrain_loss, args, runtime, run_dir, val_set=val_set, title="pretrain")
+    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
+    trainer.fit(model, train_set, None, trainer.lm_loss, args, runtime, run_dir, val_set=val_set, title="pretrain",
+                settings=settings, resuming=resuming)
 
 
 if __name__ == "__main__":

@@ -9,23 +9,38 @@ The seed's flow, with no code edits — run it twice:
                                                                   #   -> out/sft_multi_<dim>
     torchrun --nproc_per_node N 3-full_sft.py [...]               # N GPUs / processes
 
-A data file whose name contains "multi" is the multi-turn stage. --init_from / --out_dir override the defaults;
-the model's shape always comes from the checkpoint it starts from.
+The stage (sft_single or sft_multi) decides where the run starts from and where it goes. It comes from the data:
+sft_multi when any conversation has more than one user turn, else sft_single; it is printed, and --stage
+overrides it. --init_from / --out_dir override the defaults; the model's shape always comes from the checkpoint.
 """
 import argparse
+import json
 import os
 
 from torch.utils.data import ConcatDataset
 
-from model.dataset import SFTDataset
 from model import checkpoint, trainer
-from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
+from model.dataset import SFTDataset
+from model.runtime import StageError, init_runtime, run_stage
+
+PREVIOUS = {"sft_single": "pretrain", "sft_multi": "sft_single"}
 
 
-def sft_loss(model, batch):
-    out = model(**batch)
-    # labels are aligned with input_ids; the first position is never a target
-    return out.loss, {}, int((batch["labels"][:, 1:] != -100).sum())
+def count_multi_turn(paths) -> tuple:
+    """(conversations with more than one user turn, all conversations) over the JSONL files."""
+    multi = total = 0
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    messages = json.loads(line).get("conversations", [])
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # the dataset reports bad lines with their file and line number
+                total += 1
+                multi += sum(isinstance(m, dict) and m.get("role") == "user" for m in messages) > 1
+    return multi, total
 
 
 def main():
@@ -33,9 +48,11 @@ def main():
     parser.add_argument("--data_path", nargs="+", default=["dataset/sft_data_single.jsonl"],
                         help="conversations JSONL file(s) (data_process.py sft writes sft_data_single/multi.jsonl); mixing in "
                              "some single-turn data keeps the multi-turn stage from forgetting it")
+    parser.add_argument("--stage", choices=list(PREVIOUS), default=None,
+                        help="sft_single (starts from out/pretrain_*) or sft_multi (starts from out/sft_single_*); "
+                             "default: sft_multi when the data has multi-turn conversations")
     parser.add_argument("--init_from", default=None,
-                        help="checkpoint to fine-tune (default: newest out/pretrain_* for single-turn data, "
-                             "newest out/sft_single_* for multi-turn data)")
+                        help="checkpoint to fine-tune (default: newest run of the previous stage, see --stage)")
     parser.add_argument("--val_path", default=None, help="optional held-out conversations for validation loss")
     parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                         help="pack several conversations into each row (positions restart per conversation, so "
@@ -45,30 +62,38 @@ def main():
     trainer.add_model_args(parser)
     args = parser.parse_args()
 
-    multi_turn = "multi" in os.path.basename(args.data_path[0])
-    stage, previous = ("sft_multi", "sft_single") if multi_turn else ("sft_single", "pretrain")
-    init_dir = args.init_from or checkpoint.find_run(previous, args.dim, args.use_moe)
-    if init_dir is None:
-        raise StageError(f"no out/{previous}_* checkpoint found to start {stage} from: run the previous "
-                                 f"stage first or pass --init_from DIR")
     runtime = init_runtime(args.device)
-    model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
-
     for path in args.data_path:
         if not os.path.isfile(path):
             raise StageError(f"SFT data not found: {path} (make it with `python data_process.py sft`)")
-    seq_len = args.max_seq_len or model.config.max_seq_len
+    stage = args.stage
+    if stage is None:
+        multi, total = count_multi_turn(args.data_path)
+        stage = "sft_multi" if multi else "sft_single"
+        if runtime.is_master:
+            print(f"stage {stage}: {multi} of {total} conversations have several user turns (--stage overrides)")
+    previous = PREVIOUS[stage]
+    init_dir = args.init_from or checkpoint.find_run(previous, args.dim, args.use_moe)
+    if init_dir is None:
+        raise StageError(f"no out/{previous}_* checkpoint found to start {stage} from: run the previous "
+                         f"stage first or pass --init_from DIR")
+    model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
+
+    seq_len = model.config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
     parts = [SFTDataset(path, tokenizer, seq_len, pack=args.pack) for path in args.data_path]
     train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     val_set = SFTDataset(args.val_path, tokenizer, seq_len, pack=args.pack) if args.val_path else None
 
     run_dir = args.out_dir or os.path.join("out", checkpoint.run_name(stage, model.config))
+    resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     if runtime.is_master:
         print(f"{stage}: {sum(len(p.offsets) for p in parts)} conversations ({len(train_set)} rows) from "
               f"{', '.join(args.data_path)}, starting from {init_dir} -> {run_dir}")
-        os.makedirs(run_dir, exist_ok=True)
         checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
-    trainer.fit(model, train_set, parts[0].collate, sft_loss, args, runtime, run_dir, val_set=val_set, title=stage)
+    settings = {"data": [os.path.abspath(p) for p in args.data_path],
+                "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
+    trainer.fit(model, train_set, parts[0].collate, trainer.lm_loss, args, runtime, run_dir, val_set=val_set,
+                title=stage, settings=settings, resuming=resuming)
 
 
 if __name__ == "__main__":

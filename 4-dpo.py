@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from model.dataset import DPODataset
 from model import checkpoint, trainer
+from model.dataset import DPODataset
 from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
 
 
@@ -75,12 +76,13 @@ def reference_logps(model, dataset, args, runtime, dtype):
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size,
                         collate_fn=dataset.collate)
     done = 0
-    for batch in loader:
+    for batch in tqdm(loader, desc="reference log-probs", disable=not runtime.is_master):
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
         with autocast(runtime.device, dtype):
             chosen, rejected = policy_logps(model, batch)
         rows = indices[done:done + len(chosen)]
-        reference[rows] = torch.stack([chosen, rejected], dim=1).double().cpu()
+        # float32 on the device, float64 only on the CPU: MPS has no float64
+        reference[rows] = torch.stack([chosen, rejected], dim=1).float().cpu().double()
         done += len(chosen)
     if runtime.ddp:
         reference = reference.to(runtime.device)
@@ -91,15 +93,18 @@ def reference_logps(model, dataset, args, runtime, dtype):
 
 def make_dpo_loss(beta):
     def dpo_loss(model, batch):
+        """Summed over the batch's pairs (the trainer divides by the pairs of the whole step)."""
         chosen, rejected = policy_logps(model, batch)
         chosen_reward = beta * (chosen - batch["ref_chosen_logps"])
         rejected_reward = beta * (rejected - batch["ref_rejected_logps"])
-        loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
-        metrics = {"reward_accuracy": (chosen_reward > rejected_reward).float().mean().item(),
-                   "reward_margin": (chosen_reward - rejected_reward).mean().item()}
-        n_tokens = int((batch["chosen_labels"] != -100).sum() + (batch["rejected_labels"] != -100).sum())
-        return loss, metrics, n_tokens
+        loss = -F.logsigmoid(chosen_reward - rejected_reward).sum()
+        margin = (chosen_reward - rejected_reward).detach()
+        return loss, {"reward_accuracy": (margin > 0).float().sum(), "reward_margin": margin.sum()}
     return dpo_loss
+
+
+def count_pairs(batch) -> int:
+    return batch["chosen_input_ids"].shape[0]
 
 
 def main():
@@ -124,21 +129,23 @@ def main():
     model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
     if not os.path.isfile(args.data_path):
         raise StageError(f"DPO data not found: {args.data_path} (make it with `python data_process.py dpo`)")
-    dataset = DPODataset(args.data_path, tokenizer, args.max_seq_len or model.config.max_seq_len)
+    dataset = DPODataset(args.data_path, tokenizer, model.config.max_seq_len)
 
     run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("dpo", model.config))
+    # before the reference pass: a run directory that holds another run stops here, not minutes later
+    resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     extra_state = {}
-    if not args.resume:  # on resume the cached reference comes back from the checkpoint
+    if not resuming:  # on resume the cached reference comes back from the checkpoint
         dtype = resolve_dtype(args.dtype, runtime.device)
         extra_state["reference_logps"] = reference_logps(model, dataset, args, runtime, dtype)
     if runtime.is_master:
         print(f"dpo: {len(dataset)} pairs from {args.data_path}, beta {args.beta}, starting from {init_dir} -> {run_dir}")
-        os.makedirs(run_dir, exist_ok=True)
         checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
 
     train_set = WithReference(dataset, extra_state)
+    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
     trainer.fit(model, train_set, train_set.collate, make_dpo_loss(args.beta), args, runtime, run_dir,
-                title="dpo", extra_state=extra_state)
+                title="dpo", extra_state=extra_state, count_fn=count_pairs, settings=settings, resuming=resuming)
 
 
 if __name__ == "__main__":

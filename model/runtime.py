@@ -9,6 +9,7 @@ inference side by side, and the one reporter of bad input lines.
     BadLines                   count, report (`file:line: reason`) and summarise unusable input lines
 """
 import os
+import signal
 import sys
 from collections import Counter
 from contextlib import nullcontext
@@ -54,6 +55,10 @@ class Runtime:
     @property
     def is_master(self):
         return self.rank == 0
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
 
 
 def init_runtime(device_arg="auto") -> Runtime:
@@ -113,6 +118,29 @@ def all_reduce_sum(value, runtime: Runtime):
     t = t.to(runtime.device)
     dist.all_reduce(t)
     return t if torch.is_tensor(value) else t.item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stopping cleanly
+
+class StopSignals:
+    """SIGINT/SIGTERM request a clean stop: checkpoint, then exit. A signal is only noted here; whether the run
+    stops is decided from the all-reduced flag, so every process stops at the same step (a rank acting on its
+    own flag would enter the checkpoint's collectives while the others start the next step: a hang)."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, any_rank_received: bool):
+        return (self.received or "a signal on another process") if any_rank_received else None
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------------------------------------

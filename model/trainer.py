@@ -1,42 +1,34 @@
 """
-What every training stage shares: device/DDP setup, flags, the data order, AdamW + cosine schedule, the one
-training loop, validation, atomic checkpoints with exact resume, logging (tqdm, metrics.jsonl, loss.png, wandb).
+The one training loop every stage shares (pretraining, SFT, DPO), its flags, the data order and the schedule.
 
 A stage script (1-pretrain.py, 3-full_sft.py, 4-dpo.py) builds its model and dataset, then calls
 
-    fit(model, train_set, collate_fn, loss_fn, args, runtime, run_dir, val_set=...)
+    fit(model, train_set, collate_fn, loss_fn, args, runtime, run_dir, val_set=..., count_fn=..., settings=...)
 
-where loss_fn(model, batch) -> (loss, metrics dict, number of target tokens). The stages differ only in that.
+loss_fn(model, batch) -> (loss summed over the batch's targets, {metric name: value summed over them})
+count_fn(batch) -> number of targets in the batch (default: labelled tokens; DPO: preference pairs)
 
-Run directory layout (out/<stage>_<dim>[_moe]/):
-    config.json, model.safetensors, tokenizer files   the newest weights: a save_pretrained directory that the
-                                                      next stage, eval and export load
-    step_000100/                                      one complete checkpoint per save (--keep_last N kept):
-        config.json, model.safetensors, training_state.pt   (optimizer, scaler, step, data position, RNG)
-    metrics.jsonl, loss.png                           one JSON line per log interval; the curve at the end
-Every checkpoint is written under a temporary name and renamed when complete, so a crash mid-save leaves the
-previous one loadable. training_state.pt holds only tensors and plain types: it loads with weights_only=True.
+The stages differ only in those. Every optimizer step divides the summed loss by the targets of the WHOLE step
+(all micro-batches, all processes), so a short answer weighs as much as one token of a long one however the
+global batch is split (the gradient-accumulation pitfall transformers fixed in 2024). Checkpoints, resume and
+the run directory are model/checkpoint.py's job; device, DDP and precision model/runtime.py's.
 """
 import argparse
-import json
 import math
-import os
-import shutil
-import signal
-import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from .checkpoint import SHAPE_FIELDS, _set_rng_state, _rng_state, list_checkpoints, save_checkpoint
-from .model import Transformer
-from .runtime import Runtime, StageError, autocast, resolve_dtype
+from . import checkpoint
+from .metrics import StepLog
+from .runtime import Runtime, StageError, StopSignals, all_reduce_sum, autocast, resolve_dtype
 
 transformers_logging.disable_progress_bar()  # a bar per checkpoint write would bury the training bar
+IGNORE = -100
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,7 +63,11 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults):
     a("--eval_interval", type=int, default=d["eval_interval"], help="validation loss every N steps (0 = off)")
     a("--eval_batches", type=int, default=20, help="batches per validation pass (per process)")
     a("--keep_last", type=int, default=2, help="keep this many step checkpoints (the newest weights always stay)")
-    a("--resume", action="store_true", help="continue the run in --out_dir from its newest checkpoint")
+    a("--resume", nargs="?", const="yes", choices=["yes", "auto"], default=None,
+      help="continue the run in --out_dir from its newest checkpoint; `--resume auto` resumes when there is one "
+           "and starts fresh otherwise (for `torchrun --max_restarts N`)")
+    a("--overwrite", action="store_true",
+      help="start over in an --out_dir that already holds a run (the old run is moved aside, not deleted)")
     a("--max_bad_steps", type=int, default=20,
       help="stop after this many consecutive steps with a NaN/Inf loss or gradient (such steps are skipped)")
     a("--use_wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
@@ -135,7 +131,7 @@ class ResumableBatchSampler:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# optimizer and schedule
+# optimizer, schedule, loss
 
 def build_optimizer(model, learning_rate, weight_decay, device: torch.device):
     """AdamW with decay groups (Transformer.configure_optimizer), betas (0.9, 0.95) as in nanoGPT/Llama."""
@@ -150,262 +146,172 @@ def lr_at(step: int, total_steps: int, warmup: int, peak: float, min_ratio: floa
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def count_labelled_tokens(batch) -> int:
+    """Targets of a language-modelling batch: shift_labels (already shifted) or labels (shifted in the model)."""
+    if "shift_labels" in batch:
+        return int((batch["shift_labels"] != IGNORE).sum())
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def lm_loss(model, batch):
+    """Next-token loss summed over the labelled tokens (the model's mean times their count; with MoE the
+    balance loss rides along, weighted by the batch's share of the step's tokens)."""
+    out = model(**batch)
+    n_targets = count_labelled_tokens(batch)
+    # a batch without targets still joins the graph (DDP expects every parameter's gradient), with weight 0
+    return (out.loss * n_targets if n_targets else out.logits.sum() * 0.0), {}
+
+
 # ----------------------------------------------------------------------------------------------------------
-# logging
+# one step, validation
 
-class MetricsLog:
-    """metrics.jsonl in the run directory (rank 0), optional wandb, and loss.png at the end."""
+def step_batches(train_set, collate_fn, sampler, steps_per_epoch, first_step, args, runtime):
+    """Each optimizer step's micro-batches, from first_step on, epoch after epoch. The data position is a
+    function of the step alone, which is what makes a resume exact."""
+    epoch, step_in_epoch = divmod(first_step, steps_per_epoch)
+    while True:
+        sampler.set_epoch(epoch, step_in_epoch * args.accumulation_steps)
+        # Own generator: creating the iterator draws a seed, which must not come from the global RNG (a resumed
+        # run creates its iterator mid-epoch, so dropout would see a shifted random stream).
+        loader = iter(DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
+                                 num_workers=args.num_workers, pin_memory=runtime.device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(args.seed + epoch)))
+        for _ in range(step_in_epoch, steps_per_epoch):
+            yield epoch, [next(loader) for _ in range(args.accumulation_steps)]
+        epoch, step_in_epoch = epoch + 1, 0
 
-    def __init__(self, run_dir, args, resume_step: int, enabled: bool):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.enabled = enabled
-        self.wandb = None
-        if not enabled:
-            return
-        rows = []
-        if resume_step and os.path.exists(self.path):  # drop what the interrupted run logged after its checkpoint
-            with open(self.path) as f:
-                rows = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(rows)
-        os.replace(self.path + ".tmp", self.path)
-        if args.use_wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise StageError("--use_wandb needs wandb: pip install wandb") from None
-            self.wandb = wandb.init(project=args.wandb_project, name=os.path.basename(run_dir), config=vars(args))
 
-    def log(self, row: dict):
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(row, step=row["step"])
+def train_step(train_model, batches, loss_fn, count_fn, runtime, dtype, scaler):
+    """Forward and backward over one step's micro-batches. Returns, as ONE tensor still on the device (no host
+    sync here), [loss sum, metric sums..., targets, tokens] of this process; gradients hold sum / step targets."""
+    n_targets = sum(count_fn(batch) for batch in batches)
+    step_targets = max(1.0, all_reduce_sum(float(n_targets), runtime))
+    totals = None
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
+        sync = not runtime.ddp or i == len(batches) - 1  # DDP all-reduces gradients on the last one only
+        with (nullcontext() if sync else train_model.no_sync()), autocast(runtime.device, dtype):
+            loss_sum, metric_sums = loss_fn(train_model, batch)
+        # DDP averages gradients over processes: scale by world_size so the result is sum / step_targets
+        scaler.scale(loss_sum * (runtime.world_size / step_targets)).backward()
+        values = torch.stack([loss_sum.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=loss_sum.device)
+                                                            for v in metric_sums.values()])
+        totals = values if totals is None else totals + values
+    tokens = sum(v.numel() for batch in batches for k, v in batch.items() if k.endswith("input_ids"))
+    return torch.cat([totals, torch.tensor([n_targets, tokens], dtype=torch.float32, device=totals.device)]), \
+        list(metric_sums)
 
-    def plot(self, title: str):
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        with open(self.path) as f:
-            rows = [json.loads(line) for line in f]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key, style in (("loss", "-"), ("val_loss", "o-")):
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
-                ax.plot(*zip(*points), style, label=key, markersize=3)
-        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend(), ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(os.path.dirname(self.path), "loss.png"), dpi=100)
-        plt.close(fig)
+
+@torch.no_grad()
+def validation_loss(model, val_set, collate_fn, loss_fn, count_fn, args, runtime, dtype) -> float:
+    """Mean loss per target over the first eval_batches batches of each rank's shard of the validation set."""
+    model.eval()
+    # Fixed order, every example counted once, a short last batch allowed: a small val split still works.
+    shard = list(range(runtime.rank, len(val_set), runtime.world_size))
+    batches = [shard[i:i + args.batch_size] for i in range(0, len(shard), args.batch_size)][:args.eval_batches]
+    loader = DataLoader(val_set, batch_sampler=batches, collate_fn=collate_fn, num_workers=args.num_workers,
+                        generator=torch.Generator())
+    total, targets = 0.0, 0
+    for batch in tqdm(loader, desc="validation", leave=False, disable=not runtime.is_master or len(batches) < 20):
+        targets += count_fn(batch)
+        batch = {k: v.to(runtime.device) for k, v in batch.items()}
+        with autocast(runtime.device, dtype):
+            total += float(loss_fn(model, batch)[0])
+    model.train()
+    return all_reduce_sum(total, runtime) / max(1.0, all_reduce_sum(float(targets), runtime))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the loop
 
-def _all_reduce(value: float, runtime: Runtime) -> float:
-    """Sum a number over all processes."""
-    if not runtime.ddp:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(t)
-    return t.item()
-
-
-@torch.no_grad()
-def evaluate(model, val_set, collate_fn, loss_fn, args, runtime, dtype) -> float:
-    """Token-weighted mean loss over the first eval_batches batches of each rank's shard."""
-    model.eval()
-    # Fixed order, every example counted once, a short last batch allowed: a small val split still works.
-    shard = list(range(runtime.rank, len(val_set), runtime.world_size))
-    batches = [shard[i:i + args.batch_size] for i in range(0, len(shard), args.batch_size)]
-    total, tokens = 0.0, 0
-    loader = DataLoader(val_set, batch_sampler=batches, collate_fn=collate_fn, num_workers=args.num_workers,
-                        generator=torch.Generator())
-    for i, batch in enumerate(loader):
-        if i >= args.eval_batches:
-            break
-        batch = {k: v.to(runtime.device) for k, v in batch.items()}
-        with autocast(runtime.device, dtype):
-            loss, _, n_tokens = loss_fn(model, batch)
-        total += loss.item() * n_tokens
-        tokens += n_tokens
-    model.train()
-    return _all_reduce(total, runtime) / max(1.0, _all_reduce(tokens, runtime))
-
-
 def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: str, val_set=None,
-        title="training", extra_state=None):
-    """The training loop all stages share. Returns the trained (unwrapped) model.
+        title="training", extra_state=None, count_fn=count_labelled_tokens, settings=None, resuming=None):
+    """Train, checkpoint, resume, log; returns the trained (unwrapped) model.
 
-    extra_state: a dict of tensors saved with every checkpoint (e.g. DPO's cached reference log-probs).
+    extra_state: a dict of tensors saved with every checkpoint and restored on resume (e.g. DPO's cached
+    reference log-probs). settings: what else a resumed run must share with the saved one (data, tokenizer).
+    resuming: what checkpoint.prepare_run_dir returned when the stage called it early (before writing anything
+    into the run directory); None = prepare it here.
     """
-    from tqdm import tqdm
-
     dtype = resolve_dtype(args.dtype, runtime.device)
-    torch.manual_seed(args.seed)
-    if runtime.is_master:
-        os.makedirs(run_dir, exist_ok=True)
-        for stale in os.listdir(run_dir):  # temporaries of a save that crashed
-            if stale.startswith(".tmp_step_"):
-                shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
-
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, args.seed, runtime.rank, runtime.world_size)
     steps_per_epoch = len(sampler) // args.accumulation_steps
     if steps_per_epoch == 0:
         raise StageError(f"{len(sampler)} batches per epoch is fewer than --accumulation_steps {args.accumulation_steps}")
     total_steps = args.max_steps or args.epochs * steps_per_epoch
+    settings = {**(settings or {}), "batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps,
+                "world_size": runtime.world_size, "seed": args.seed, "n_examples": len(train_set),
+                "total_steps": total_steps}
 
+    if resuming is None:
+        resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     model.to(runtime.device)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=dtype == "float16")
-    step, epoch, batch_in_epoch = 0, 0, 0
-
-    checkpoints = list_checkpoints(run_dir) if args.resume else []
-    if args.resume and not checkpoints:
-        raise StageError(f"--resume: no checkpoint in {run_dir} (step_*/training_state.pt); start without --resume")
-    if checkpoints:
-        latest = checkpoints[-1]
-        state = torch.load(os.path.join(latest, "training_state.pt"), map_location="cpu", weights_only=True)
-        resumed = Transformer.from_pretrained(latest)
-        for name in SHAPE_FIELDS:
-            if getattr(resumed.config, name) != getattr(model.config, name):
-                raise StageError(f"checkpoint {latest} has {name}={getattr(resumed.config, name)} but this run's model "
-                                 f"has {getattr(model.config, name)}; resume with the same settings")
-        model.load_state_dict(resumed.state_dict(), strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    step = 0
+    if resuming:
+        state = checkpoint.restore(run_dir, model, optimizer, scaler, settings, runtime)
+        step = state["step"]
         if extra_state is not None:
             extra_state.update(state.get("extra", {}))
-        _set_rng_state(state["rng"][runtime.rank] if runtime.rank < len(state["rng"]) else state["rng"][0])
-        if runtime.is_master:
-            print(f"resumed from {latest} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-
-    train_model = model
-    if args.compile:
+    train_model = DDP(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None) \
+        if runtime.ddp else model
+    if args.compile:  # after DDP wrapping, as PyTorch recommends (DDP's buckets then match compiled graphs)
         train_model = torch.compile(train_model)
-    if runtime.ddp:
-        train_model = DDP(train_model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
-    metrics = MetricsLog(run_dir, args, step, runtime.is_master)
-    stop_signal = {"received": None}
-
-    def request_stop(signum, frame):
-        stop_signal["received"] = signal.Signals(signum).name
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def checkpoint():
+    def save():
         # every rank's RNG travels in the file, so each resumes its own stream
-        rng = [_rng_state()]
+        rng = [checkpoint.rng_state()]
         if runtime.ddp:
-            gathered = [None] * runtime.world_size
-            dist.all_gather_object(gathered, rng[0])
-            rng = gathered
+            rng = [None] * runtime.world_size
+            torch.distributed.all_gather_object(rng, checkpoint.rng_state())
         if runtime.is_master:
-            save_checkpoint(run_dir, model, {
-                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": total_steps,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-                "extra": extra_state or {}}, args.keep_last)
-        if runtime.ddp:
-            dist.barrier()
+            checkpoint.save_checkpoint(run_dir, model, {
+                "step": step, "epoch": epoch, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "rng": rng, "extra": extra_state or {}, "settings": settings}, args.keep_last)
+        runtime.barrier()
 
-    bar = tqdm(total=total_steps, initial=step, desc=title, disable=not runtime.is_master, dynamic_ncols=True)
+    signals = StopSignals()
+    log = StepLog(run_dir, args, step, total_steps, title, runtime)
     model.train()
-    bad_steps, tokens_since_log, time_since_log = 0, 0, time.time()
-    last_saved = step if checkpoints else -1
-    log_loss, log_count = 0.0, 0
-    while step < total_steps and stop_signal["received"] is None:
-        sampler.set_epoch(epoch, batch_in_epoch)
-        # Own generator: creating a DataLoader iterator draws a seed, which must not come from the global RNG
-        # (a resumed run creates its iterator mid-epoch, so dropout would see a shifted random stream).
-        batches = iter(DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
-                                  num_workers=args.num_workers, pin_memory=runtime.device.type == "cuda",
-                                  generator=torch.Generator().manual_seed(args.seed + epoch)))
-        while step < total_steps and batch_in_epoch + args.accumulation_steps <= len(sampler):
-            lr = lr_at(step, total_steps, args.warmup_iters, args.learning_rate, args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss, step_metrics, step_tokens = 0.0, {}, 0
-            for micro in range(args.accumulation_steps):
-                batch = {k: v.to(runtime.device, non_blocking=True) for k, v in next(batches).items()}
-                sync = not runtime.ddp or micro == args.accumulation_steps - 1
-                with (nullcontext() if sync else train_model.no_sync()), autocast(runtime.device, dtype):
-                    loss, batch_metrics, n_tokens = loss_fn(train_model, batch)
-                scaler.scale(loss / args.accumulation_steps).backward()
-                step_loss += loss.item() / args.accumulation_steps
-                step_tokens += n_tokens
-                for k, v in batch_metrics.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + v / args.accumulation_steps
-            batch_in_epoch += args.accumulation_steps
-            step += 1
-
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-            # one all-reduce per step answers both: did any rank see a non-finite value, did any get a signal
-            flags = torch.tensor([float(not (math.isfinite(step_loss) and bool(torch.isfinite(grad_norm)))),
-                                  float(stop_signal["received"] is not None)], device=runtime.device)
-            if runtime.ddp:
-                dist.all_reduce(flags)
-            finite = flags[0].item() == 0
-            if flags[1].item() > 0 and stop_signal["received"] is None:
-                stop_signal["received"] = "a signal on another process"
-            if finite:
-                scaler.step(optimizer)
-                bad_steps = 0
-            else:  # skip the update; the weights stay those of the last good step
-                bad_steps += 1
-                metrics.log({"step": step, "skipped_update": "non-finite loss or gradient"})
-                if runtime.is_master:
-                    tqdm.write(f"step {step}: non-finite loss ({step_loss}) or gradient norm ({float(grad_norm)}); "
-                               f"update skipped ({bad_steps}/{args.max_bad_steps} in a row)")
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if bad_steps >= args.max_bad_steps:
-                bar.close()
-                raise StageError(f"{bad_steps} steps in a row had a NaN/Inf loss or gradient (last at step {step}); "
-                                 f"stopping. The last good checkpoint is in {run_dir}. Try a lower --learning_rate, "
-                                 f"--dtype bfloat16/float32, or check the data")
-
-            tokens_since_log += step_tokens
-            if finite:
-                log_loss, log_count = log_loss + step_loss, log_count + 1
-            bar.update(1)
-            if step % args.log_interval == 0 or step == total_steps:
-                elapsed = time.time() - time_since_log
-                tokens_per_s = _all_reduce(tokens_since_log, runtime) / max(elapsed, 1e-9)
-                mean_loss = _all_reduce(log_loss / max(1, log_count), runtime) / runtime.world_size
-                row = {"step": step, "epoch": epoch, "loss": round(mean_loss, 5), "lr": lr,
-                       "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tokens_per_s, 1)}
-                row.update({k: round(_all_reduce(v, runtime) / runtime.world_size, 5) for k, v in step_metrics.items()})
-                metrics.log(row)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-                tokens_since_log, time_since_log, log_loss, log_count = 0, time.time(), 0.0, 0
-            if val_set is not None and args.eval_interval and (step % args.eval_interval == 0 or step == total_steps):
-                val_loss = evaluate(model, val_set, collate_fn, loss_fn, args, runtime, dtype)
-                metrics.log({"step": step, "val_loss": round(val_loss, 5)})
-                if runtime.is_master:
-                    tqdm.write(f"step {step}: val_loss {val_loss:.4f}")
-            if step % args.save_interval == 0 or stop_signal["received"]:
-                checkpoint()
-                last_saved = step
-            if stop_signal["received"]:
-                break
-        if batch_in_epoch + args.accumulation_steps > len(sampler):
-            epoch, batch_in_epoch = epoch + 1, 0
-    bar.close()
+    bad_steps, last_saved, stop = 0, step if resuming else -1, None
+    batches = step_batches(train_set, collate_fn, sampler, steps_per_epoch, step, args, runtime)
+    while step < total_steps and stop is None:
+        lr = lr_at(step, total_steps, args.warmup_iters, args.learning_rate, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch, micro_batches = next(batches)
+        sums, metric_names = train_step(train_model, micro_batches, loss_fn, count_fn, runtime, dtype, scaler)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        # ONE all-reduce and ONE host sync per step answer everything: sums, non-finite anywhere, a stop signal
+        flags = torch.stack([(~torch.isfinite(sums[0]) | ~torch.isfinite(grad_norm)).float(),
+                             torch.tensor(float(signals.received is not None), device=sums.device)])
+        reduced = all_reduce_sum(torch.cat([sums, flags]), runtime).tolist()
+        finite, stop = reduced[-2] == 0, signals.agreed(reduced[-1] > 0)  # decided from reduced values only
+        step += 1
+        if finite:
+            scaler.step(optimizer)
+            bad_steps = 0
+        else:  # skip the update; the weights stay those of the last good step
+            bad_steps += 1
+            log.skipped(step, bad_steps, args.max_bad_steps, reduced[0], float(grad_norm))
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if bad_steps >= args.max_bad_steps:
+            log.close()
+            raise StageError(f"{bad_steps} steps in a row had a NaN/Inf loss or gradient (last at step {step}); "
+                             f"stopping. The last good checkpoint is in {run_dir}. Try a lower --learning_rate, "
+                             f"--dtype bfloat16/float32, or check the data")
+        log.step(step, epoch, lr, float(grad_norm), reduced[:-2], metric_names, finite)
+        if val_set is not None and args.eval_interval and (step % args.eval_interval == 0 or step == total_steps):
+            log.validation(step, validation_loss(model, val_set, collate_fn, loss_fn, count_fn, args, runtime, dtype))
+        if step % args.save_interval == 0 or stop:
+            save()
+            last_saved = step
+    log.close()
     if last_saved != step:
-        checkpoint()
-    for s, handler in previous_handlers.items():
-        signal.signal(s, handler)
-    metrics.plot(title)
-    if runtime.is_master:
-        if stop_signal["received"]:
-            print(f"stopped by {stop_signal['received']} at step {step}; checkpoint saved in {run_dir} "
-                  f"(continue with --resume)")
-        else:
-            print(f"done: {step} steps, weights in {run_dir}")
+        save()
+    signals.restore()
+    log.finish(step, stop)
     return model
