@@ -62,7 +62,7 @@ import sys
 import torch
 
 from .checkpoint import find_run, load_tokenizer
-from .generate import generate_batch, left_pad, stream_reply  # re-exported: the eval scripts' API
+from .generate import check_sampling, generate_batch, left_pad, stream_reply  # re-exported: the eval scripts' API
 from .runtime import DEFAULT_TOKENIZER_DIR, StageError, pick_device, pick_dtype, run_stage
 
 PRETRAIN_STAGES = ("pretrain",)
@@ -356,8 +356,13 @@ def sampling_kwargs(args, scoring: bool) -> dict:
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     if pick("max_new_tokens") < 1:
         raise StageError(f"--max_new_tokens must be >= 1, not {args.max_new_tokens}")
-    return dict(temperature=pick("temperature"), top_k=args.top_k, top_p=pick("top_p"),
-                repetition_penalty=args.repetition_penalty, max_new_tokens=pick("max_new_tokens"))
+    settings = dict(temperature=pick("temperature"), top_k=args.top_k, top_p=pick("top_p"),
+                    repetition_penalty=args.repetition_penalty)
+    try:
+        check_sampling(**settings)
+    except ValueError as err:
+        raise StageError(f"--{err}") from None
+    return dict(settings, max_new_tokens=pick("max_new_tokens"))
 
 
 def read_prompts(path) -> list:

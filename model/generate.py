@@ -11,6 +11,8 @@ Also here: left_pad (token-id lists -> a left-padded batch), generate_batch (man
 default, each row cut at </s> / its first newline so its text never depends on its batch) and stream_reply
 (text pieces of one reply).
 """
+import math
+
 import torch
 
 
@@ -39,6 +41,19 @@ class KVCache:
         if layer_idx == self.n_layers - 1:  # every layer has written this step's tokens
             self.length = end
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+
+def check_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
+    """Reject settings that would crash or silently mean something else, with one message naming the value
+    (top_p <= 0 would drop every token; a negative top_k is no k; a penalty <= 0 flips scores)."""
+    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), not {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), not {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], not {top_p}")
+    if repetition_penalty is not None and not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), not {repetition_penalty}")
 
 
 def sample_next(logits, generated, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
@@ -71,6 +86,7 @@ def generate_stream(model, input_ids, max_new_tokens=256, temperature=1.0, top_k
 
     input_ids (B, T) may be left-padded, with attention_mask marking the real tokens.
     """
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
     B, T = input_ids.shape
     max_len = T + max_new_tokens
     param = next(model.parameters())

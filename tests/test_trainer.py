@@ -193,3 +193,72 @@ def test_validation_set_smaller_than_a_batch_is_still_evaluated(tmp_path):
                 val_set=ToyCountingTask(n=5, seed=1))
     rows = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+
+
+class UnevenAnswers(torch.utils.data.Dataset):
+    """SFT-like rows: the counting task, but only a random-length tail of each row is labelled, so micro-batches
+    of the same size hold very different numbers of targets."""
+
+    def __init__(self, n=64, length=17, seed=0):
+        self.rows = ToyCountingTask(n, length, seed).rows
+        g = torch.Generator().manual_seed(seed + 1)
+        self.answer_len = torch.randint(1, length - 1, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        labels = self.rows[i, 1:].clone()
+        labels[:-int(self.answer_len[i])] = -100
+        return {"input_ids": self.rows[i, :-1], "shift_labels": labels}
+
+
+def test_accumulated_micro_batches_weigh_every_target_token_equally(tmp_path):
+    # 4 micro-batches of 2 must train exactly like one batch of 8 (same examples per step, fp32)
+    run(tmp_path / "big", "--max_steps", "6", "--batch_size", "8", data=UnevenAnswers())
+    run(tmp_path / "accum", "--max_steps", "6", "--batch_size", "2", "--accumulation_steps", "4", data=UnevenAnswers())
+    big, accum = weights(tmp_path / "big"), weights(tmp_path / "accum")
+    assert max((big[k] - accum[k]).abs().max().item() for k in big) < 1e-5
+    losses = lambda d: [r["loss"] for r in map(__import__("json").loads, open(d / "metrics.jsonl")) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "accum"), abs=1e-5)
+
+
+def test_one_host_sync_per_step_not_per_micro_batch(tmp_path, monkeypatch):
+    calls = {"item": 0}
+    real_item = torch.Tensor.item
+
+    def counting_item(self):
+        calls["item"] += 1
+        return real_item(self)
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    run(tmp_path, "--max_steps", "4", "--accumulation_steps", "8", "--batch_size", "4", "--log_interval", "100",
+        "--save_interval", "100")
+    assert calls["item"] < 4 * 8  # per-micro-batch .item() would be 32 syncs at least
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path):
+    run(tmp_path, "--max_steps", "5")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed in the middle of a write
+    run(tmp_path, "--max_steps", "10", "--resume")
+    rows = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10]
+
+
+def test_resume_with_another_batch_size_is_refused_and_a_longer_run_is_allowed(tmp_path, capsys):
+    run(tmp_path, "--max_steps", "5")
+    with pytest.raises(StageError, match="batch_size 8 -> 4"):
+        run(tmp_path, "--max_steps", "10", "--batch_size", "4", "--resume")
+    run(tmp_path, "--max_steps", "10", "--resume")
+    assert "total steps 5 -> 10" in capsys.readouterr().out
+    assert os.path.basename(list_checkpoints(str(tmp_path))[-1]) == "step_000010"
+
+
+def test_a_fresh_run_never_prunes_into_an_old_one(tmp_path):
+    run(tmp_path, "--max_steps", "20")  # step_000015, step_000020
+    with pytest.raises(StageError, match="--resume.*--overwrite"):
+        run(tmp_path, "--max_steps", "5")
+    run(tmp_path, "--max_steps", "5", "--overwrite")
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step_000005"]
+    old = [p for p in os.listdir(tmp_path.parent) if p.startswith(tmp_path.name + ".replaced-")]
+    assert len(old) == 1 and os.path.isdir(tmp_path.parent / old[0] / "step_000020")
