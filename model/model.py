@@ -2,7 +2,9 @@
 The nano-LLM Transformer: a Llama-architecture decoder with an optional mixture of experts.
 
 Dense math is exactly Llama's (pre-norm RMSNorm in fp32, RoPE in the rotate-half convention, GQA, SwiGLU,
-no biases, tied embeddings), so export_model.py maps the weights one-to-one onto LlamaForCausalLM.
+no biases, tied embeddings), so model/llama.py maps the weights one-to-one onto LlamaForCausalLM.
+Attention runs one of three ways, chosen per forward by attention_path: SDPA (flash when plain causal), flex
+attention with a document-causal BlockMask (CUDA, packed or padded rows), or explicit math (flash_attn=False).
 MoE follows the seed: softmax gate, top-k, optional renormalisation, sequence- or batch-level balance loss,
 shared experts on every token. The balance loss is added to the training loss (the seed dropped it).
 
