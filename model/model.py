@@ -88,7 +88,7 @@ class Attention(nn.Module):
             y = _flex(q.device.type)(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
         elif not self.flash_attn:
             y = math_attention(q, k, v, attn_mask, dropout_p)
-        else:  # attn_mask None with T > 1: the fused causal (flash) kernel
+        else:  # SDPA: the fused causal (flash) kernel when attn_mask is None, else the dense mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                                dropout_p=dropout_p, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -116,8 +116,8 @@ def attention_path(device, *, flash_attn: bool = True, cached: bool = False, mas
     flex  CUDA, a fresh forward (no KV cache) whose mask is more than causal (packed documents, padding), no
           attention dropout: flex_attention with a document-causal BlockMask, which skips masked-out blocks and
           stays a fused kernel, where a dense boolean mask would push SDPA off its flash kernel.
-    sdpa  everything else: plain causal (flash), or SDPA with a dense boolean mask (CPU/MPS, decoding with a
-          cache, dropout; flex_attention has no backward on CPU and no dropout).
+    sdpa  everything else: plain causal (flash), or SDPA with a dense boolean mask (CPU/MPS, generation with a
+          KV cache, prefill included; dropout: flex_attention has none; flex has no backward on CPU either).
     """
     if not flash_attn:
         return "math"
@@ -384,7 +384,7 @@ class Transformer(PreTrainedModel, GenerationMixin):
             else:
                 position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         attn_mask = self._attention_mask(input_ids.device, attention_mask, position_ids, past_len, B, T,
-                                         find_documents)
+                                         find_documents, cached=cache is not None)
 
         h = self.dropout(self.tok_embeddings(input_ids))
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
@@ -410,7 +410,7 @@ class Transformer(PreTrainedModel, GenerationMixin):
         return LMOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux_loss)
 
     def _attention_mask(self, device, attention_mask, position_ids, past_len: int, B: int, T: int,
-                        find_documents: bool):
+                        find_documents: bool, cached: bool):
         """The mask every layer uses: None (plain causal), a dense boolean mask, or a flex BlockMask."""
         key_valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -424,7 +424,8 @@ class Transformer(PreTrainedModel, GenerationMixin):
             starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
             if bool(starts[:, 1:].any()):
                 doc_id = starts.long().cumsum(-1)
-        path = attention_path(device, flash_attn=self.config.flash_attn, cached=past_len > 0,
+        # A KV cache (even an empty one, at prefill) means generation: the dense mask, no flex compile per length.
+        path = attention_path(device, flash_attn=self.config.flash_attn, cached=cached,
                               masked=doc_id is not None or key_valid is not None,
                               dropout=self.training and self.config.dropout > 0)
         if path == "flex":
