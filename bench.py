@@ -16,8 +16,9 @@ Sections
     train   tokens/s of forward + backward + AdamW step. HF: LlamaForCausalLM + fused AdamW (HF Trainer's default
             optimizer with torch >= 2.8). Ours: Transformer + configure_optimizer, eager and torch.compile'd.
             fp32 and bf16 autocast (bf16 is skipped where the CPU has no fast bf16 matmul, see --bf16).
-            Model FLOP/s = tokens/s x (6 x matmul parameters + 6 x n_layers x seq_len x dim (causal attention)),
-            and its fraction of a --peak_n^3 matmul that takes its turn in the same rounds.
+            Model FLOP/s = tokens/s x (6 x matmul parameters + 6 x n_layers x seq_len x dim (causal attention);
+            model.model.estimate_flops_per_token), and its fraction of a --peak_n^3 matmul that takes its turn
+            in the same rounds.
     decode  batch 1, greedy, --new_tokens tokens: model.generate.generate_stream vs LlamaForCausalLM.generate, same
             weights, same tokens (checked); at the default thread count and at 1 thread. "floor" is the time the
             bare weight matrices take for one token (all Linear layers on one vector): the memory-bandwidth bound.
@@ -43,6 +44,8 @@ import torch
 
 from model import LMConfig, Transformer
 from model.generate import generate_stream
+from model.llama import to_llama
+from model.model import estimate_flops_per_token
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,16 +84,6 @@ def model_config(args, **overrides) -> LMConfig:
     return LMConfig(**kwargs)
 
 
-def train_flops_per_token(config: LMConfig, seq_len: int) -> int:
-    """Dense model: 6 FLOPs per matmul weight per token (forward + backward), plus causal attention (QK^T and
-    PV over on average seq_len/2 keys: 2 x 2 x seq_len/2 x dim forward, x3 with backward)."""
-    hd, L, D = config.head_dim, config.n_layers, config.dim
-    attention = D * config.n_heads * hd * 2 + D * config.n_kv_heads * hd * 2
-    ffn = 3 * D * config.hidden_dim
-    matmul_params = L * (attention + ffn) + config.vocab_size * D  # + the output projection
-    return 6 * matmul_params + 6 * L * seq_len * D
-
-
 # ----------------------------------------------------------------------------------------------------------
 # sections
 
@@ -109,7 +102,6 @@ def bf16_is_fast(peak: dict) -> bool:
 
 def train_contestants(args, config, dtype):
     """{name: step function} for HF and ours (eager, compiled), all starting from the same weights."""
-    from export_model import to_llama
     torch.manual_seed(0)
     ours = Transformer(config).train()
     hf = to_llama(ours).train()
@@ -143,7 +135,7 @@ def train_contestants(args, config, dtype):
 def bench_train(args, peak: dict) -> dict:
     config = model_config(args)
     tokens = args.batch_size * args.seq_len
-    flops_per_token = train_flops_per_token(config, args.seq_len)
+    flops_per_token = estimate_flops_per_token(config, args.seq_len)
     out = {"tokens_per_step": tokens, "flops_per_token": flops_per_token}
     for dtype in ("fp32", "bf16"):
         if dtype == "bf16" and (args.bf16 == "off" or (args.bf16 == "auto" and not bf16_is_fast(peak))):
@@ -179,7 +171,6 @@ def bench_train(args, peak: dict) -> dict:
 
 
 def bench_decode(args) -> dict:
-    from export_model import to_llama
     config = model_config(args)
     torch.manual_seed(0)
     ours = Transformer(config).eval()
@@ -460,9 +451,9 @@ def main():
     if args.table_from:
         with open(args.table_from) as f:
             return print(table(json.load(f)))
-    if args.gpu:
-        import bench_gpu
-        return bench_gpu.main(["--json"] if args.json else [])
+    if args.gpu:  # its own process: the two scripts share no code but the model's
+        gpu_cmd = [sys.executable, os.path.join(ROOT, "bench_gpu.py")] + (["--json"] if args.json else [])
+        sys.exit(subprocess.run(gpu_cmd).returncode)
 
     sections = args.only.split(",") if args.only else ["peak", "train", "decode", "data"] + (["moe"] if args.moe else [])
     unknown = set(sections) - {"peak", "train", "decode", "moe", "data"}

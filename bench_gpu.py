@@ -8,8 +8,9 @@ Run as:
     python bench_gpu.py --batch_size 16 --seq_len 2048 --steps 20 --json
     python bench_gpu.py --device cpu --dim 64 --n_layers 2 --n_heads 4 --n_kv_heads 2 --seq_len 32 --batch_size 2 \
         --steps 1 --warmup 1 --no_compile --peak_n 256    # the same code path on a CPU, as tests/test_bench.py does
-Target: >= 45% MFU on an H100. FLOPs per token = 6 x matmul parameters (output projection included)
-+ 6 x n_layers x seq_len x dim for causal attention (masked half not counted, unlike the PaLM/nanoGPT 12 x ...).
+Target: >= 45% MFU on an H100. FLOPs per token from Transformer.flops_per_token (model/model.py): 6 x matmul
+parameters (output projection included) + 6 x n_layers x seq_len x dim for causal attention (masked half not
+counted, unlike the PaLM/nanoGPT 12 x ...).
 """
 import argparse
 import json
@@ -19,7 +20,6 @@ import time
 
 import torch
 
-from bench import train_flops_per_token
 from model import LMConfig, Transformer
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets; first match wins.
@@ -92,7 +92,7 @@ def main(argv=None):
     timed(step, args.warmup - 1, args.device)
     step_s = statistics.median(timed(step, args.steps, args.device))
 
-    flops_per_token = train_flops_per_token(config, args.seq_len)
+    flops_per_token = model.flops_per_token(args.seq_len)
     tokens = args.batch_size * args.seq_len
     achieved = tokens / step_s * flops_per_token / 1e12
     name = torch.cuda.get_device_name(args.device) if device_type == "cuda" else args.device

@@ -9,6 +9,8 @@ with flags (`python 1-pretrain.py --dim 768 --n_layers 16`). The config is saved
     n_layers     8/16        Transformer blocks
     use_moe      True/False  replace each FeedForward with a mixture of experts
     vocab_size   6400        must equal the tokenizer's vocabulary size
+    flash_attn   True/False  True: fused attention (SDPA; flex_attention for packed/padded rows on CUDA).
+                             False: plain softmax(QK^T)V, same results, slower (debugging, old hardware)
 """
 from transformers import PretrainedConfig
 

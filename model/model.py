@@ -2,7 +2,9 @@
 The nano-LLM Transformer: a Llama-architecture decoder with an optional mixture of experts.
 
 Dense math is exactly Llama's (pre-norm RMSNorm in fp32, RoPE in the rotate-half convention, GQA, SwiGLU,
-no biases, tied embeddings), so export_model.py maps the weights one-to-one onto LlamaForCausalLM.
+no biases, tied embeddings), so model/llama.py maps the weights one-to-one onto LlamaForCausalLM.
+Attention runs one of three ways, chosen per forward by attention_path: SDPA (flash when plain causal), flex
+attention with a document-causal BlockMask (CUDA, packed or padded rows), or explicit math (flash_attn=False).
 MoE follows the seed: softmax gate, top-k, optional renormalisation, sequence- or batch-level balance loss,
 shared experts on every token. The balance loss is added to the training loss (the seed dropped it).
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import ModelOutput
@@ -68,20 +71,103 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.wo.is_residual_projection = True
         self.dropout = config.dropout
+        self.flash_attn = config.flash_attn
 
     def forward(self, x, cos, sin, attn_mask, cache):
+        """attn_mask: None (plain causal over a fresh sequence, or one new token after the cache), a boolean
+        (B, 1, T, past+T) mask, or a BlockMask (the flex path); see attention_path for which one a forward uses."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        # attn_mask None means plain causal attention over a fresh sequence (the fast fused path).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(attn_mask, BlockMask):
+            y = _flex(q.device.type)(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
+        elif not self.flash_attn:
+            y = math_attention(q, k, v, attn_mask, dropout_p)
+        else:  # SDPA: the fused causal (flash) kernel when attn_mask is None, else the dense mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                               dropout_p=dropout_p, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def math_attention(q, k, v, attn_mask, dropout_p: float = 0.0):
+    """softmax(Q K^T / sqrt(head_dim)) V written out (config.flash_attn=False): the reference the fused kernels
+    must match, for debugging and for hardware without them. q (B, H, T, hd); k, v (B, H_kv, S, hd);
+    attn_mask a boolean (B, 1, T, S) mask (True = may attend) or None for causal (aligned to the last key)."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # GQA, as SDPA's enable_gqa
+    T, S = q.shape[-2], k.shape[-2]
+    if attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    probs = scores.masked_fill(~attn_mask, float("-inf")).float().softmax(dim=-1).to(q.dtype)
+    return F.dropout(probs, dropout_p) @ v
+
+
+def attention_path(device, *, flash_attn: bool = True, cached: bool = False, masked: bool = True,
+                   dropout: bool = False) -> str:
+    """Which attention a forward runs: "math", "sdpa" or "flex".
+
+    math  config.flash_attn=False: explicit softmax(QK^T)V (math_attention), dense mask.
+    flex  CUDA, a fresh forward (no KV cache) whose mask is more than causal (packed documents, padding), no
+          attention dropout: flex_attention with a document-causal BlockMask, which skips masked-out blocks and
+          stays a fused kernel, where a dense boolean mask would push SDPA off its flash kernel.
+    sdpa  everything else: plain causal (flash), or SDPA with a dense boolean mask (CPU/MPS, generation with a
+          KV cache, prefill included; dropout: flex_attention has none; flex has no backward on CPU either).
+    """
+    if not flash_attn:
+        return "math"
+    if torch.device(device).type == "cuda" and masked and not cached and not dropout:
+        return "flex"
+    return "sdpa"
+
+
+_compiled_flex = None
+
+
+def _flex(device_type: str):
+    """flex_attention is only fast compiled (eager it materialises the scores). Inside a torch.compile'd model it
+    is traced into the model's graph; in an eager model on CUDA it is compiled on its own, once per process
+    (lazily: the wrapper costs a second at import). Elsewhere (a CPU test forcing the path): eager."""
+    global _compiled_flex
+    if device_type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def document_block_mask(doc_id, key_valid, B: int, T: int, device) -> BlockMask:
+    """Flex BlockMask of the same mask as dense_attention_mask (fresh forward, no cache): causal, within a
+    document (doc_id (B, T) or None), real keys only (key_valid (B, T) bool or None), every query sees itself."""
+    def mask_mod(b, h, q, kv):
+        keep = kv <= q
+        if doc_id is not None:
+            keep = keep & (doc_id[b, q] == doc_id[b, kv])
+        if key_valid is not None:
+            keep = keep & key_valid[b, kv]
+        return keep | (q == kv)
+    return create_block_mask(mask_mod, B, None, T, T, device=device)
+
+
+def dense_attention_mask(doc_id, key_valid, past_len: int, T: int, device):
+    """Boolean (B, 1, T, past+T) mask, or None when plain causal attention is exact (the fast path).
+    doc_id (B, T): document of each query/key (fresh forward only); key_valid (B, past+T): False at padding."""
+    if doc_id is None and key_valid is None:
+        # A fresh sequence is plain causal; a single new token after the cache sees all of it.
+        return None if past_len == 0 or T == 1 else _causal_with_past(device, past_len, T)[None, None]
+    mask = _causal_with_past(device, past_len, T).unsqueeze(0)  # (1, T, S)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, :]
+    if doc_id is not None:
+        mask = mask & (doc_id[:, :, None] == doc_id[:, None, :])
+    # A padding query with nothing to attend to would give NaN; let every query see itself.
+    mask = mask | _diagonal(device, past_len, T).unsqueeze(0)
+    return mask.unsqueeze(1)
 
 
 class FeedForward(nn.Module):
@@ -183,6 +269,22 @@ class LMOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
+def estimate_flops_per_token(config: LMConfig, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward) for MFU, as nanoGPT's estimate_mfu counts them: 6 per matmul
+    weight a token goes through (2 forward, 4 backward), the output projection included, plus causal attention
+    (QK^T and PV over on average seq_len/2 keys: 2 x 2 x seq_len/2 x dim forward, x3 with backward; the masked half
+    is not counted, unlike nanoGPT's 12 x n_layers x seq_len x dim). Embedding lookups, norms, softmax and
+    activations are left out. MoE: only the active weights count, i.e. the router (dim x n_routed_experts) plus
+    num_experts_per_tok routed and n_shared_experts shared FFNs; the stored-but-idle experts cost no FLOPs."""
+    hd, L, D = config.head_dim, config.n_layers, config.dim
+    attention = D * config.n_heads * hd * 2 + D * config.n_kv_heads * hd * 2  # wq, wo; wk, wv
+    ffn = 3 * D * config.hidden_dim
+    if config.use_moe:
+        ffn = ffn * (config.num_experts_per_tok + config.n_shared_experts) + D * config.n_routed_experts
+    matmul_params = L * (attention + ffn) + config.vocab_size * D
+    return 6 * matmul_params + 6 * L * seq_len * D
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose tensors do not fit the model built from its config."""
 
@@ -234,6 +336,10 @@ class Transformer(PreTrainedModel, GenerationMixin):
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token at this sequence length: estimate_flops_per_token(self.config, seq_len)."""
+        return estimate_flops_per_token(self.config, seq_len)
+
     def get_input_embeddings(self):
         return self.tok_embeddings
 
@@ -277,7 +383,8 @@ class Transformer(PreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
-        attn_mask = self._attention_mask(attention_mask, position_ids, past_len, T, find_documents)
+        attn_mask = self._attention_mask(input_ids.device, attention_mask, position_ids, past_len, B, T,
+                                         find_documents, cached=cache is not None)
 
         h = self.dropout(self.tok_embeddings(input_ids))
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
@@ -302,32 +409,29 @@ class Transformer(PreTrainedModel, GenerationMixin):
             logits = self.output(h[:, -logits_to_keep:] if logits_to_keep else h)
         return LMOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux_loss)
 
-    @staticmethod
-    def _attention_mask(attention_mask, position_ids, past_len: int, T: int, find_documents: bool):
-        """Boolean (B, 1, T, past+T) mask, or None when plain causal attention is exact (the fast path)."""
-        padded = attention_mask is not None and not bool(attention_mask.all())
+    def _attention_mask(self, device, attention_mask, position_ids, past_len: int, B: int, T: int,
+                        find_documents: bool, cached: bool):
+        """The mask every layer uses: None (plain causal), a dense boolean mask, or a flex BlockMask."""
+        key_valid = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_valid = attention_mask[:, -(past_len + T):].bool()
         # Packed documents: a position that does not continue the previous one starts a new document. Only
         # positions the caller gave can hold such restarts (derived ones restart only where the padding mask
         # already cuts), and skipping the scan spares plain batches a host sync and torch.compile a graph break.
-        starts = None
+        doc_id = None
         if find_documents and past_len == 0 and T > 1:
             starts = torch.ones_like(position_ids, dtype=torch.bool)
             starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-            if not bool(starts[:, 1:].any()):
-                starts = None
-        if not padded and starts is None:
-            # A fresh sequence is plain causal; a single new token after the cache sees all of it.
-            return None if past_len == 0 or T == 1 else _causal_with_past(position_ids.device, past_len, T)[None, None]
-        S = past_len + T
-        mask = _causal_with_past(position_ids.device, past_len, T).unsqueeze(0)  # (1, T, S)
-        if padded:
-            mask = mask & attention_mask[:, None, -S:].bool()
-        if starts is not None:
-            doc_id = starts.long().cumsum(-1)
-            mask = mask & (doc_id[:, :, None] == doc_id[:, None, :])
-        # A padding query with nothing to attend to would give NaN; let every query see itself.
-        mask = mask | _diagonal(position_ids.device, past_len, T).unsqueeze(0)
-        return mask.unsqueeze(1)
+            if bool(starts[:, 1:].any()):
+                doc_id = starts.long().cumsum(-1)
+        # A KV cache (even an empty one, at prefill) means generation: the dense mask, no flex compile per length.
+        path = attention_path(device, flash_attn=self.config.flash_attn, cached=cached,
+                              masked=doc_id is not None or key_valid is not None,
+                              dropout=self.training and self.config.dropout > 0)
+        if path == "flex":
+            return document_block_mask(None if doc_id is None else doc_id.expand(B, T),
+                                       None if key_valid is None else key_valid.expand(B, T), B, T, device)
+        return dense_attention_mask(doc_id, key_valid, past_len, T, device)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

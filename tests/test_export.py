@@ -41,6 +41,16 @@ def test_exported_llama_gives_the_same_logits(tmp_path):
     assert torch.equal(ours, theirs)
 
 
+def test_llama_state_dict_has_exactly_llamas_names():
+    from model.llama import llama_config, llama_state_dict
+    model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300))
+    with torch.device("meta"):
+        theirs = LlamaForCausalLM(llama_config(model.config)).state_dict()
+    ours = llama_state_dict(model)
+    assert set(ours) == set(theirs) - {"lm_head.weight"}  # tied: stored once, as the embedding
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
 def test_moe_export_is_refused_clearly(tmp_path):
     config = LMConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, use_moe=True)
     Transformer(config).save_pretrained(tmp_path / "moe")

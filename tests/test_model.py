@@ -1,4 +1,5 @@
-"""Model contract: shapes and parameter count, causality, KV-cache parity, packing, MoE, strict checkpoints."""
+"""Model contract: shapes and parameter count, causality, KV-cache parity, packing, attention paths, RoPE, MoE,
+FLOPs, optimizer groups, strict checkpoints."""
 import json
 import os
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import model.model as model_module
 from model import CheckpointMismatchError, LMConfig, Transformer
 from model.generate import KVCache, generate_stream
+from model.model import apply_rope, attention_path, estimate_flops_per_token, rope_cos_sin
 
 V = 300
 
@@ -303,3 +306,159 @@ def test_top_k_top_p_restrict_the_candidates():
     picks = {int(sample_next(logits, torch.empty(1, 0, dtype=torch.long), temperature=1.0, top_p=0.5))
              for _ in range(200)}
     assert picks == {0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# attention paths: flex (CUDA, packed/padded rows), SDPA, explicit math (flash_attn=False)
+
+def packed_batch(seed=0):
+    """Two rows of 40 tokens, several documents each (row 1: 7 + 20 + 13, row 2: 12 + 9 + 19), position ids
+    restarting at every document."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(3, V, (2, 40), generator=g)
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in lengths])
+                                for lengths in ((7, 20, 13), (12, 9, 19))])
+    return x, position_ids
+
+
+def padded_packed_batch():
+    """SFT-style: packed rows right-padded to the longest, attention_mask 0 on padding, positions continuing."""
+    x, position_ids = packed_batch()
+    mask = torch.ones_like(x)
+    mask[1, 31:] = 0
+    return x, position_ids, mask
+
+
+def test_attention_path_picks_flex_only_on_cuda_for_masked_fresh_forwards():
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        assert attention_path(device) == "flex"
+        assert attention_path(device, masked=False) == "sdpa"   # plain causal: SDPA's flash kernel
+        assert attention_path(device, cached=True) == "sdpa"    # decoding with a KV cache: dense mask
+        assert attention_path(device, dropout=True) == "sdpa"   # flex_attention has no dropout
+        assert attention_path(device, flash_attn=False) == "math"
+    for device in ("cpu", "mps", torch.device("cpu")):
+        assert attention_path(device) == "sdpa"
+        assert attention_path(device, flash_attn=False) == "math"
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("use_moe", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_flex_path_matches_dense_mask_on_packed_rows(monkeypatch, use_moe, padded):
+    """flex_attention with the document-causal BlockMask (forced on, eager on CPU: forward only, torch 2.13 has
+    no flex backward on CPU) gives the dense-mask SDPA logits; GQA (4 query heads on 2 kv heads)."""
+    model = tiny_model(use_moe=use_moe)
+    x, position_ids, mask = padded_packed_batch() if padded else (*packed_batch(), None)
+    with torch.no_grad():
+        dense = model(x, position_ids=position_ids, attention_mask=mask).logits
+        calls = []
+        monkeypatch.setattr(model_module, "attention_path", lambda *a, **k: "flex")
+        monkeypatch.setattr(model_module, "flex_attention",
+                            lambda *a, **k: calls.append(1) or torch.nn.attention.flex_attention.flex_attention(*a, **k))
+        flex = model(x, position_ids=position_ids, attention_mask=mask).logits
+    assert len(calls) == model.config.n_layers
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)  # padding positions included
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs CUDA (none here)")
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_flex_path_matches_dense_mask_with_grads_on_cuda(monkeypatch, use_moe):
+    model = tiny_model(use_moe=use_moe).cuda().train()
+    x, position_ids, mask = (t.cuda() for t in padded_packed_batch())
+    results = []
+    for path in ("flex", "sdpa"):
+        monkeypatch.setattr(model_module, "attention_path", lambda *a, path=path, **k: path)
+        model.zero_grad()
+        out = model(x, position_ids=position_ids, attention_mask=mask, labels=x.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        results.append((out.logits.detach()[mask.bool()], {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (flex_logits, flex_grads), (dense_logits, dense_grads) = results
+    torch.testing.assert_close(flex_logits, dense_logits, rtol=1e-4, atol=1e-4)
+    for name, grad in flex_grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_flash_attn_false_math_path_gives_the_same_logits_and_grads(use_moe):
+    fused = tiny_model(use_moe=use_moe).train()
+    math = tiny_model(use_moe=use_moe, flash_attn=False).train()
+    x, position_ids, mask = padded_packed_batch()
+    labels = x.masked_fill(mask == 0, -100)
+    for kwargs in ({}, {"position_ids": position_ids}, {"position_ids": position_ids, "attention_mask": mask}):
+        outs = [m(x, labels=labels, **kwargs) for m in (fused, math)]
+        for m, out in zip((fused, math), outs):
+            m.zero_grad()
+            out.loss.backward()
+        torch.testing.assert_close(outs[1].logits, outs[0].logits, rtol=1e-5, atol=1e-5)
+        for (name, p), q in zip(fused.named_parameters(), math.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_flash_attn_false_decodes_like_sdpa_with_a_cache():
+    fused, math = tiny_model(), tiny_model(flash_attn=False)
+    prompt = torch.randint(3, V, (1, 6))
+    ours = [torch.stack(list(generate_stream(m, prompt, max_new_tokens=10, temperature=0)), dim=1) for m in (fused, math)]
+    assert torch.equal(ours[0], ours[1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE, FLOPs, optimizer, generation against transformers
+
+def test_rope_roll_is_llamas_rotate_half_bit_for_bit():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    q, k = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 7, 16)  # (B, heads, T, head_dim), Llama's layout
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2], [5, 6, 7, 8, 9, 10, 11]])
+    cos, signed_sin = rope_cos_sin(position_ids, 16, 10000.0, torch.float32)
+    sin = torch.cat((-signed_sin[..., :8], signed_sin[..., 8:]), dim=-1)  # back to the plain sin table
+    theirs_q, theirs_k = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(apply_rope(q.transpose(1, 2), cos, signed_sin).transpose(1, 2), theirs_q)
+    assert torch.equal(apply_rope(k.transpose(1, 2), cos, signed_sin).transpose(1, 2), theirs_k)
+
+
+def test_flops_per_token_counts_six_per_active_matmul_weight_plus_causal_attention():
+    dense = tiny_model()
+    matmul_weights = sum(m.weight.numel() for m in dense.modules() if isinstance(m, torch.nn.Linear))
+    c = dense.config
+    assert dense.flops_per_token(32) == 6 * matmul_weights + 6 * c.n_layers * 32 * c.dim
+    assert estimate_flops_per_token(c, 32) == dense.flops_per_token(32)
+    # MoE: the router plus the k routed and the shared experts a token goes through; idle experts cost nothing
+    moe = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+    expert = 3 * c.dim * c.hidden_dim
+    router = c.dim * 4
+    assert moe.flops_per_token(32) == dense.flops_per_token(32) + 6 * c.n_layers * (2 * expert + router)
+
+
+def test_configure_optimizer_groups_and_fused_steps_match_plain_adamw():
+    model, reference = tiny_model().train(), tiny_model().train()
+    optimizer = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
+    decay, no_decay = optimizer.param_groups
+    assert optimizer.defaults["fused"] and decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 and "tok_embeddings" not in names[id(p)] for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"tok_embeddings.weight", "norm.weight"}
+    plain = torch.optim.AdamW([{"params": [dict(reference.named_parameters())[names[id(p)]] for p in g["params"]],
+                                "weight_decay": g["weight_decay"]} for g in (decay, no_decay)],
+                              lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    x = torch.randint(0, V, (2, 16))
+    for _ in range(3):
+        for m, opt in ((model, optimizer), (reference, plain)):
+            m(x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_generate_stream_repetition_penalty_matches_transformers():
+    """The preallocated token buffer feeds the penalty exactly what transformers' generate sees."""
+    from model.llama import to_llama
+    model = tiny_model()
+    llama = to_llama(model).eval()
+    prompt = torch.randint(3, V, (1, 6))
+    with torch.no_grad():
+        theirs = llama.generate(prompt, max_new_tokens=15, do_sample=False, repetition_penalty=10.0,
+                                eos_token_id=None, pad_token_id=0)[0, 6:]
+        ours = torch.stack(list(generate_stream(model, prompt, max_new_tokens=15, temperature=0,
+                                                repetition_penalty=10.0)), dim=1)[0]
+    assert torch.equal(ours, theirs)
+    assert len(set(ours.tolist())) > 10  # without the penalty this model repeats one token 15 times
