@@ -450,7 +450,9 @@ def test_user_errors_are_one_line(workdir, tmp_path, monkeypatch, capsys):
              ("2-eval.py", ["--checkpoint", "out/sft_single_32", "--eval_file", "missing.jsonl"],
               "error: eval file not found: missing.jsonl"),
              ("0-eval_pretrain.py", ["--prompts", "missing.txt"], "error: prompts file not found: missing.txt"),
-             ("eval_ceval.py", ["--data_dir", "dataset/ceval"], "error: data folder not found: dataset/ceval")]
+             ("eval_ceval.py", ["--data_dir", "dataset/ceval"], "error: data folder not found: dataset/ceval"),
+             ("2-eval.py", ["--checkpoint", "out/sft_single_32", "--top_p", "0"], "error: --top_p must be in (0, 1], not 0"),
+             ("0-eval_pretrain.py", ["--temperature", "-1"], "error: --temperature must be >= 0")]
     for name, argv, message in cases:
         assert run_main(load_script(name), argv, monkeypatch, workdir) == 1, name
         err = capsys.readouterr().err.strip().splitlines()
@@ -474,3 +476,13 @@ def test_scripts_as_processes_exit_cleanly_on_eof_and_missing_checkpoint(workdir
     out, err = missing.communicate(timeout=120)
     assert missing.returncode == 1 and "Traceback" not in err
     assert err.strip() == "error: no checkpoint found (out/pretrain_*): train one first or pass --checkpoint DIR"
+
+
+def test_sampling_settings_that_would_crash_are_refused_up_front(tokenizer):
+    model = Transformer(LMConfig(**TINY))
+    ids = torch.tensor([[1, 2, 3]])
+    for bad, message in [({"top_p": 0.0}, "top_p must be in"), ({"top_p": 1.5}, "top_p must be in"),
+                         ({"top_k": -1}, "top_k must be"), ({"repetition_penalty": 0.0}, "repetition_penalty must be"),
+                         ({"temperature": float("nan")}, "temperature must be")]:
+        with pytest.raises(ValueError, match=message):
+            next(generate.generate_stream(model, ids, max_new_tokens=2, **{"temperature": 1.0, **bad}))

@@ -114,11 +114,14 @@ def wait_for_step(run_dir, step, process, timeout=300):
 def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(workdir):
     args = ["--max_steps", "100", "--batch_size", "4", "--save_interval", "10", "--dropout", "0.1"]
     pretrain(workdir, "out/full", *args)
-    run = pretrain(workdir, "out/killed", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_step(workdir / "out/killed", 27, run)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+    with open(workdir / "killed.log", "w") as log:  # `nohup python 1-pretrain.py > log` as a user runs it
+        run = pretrain(workdir, "out/killed", *args, stdout=log, stderr=subprocess.DEVNULL)
+        wait_for_step(workdir / "out/killed", 27, run)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
     assert run.returncode == -signal.SIGKILL
+    # status lines reach the file as they are printed, not when a buffer fills (a kill loses nothing said)
+    assert "pretraining" in (workdir / "killed.log").read_text()
     result = pretrain(workdir, "out/killed", *args, "--resume")
     assert "resumed from out/killed/step_0000" in result.stdout
     assert sha256(workdir / "out/full/model.safetensors") == sha256(workdir / "out/killed/model.safetensors")
@@ -162,3 +165,165 @@ def test_torchrun_two_processes_track_one_process_and_resume(workdir):
     killed = load_file(workdir / "out/two_killed/model.safetensors")
     # stated tolerance for 2-process gloo: 1e-6 (observed: bitwise equal)
     assert max((two[k] - killed[k]).abs().max().item() for k in two) <= 1e-6
+
+
+def test_a_fresh_run_into_a_used_run_directory_is_one_line_with_the_ways_out(workdir):
+    pretrain(workdir, "out/used", "--max_steps", "2", "--batch_size", "4")
+    result = pretrain(workdir, "out/used", "--max_steps", "2", "--batch_size", "4", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr and "--overwrite" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(workdir):
+    """A tiny pretrained checkpoint the SFT tests start from (explicitly, with --init_from)."""
+    pretrain(workdir, "out/base_32", "--max_steps", "3", "--batch_size", "4")
+    return "out/base_32"
+
+
+def test_sft_stage_comes_from_the_turns_not_the_file_name(workdir, base_checkpoint, tmp_path):
+    os.symlink(workdir / "dataset", tmp_path / "dataset")
+    os.makedirs(tmp_path / "out")
+    os.symlink(workdir / base_checkpoint, tmp_path / base_checkpoint)
+    # single-turn conversations in a file whose name contains "multi"
+    (tmp_path / "multilingual.jsonl").write_bytes((workdir / "dataset/sft_data_single.jsonl").read_bytes())
+    result = stage(tmp_path, "3-full_sft.py", "--data_path", "multilingual.jsonl", "--init_from", base_checkpoint,
+                   "--max_steps", "1", "--batch_size", "4", *FAST)
+    assert "stage sft_single: 0 of" in result.stdout and "-> out/sft_single_32" in result.stdout
+    result = stage(tmp_path, "3-full_sft.py", "--data_path", "dataset/sft_data_single.jsonl",
+                   "dataset/sft_data_multi.jsonl", "--max_steps", "1", "--batch_size", "4", *FAST)
+    assert "stage sft_multi" in result.stdout and "starting from out/sft_single_32 -> out/sft_multi_32" in result.stdout
+    import json as _json
+    assert _json.load(open(tmp_path / "out/sft_multi_32/config.json"))["max_seq_len"] == 64
+
+
+def test_sft_max_seq_len_is_saved_in_the_checkpoint(workdir, base_checkpoint):
+    stage(workdir, "3-full_sft.py", "--data_path", "dataset/sft_data_single.jsonl", "--init_from", base_checkpoint,
+          "--out_dir", "out/long_sft", "--max_seq_len", "96", "--max_steps", "1", "--batch_size", "4", *FAST)
+    assert json.load(open(workdir / "out/long_sft/config.json"))["max_seq_len"] == 96
+
+
+@pytest.mark.slow
+def test_sft_two_processes_weigh_answers_like_one_process(workdir, base_checkpoint):
+    # conversations of very different answer lengths: per-process means would weigh them differently
+    common = ["--data_path", "dataset/sft_data_single.jsonl", "dataset/sft_data_multi.jsonl", "--init_from",
+              base_checkpoint, "--max_steps", "4", "--learning_rate", "3e-3", "--no-pack", *FAST]
+    stage(workdir, "3-full_sft.py", *common, "--out_dir", "out/sft_one", "--batch_size", "8")
+    stage(workdir, "3-full_sft.py", *common, "--out_dir", "out/sft_two", "--batch_size", "4", torchrun=2)
+    stage(workdir, "3-full_sft.py", *common, "--out_dir", "out/sft_accum", "--batch_size", "2",
+          "--accumulation_steps", "4")
+    one = load_file(workdir / "out/sft_one/model.safetensors")
+    for other in ("out/sft_two", "out/sft_accum"):
+        weights = load_file(workdir / other / "model.safetensors")
+        assert max((one[k] - weights[k]).abs().max().item() for k in one) < 1e-5, other
+
+
+RACE_SCRIPT = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {root!r})
+from model import LMConfig, Transformer, trainer
+from model.runtime import init_runtime, run_stage
+
+class Counting(torch.utils.data.Dataset):
+    def __len__(self):
+        return 512
+    def __getitem__(self, i):
+        row = (torch.arange(17) + i) % 60 + 3
+        return {{"input_ids": row[:-1], "shift_labels": row[1:]}}
+
+def main():
+    parser = __import__("argparse").ArgumentParser()
+    trainer.add_training_args(parser)
+    args = parser.parse_args(["--batch_size", "4", "--max_steps", "1000", "--save_interval", "1000", "--dtype",
+                              "float32", "--device", "cpu", "--out_dir", {out!r}, "--warmup_iters", "1"])
+    runtime = init_runtime("cpu")
+    real_reduce, calls = trainer.all_reduce_sum, {{"n": 0}}
+
+    def reduce_then_signal(value, runtime):
+        # A signal that lands on rank 1 right AFTER the step's flags were all-reduced: the worst moment.
+        reduced = real_reduce(value, runtime)
+        if torch.is_tensor(value) and runtime.rank == 1:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return reduced
+    trainer.all_reduce_sum = reduce_then_signal
+    torch.manual_seed(0)
+    model = Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
+    trainer.fit(model, Counting(), None, trainer.lm_loss, args, runtime, {out!r})
+
+run_stage(main)
+"""
+
+
+def test_ddp_stop_signal_after_the_all_reduce_stops_every_rank_at_the_same_step(tmp_path):
+    out = str(tmp_path / "race")
+    script = tmp_path / "race.py"
+    script.write_text(RACE_SCRIPT.format(root=ROOT, out=out))
+    command = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # rank 1 noted the signal in step 3; both ranks agreed on it in step 4 and saved exactly there
+    assert "stopped by a signal on another process at step 4" in result.stdout
+    assert sorted(n for n in os.listdir(out) if n.startswith("step_")) == ["step_000004"]
+
+
+def worker_pids(launcher_pid):
+    """PIDs of torchrun's worker processes (children of the launcher), by their LOCAL_RANK."""
+    workers = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent != launcher_pid:
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"LOCAL_RANK" in env:
+            workers[int(env[b"LOCAL_RANK"])] = int(pid)
+    return workers
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_resume_auto_finishes_the_same_run(workdir):
+    args = ["--max_steps", "30", "--save_interval", "5", "--learning_rate", "3e-3", "--batch_size", "4"]
+    pretrain(workdir, "out/restart_ref", *args, torchrun=2)
+    launcher = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "1"]
+    command = launcher + [os.path.join(ROOT, "1-pretrain.py"), "--data_path", "dataset/pretrain_data.bin",
+                          "--out_dir", "out/restarted", *TINY, *FAST, *args, "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    run = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(workdir / "out/restarted", 12, run)  # past the step-10 checkpoint
+    os.kill(worker_pids(run.pid)[1], signal.SIGKILL)
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out[-3000:]
+    assert "resumed from out/restarted/step_0000" in out
+    ref, restarted = (load_file(workdir / d / "model.safetensors") for d in ("out/restart_ref", "out/restarted"))
+    assert max((ref[k] - restarted[k]).abs().max().item() for k in ref) <= 1e-6
+
+
+@pytest.mark.slow
+def test_two_torchrun_launchers_on_one_host_train_like_one_two_process_job(workdir):
+    args = ["--max_steps", "8", "--save_interval", "4", "--learning_rate", "3e-3", "--batch_size", "4"]
+    pretrain(workdir, "out/nodes_ref", *args, torchrun=2)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    nodes = []
+    for node_rank in (0, 1):
+        command = [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                   os.path.join(ROOT, "1-pretrain.py"), "--data_path", "dataset/pretrain_data.bin",
+                   "--out_dir", "out/nodes", *TINY, *FAST, *args]
+        nodes.append(subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    ref, two_nodes = (load_file(workdir / d / "model.safetensors") for d in ("out/nodes_ref", "out/nodes"))
+    assert max((ref[k] - two_nodes[k]).abs().max().item() for k in ref) <= 1e-6

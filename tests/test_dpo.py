@@ -1,0 +1,68 @@
+"""4-dpo.py's pieces in-process: the reference pass, the loss and its per-pair weighting."""
+import importlib.util
+import json
+import os
+
+import torch
+
+from model import LMConfig, Transformer
+from model.dataset import DPODataset
+from model.runtime import Runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("dpo_script", os.path.join(ROOT, "4-dpo.py"))
+dpo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(dpo)
+RUNTIME = Runtime(torch.device("cpu"), False, 0, 0, 1)
+
+
+def pairs_file(path, n=6):
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            prompt = [{"role": "user", "content": f"{i}加{i}等于几？"}]
+            f.write(json.dumps({"chosen": prompt + [{"role": "assistant", "content": f"{i}加{i}等于{2 * i}。"}],
+                                "rejected": prompt + [{"role": "assistant", "content": "不知道" * (i + 1)}]},
+                               ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400, max_seq_len=64))
+
+
+def test_reference_pass_makes_float64_only_on_the_host(tmp_path, tokenizer, monkeypatch):
+    # MPS has no float64: a .double() on a device tensor crashes there. On the CPU the same mistake is silent,
+    # so track it: every tensor turned into float64 must have come out of .cpu().
+    on_host, offenders = set(), []
+    real_cpu, real_double = torch.Tensor.cpu, torch.Tensor.double
+
+    def cpu(self, *a, **k):
+        out = real_cpu(self, *a, **k)
+        on_host.add(id(out))
+        return out
+
+    def double(self, *a, **k):
+        if id(self) not in on_host:
+            offenders.append(tuple(self.shape))
+        return real_double(self, *a, **k)
+    dataset = DPODataset(pairs_file(tmp_path / "dpo.jsonl"), tokenizer, 64)
+    args = type("Args", (), {"batch_size": 4})()
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    monkeypatch.setattr(torch.Tensor, "double", double)
+    reference = dpo.reference_logps(tiny_model(), dataset, args, RUNTIME, "float32")
+    assert offenders == []
+    assert reference.shape == (6, 2) and torch.isfinite(reference).all()
+
+
+def test_dpo_loss_is_summed_per_pair_and_zero_margin_at_the_reference(tmp_path, tokenizer):
+    dataset = DPODataset(pairs_file(tmp_path / "dpo.jsonl"), tokenizer, 64)
+    model = tiny_model()
+    reference = dpo.reference_logps(model, dataset, type("Args", (), {"batch_size": 4})(), RUNTIME, "float32")
+    train_set = dpo.WithReference(dataset, {"reference_logps": reference})
+    batch = train_set.collate([train_set[i] for i in range(6)])
+    loss, metrics = dpo.make_dpo_loss(0.1)(model, batch)
+    # policy == reference: every margin is 0, so each pair's loss is log 2 and the sum is 6 log 2
+    assert dpo.count_pairs(batch) == 6
+    assert abs(loss.item() - 6 * torch.log(torch.tensor(2.0)).item()) < 1e-4
+    assert abs(metrics["reward_margin"].item()) < 1e-4
