@@ -1,5 +1,5 @@
 """
-Raw files -> the canonical files the stages read (DESIGN.md §2), the demo corpus, and the packed token file.
+Raw files -> the canonical files the stages read, the demo corpus, and the packed token file.
 
 Run as:
     python data_process.py demo                  # dataset/demo/: every canonical file + eval files + packed pretraining tokens

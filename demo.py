@@ -49,7 +49,7 @@ QUICK = {**FULL,
 # The demo world uses ~340 distinct characters: a 1024-token vocabulary holds each as one token and makes the
 # output layer 6x cheaper than the default 6400.
 VOCAB_SIZE = "1024"
-COMMON = ["--dtype", "auto", "--log_interval", "10", "--save_interval", "100000", "--eval_interval", "0"]
+COMMON = ["--dtype", "auto", "--log_interval", "10", "--save_interval", "100000"]
 
 
 def main():
@@ -60,6 +60,10 @@ def main():
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     out, data = args.out_dir, args.data_dir
+    if os.path.isdir(out) and os.listdir(out):  # a demo run is one folder: an earlier one is kept, moved aside
+        previous = f"{out.rstrip(os.sep)}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(out, previous)
+        print(f"moved the earlier demo run in {out} to {previous}")
     os.makedirs(out, exist_ok=True)
     times, started = {}, time.time()
 
@@ -81,8 +85,7 @@ def main():
     runs = {name: os.path.join(out, name) for name in ("pretrain", "sft_single", "sft_multi", "dpo")}
     step("pretrain", script("1-pretrain.py"), "--data_path", os.path.join(data, "pretrain_data.bin"),
          "--tokenizer_dir", tokenizer_dir, "--vocab_size", VOCAB_SIZE, "--out_dir", runs["pretrain"], *plan["model"],
-         *plan["pretrain"],
-         *COMMON, "--eval_interval", "100")
+         *plan["pretrain"], *COMMON, "--eval_interval", "100")
     step("sft_single", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_single.jsonl"),
          "--init_from", runs["pretrain"], "--out_dir", runs["sft_single"], *plan["sft_single"], *COMMON)
     # the multi-turn data has no arithmetic: mixing the single-turn file back in keeps it from being forgotten

@@ -5,7 +5,7 @@ Every reader yields (line_no, record) where record is a parsed object or a BadRe
 unusable; every converter turns one parsed record into its canonical form or raises BadRecord. Nothing here
 prints, counts or decides to fail: data_process.py does that, so every bad line is reported the same way.
 
-Inputs understood (DESIGN.md §2):
+Inputs understood:
     JSONL           one JSON object per line (.jsonl / .json with one object per line)
     JSON array      alpaca-style files: one top-level [ {...}, {...} ] (.json), streamed element by element
     CSV             a header row; pretraining needs a `text` column, the seed's SFT CSV has `history,q,a`
