@@ -42,37 +42,12 @@ from collections import Counter, deque
 import numpy as np
 from tqdm import tqdm
 
+from model.runtime import BadLines
 from model.data_formats import (BadRecord, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
                                 pretrain_text, to_conversation, to_preference, zh_ratio)
 
 # the shipped tokenizer is part of the repo, so it is found wherever the script is run from
 DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "tokenizer")
-
-
-class BadLines:
-    """Counts unusable input lines per kind and reports them as `file:line: kind: detail`."""
-
-    def __init__(self, report_limit=20):
-        self.report_limit, self.kinds, self.total = report_limit, Counter(), 0
-
-    def add(self, path, line_no, kind, message):
-        self.kinds[kind] += 1
-        if sum(self.kinds.values()) <= self.report_limit:
-            print(f"{path}:{line_no}: {message}", file=sys.stderr)
-
-    def verdict(self, max_bad_ratio):
-        """Print the summary; False when the bad fraction is over the limit."""
-        bad = sum(self.kinds.values())
-        ratio = bad / max(1, self.total)
-        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.kinds.items()))
-        print(f"bad lines: {bad} of {self.total} ({ratio:.2%}){': ' + kinds if kinds else ''}", file=sys.stderr)
-        if bad > self.report_limit:
-            print(f"(only the first {self.report_limit} were listed; raise --report_limit to see more)", file=sys.stderr)
-        if ratio > max_bad_ratio:
-            print(f"error: {ratio:.2%} bad lines exceeds --max_bad_ratio {max_bad_ratio:.2%}; nothing was written",
-                  file=sys.stderr)
-            return False
-        return True
 
 
 class AtomicOutput:
@@ -120,7 +95,7 @@ def encode_chunk(items):
     texts, bad = [], []
     for path, line_no, payload in items:
         if isinstance(payload, tuple):
-            bad.append((path, line_no, payload[1], payload[2]))
+            bad.append((path, line_no, payload[2], payload[1]))
             continue
         record = parse_json_line(payload) if isinstance(payload, bytes) else payload
         try:
@@ -128,7 +103,7 @@ def encode_chunk(items):
                 raise record
             texts.append(pretrain_text(record))
         except BadRecord as err:
-            bad.append((path, line_no, err.kind, str(err)))
+            bad.append((path, line_no, str(err), err.kind))
     encodings = _worker["tokenizer"].encode_batch(texts, add_special_tokens=False) if texts else []
     bos, eos = _worker["bos_id"], _worker["eos_id"]
     docs = [np.array([bos] + enc.ids + [eos], dtype=np.uint32) for enc in encodings]
@@ -321,7 +296,7 @@ def convert(args, outputs, convert_record, route):
                         raise record
                     canonical = convert_record(record)
                 except BadRecord as err:
-                    report.add(path, line_no, err.kind, str(err))
+                    report.add(path, line_no, str(err), err.kind)
                     continue
                 reason = sft_filter(canonical["conversations"], args) if "conversations" in canonical else None
                 if reason:
