@@ -1,5 +1,5 @@
 """
-Raw files -> the canonical files the stages read (DESIGN.md §2), the demo corpus, and the packed token file.
+Raw files -> the canonical files the stages read, the demo corpus, and the packed token file.
 
 Run as:
     python data_process.py demo                  # dataset/demo/: every canonical file + eval files + packed pretraining tokens
@@ -26,7 +26,9 @@ evenly spread, deterministic, and document 0 always, so the val part is never em
 Bad input (malformed JSON, missing field, wrong type, empty text, invalid UTF-8, a CSV row with the wrong
 column count, an invalid conversation) is reported as `file:line: kind: detail` on stderr (the first
 --report_limit lines), counted per kind, and summarised at the end. If bad lines exceed --max_bad_ratio of all
-lines the run exits with status 1 and publishes nothing. Every output is written under a temporary name and
+lines the run exits with status 1 and publishes nothing. A structural error in a JSON array or CSV (after which
+the rest of the file cannot be read) always fails the run, naming the byte offset and line where reading stopped
+and how much of the file was left unread. Every output is written under a temporary name and
 renamed when complete, so an interrupted run never leaves a truncated file under a final name. Inputs are
 streamed: memory stays flat in the file size.
 """
@@ -43,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.runtime import BadLines
-from model.data_formats import (BadRecord, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
+from model.data_formats import (BadRecord, Unreadable, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
                                 pretrain_text, to_conversation, to_preference, zh_ratio)
 
 # the shipped tokenizer is part of the repo, so it is found wherever the script is run from
@@ -66,6 +68,12 @@ class AtomicOutput:
         self.file.close()
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
+
+
+def fail_unreadable(err, line_no):
+    """A structural error lost the rest of a file: never one bad line among many, always a failed run."""
+    sys.exit(f"error: {err.describe(line_no)}; nothing was written (fix the file, or convert it to JSONL "
+             f"and re-run: a JSONL bad line loses only itself)")
 
 
 def check_inputs(paths):
@@ -118,6 +126,8 @@ def read_chunks(paths, chunk_bytes, chunk_lines=4096):
         fmt = detect_format(path)
         reader = iter_jsonl_raw(path) if fmt == "jsonl" else iter_records(path, fmt)
         for line_no, payload, n_bytes in reader:
+            if isinstance(payload, Unreadable):
+                fail_unreadable(payload, line_no)
             if isinstance(payload, BadRecord):
                 payload = ("bad", payload.kind, str(payload))
             items.append((path, line_no, payload))
@@ -290,6 +300,8 @@ def convert(args, outputs, convert_record, route):
     try:
         for path in args.data_path:
             for line_no, record, _ in tqdm(iter_records(path, args.format), desc=path, unit=" lines", file=sys.stderr):
+                if isinstance(record, Unreadable):
+                    fail_unreadable(record, line_no)
                 report.total += 1
                 try:
                     if isinstance(record, BadRecord):
