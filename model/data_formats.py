@@ -100,10 +100,14 @@ def iter_jsonl_raw(path):
             yield line_no, raw, len(raw)
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+_MAYBE_SURROGATE = re.compile(r"[\udc80-\udcff]|\\u[dD][cC]")  # in raw JSON text: the byte, or its escape
+
+
 def _has_surrogates(value):
     """Bytes that are not UTF-8, decoded with surrogateescape, show up as lone surrogates."""
     if isinstance(value, str):
-        return any("\udc80" <= ch <= "\udcff" for ch in value)
+        return _SURROGATE.search(value) is not None
     if isinstance(value, dict):
         return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
     if isinstance(value, list):
@@ -228,7 +232,9 @@ def iter_json_array(path, chunk_chars=1 << 20):
                     if isinstance(value, json.JSONDecodeError):
                         yield unreadable(value.msg, pos, line_no, line_no + buf.count("\n", pos, value.pos))
                         return
-                    record = BadRecord("invalid UTF-8") if _has_surrogates(value) else value
+                    # walk the value only when its text may hold a surrogate (the walk is the slow part)
+                    maybe = _MAYBE_SURROGATE.search(buf, pos, end) is not None
+                    record = BadRecord("invalid UTF-8") if maybe and _has_surrogates(value) else value
                     yield line_no, record, end - pos
                     line_no += buf.count("\n", pos, end)
                     pos, state = end, "comma"
