@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.runtime import BadLines
-from model.data_formats import (BadRecord, Unreadable, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
+from model.data_formats import (BadRecord, Unreadable, detect_format, publish, iter_jsonl_raw, iter_records, parse_json_line,
                                 pretrain_text, to_conversation, to_preference, zh_ratio)
 
 # the shipped tokenizer is part of the repo, so it is found wherever the script is run from
@@ -53,7 +53,8 @@ DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 
 
 class AtomicOutput:
-    """A file written under a temporary name; commit() renames it into place, discard() deletes it."""
+    """A file written under a temporary name; commit() fsyncs it, renames it into place and fsyncs the directory
+    (durable once commit returns); discard() deletes it."""
 
     def __init__(self, path, mode="w"):
         self.path, self.tmp = path, f"{path}.tmp-{os.getpid()}"
@@ -61,8 +62,7 @@ class AtomicOutput:
         self.file = open(self.tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
     def commit(self):
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path, self.file)  # fsync, rename, fsync the directory
 
     def discard(self):
         self.file.close()

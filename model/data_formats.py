@@ -59,6 +59,39 @@ class Unreadable(BadRecord):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# durable publishing
+
+def fsync_dir(directory):
+    """Make a rename in `directory` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp, path, file=None):
+    """Rename a complete temporary file into place durably: its data is fsynced before the rename (so a crash
+    never leaves a final name on a partly written file) and the directory after it (so the rename survives).
+    `file`: the still open file object of tmp, flushed and closed here; else tmp is reopened to be fsynced."""
+    if file is not None and not file.closed:
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+    else:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # readers
 
 def detect_format(path):

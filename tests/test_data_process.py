@@ -392,3 +392,46 @@ def test_json_array_reader_many_elements_tiny_chunks(tmp_path):
     last = list(iter_json_array(str(path), chunk_chars=5))[-1][1]
     assert isinstance(last, Unreadable) and last.unread == 0 and "file ends inside the array" in str(last)
 
+
+
+def record_publishing(monkeypatch):
+    """Patch os.fsync / os.replace to log ("fsync", path of the fd) and ("replace", src, dst), in order."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def assert_published_durably(events, final):
+    final = os.path.realpath(final)
+    k = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == final)
+    assert ("fsync", events[k][1]) in events[:k], f"{final}: temporary file not fsynced before the rename"
+    assert ("fsync", os.path.dirname(final)) in events[k + 1:], f"{final}: directory not fsynced after the rename"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd")
+def test_sft_outputs_are_fsynced_around_the_rename(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"conversations": conv(("q", "a"))}])
+    events = record_publishing(monkeypatch)
+    run_sft(tmp_path, path)
+    for name in ("sft_data_single.jsonl", "sft_data_multi.jsonl"):
+        assert_published_durably(events, tmp_path / "out" / name)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd")
+def test_packed_outputs_are_fsynced_around_the_rename(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS])
+    events = record_publishing(monkeypatch)
+    data_process.main(["pretrain", "--data_path", src, "--num_workers", "1", "--val_ratio", "0.2"])
+    for part in ("c", "c.val"):
+        for suffix in (".bin", ".idx.npy", ".meta.json"):
+            assert_published_durably(events, tmp_path / f"{part}{suffix}")
