@@ -33,7 +33,6 @@ renamed when complete, so an interrupted run never leaves a truncated file under
 streamed: memory stays flat in the file size.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -44,6 +43,7 @@ from collections import Counter, deque
 import numpy as np
 from tqdm import tqdm
 
+from model.dataset import tokenizer_sha256
 from model.runtime import BadLines
 from model.data_formats import (BadRecord, Unreadable, detect_format, publish, iter_jsonl_raw, iter_records, parse_json_line,
                                 pretrain_text, to_conversation, to_preference, zh_ratio)
@@ -196,10 +196,9 @@ def run_pretrain(args):
         sys.exit(f"error: {tokenizer_json}: the tokenizer has no <s>/</s> tokens")
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     base = packed_base(args.data_path[0], args.out_path)
-    with open(tokenizer_json, "rb") as f:
-        meta = {"format": "nano-llm packed tokens v1", "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
-                "tokenizer": args.tokenizer_dir, "tokenizer_sha256": hashlib.sha256(f.read()).hexdigest(),
-                "source": args.data_path, "val_ratio": args.val_ratio}
+    meta = {"format": "nano-llm packed tokens v1", "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
+            "tokenizer": args.tokenizer_dir, "tokenizer_sha256": tokenizer_sha256(args.tokenizer_dir),
+            "source": args.data_path, "val_ratio": args.val_ratio}
     train, val = PackedSplit(base, dtype), PackedSplit(base + ".val", dtype)
     report = BadLines(args.report_limit)
     total_bytes = sum(os.path.getsize(p) for p in args.data_path)

@@ -1,7 +1,10 @@
 """
 Datasets for the three training stages. Each item is a dict of tensors; a batch goes straight into model(**batch).
 
-    PretrainDataset(path, max_seq_len, doc_mask=False)   the packed token file from `data_process.py pretrain`
+    PretrainDataset(path, max_seq_len, doc_mask=False, tokenizer_sha256=None)
+                                                          the packed token file from `data_process.py pretrain`;
+                                                          with tokenizer_sha256 (= tokenizer_sha256(dir)) a file
+                                                          packed with another tokenizer is a StageError
         item: input_ids [T], shift_labels [T] (already-shifted targets; -100 = ignored)
               + position_ids [T] when doc_mask=True (restart at 0 at every <s>: the model derives the document
               mask from the resets, so a token attends only within its document)
@@ -31,14 +34,30 @@ label on a prompt token.
 Bad records: data_process.py validates and reports bad lines; these datasets trust their canonical files and raise
 ValueError("file:line: reason") on a record that is not canonical, rather than skipping it silently.
 """
+import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .runtime import StageError
+
 IGNORE = -100
+
+
+def tokenizer_sha256(tokenizer_dir) -> str:
+    """sha256 of the tokenizer's tokenizer.json bytes: the identity recorded in packed files' meta.json."""
+    digest = hashlib.sha256()
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_warned_unchecked = set()  # packed files already warned about (no tokenizer_sha256 in their meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,13 +71,17 @@ class PretrainDataset(Dataset):
     """Row i = tokens[i*T : i*T + T + 1] of the packed stream (T = max_seq_len): consecutive rows share one
     token, so every token is a target exactly once and no row is padded."""
 
-    def __init__(self, path, max_seq_len, doc_mask=False):
+    def __init__(self, path, max_seq_len, doc_mask=False, tokenizer_sha256=None):
+        """tokenizer_sha256: the hash (model.dataset.tokenizer_sha256) of the tokenizer the run uses; a packed
+        file made with another tokenizer is then a StageError (its ids would mean other tokens)."""
         meta_path = packed_meta_path(path)
         if not os.path.isfile(path) or not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{path}: packed token file or its {os.path.basename(meta_path)} is missing "
                                     f"(make them with `python data_process.py pretrain --data_path <file.jsonl>`)")
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
+        if tokenizer_sha256 is not None:
+            check_packed_tokenizer(path, meta, tokenizer_sha256)
         self.path, self.max_seq_len, self.doc_mask = path, max_seq_len, doc_mask
         self.dtype = np.dtype(meta["dtype"])
         self.vocab_size, self.bos_id, self.eos_id = meta["vocab_size"], meta["bos_id"], meta["eos_id"]
@@ -98,6 +121,23 @@ class PretrainDataset(Dataset):
             # </s> -> next document's <s> crosses a boundary the model is not allowed to look across
             item["shift_labels"][row[1:] == self.bos_id] = IGNORE
         return item
+
+
+def check_packed_tokenizer(path, meta, sha256):
+    """StageError when the packed file's meta names another tokenizer; a warning (once) when it names none."""
+    packed_with = meta.get("tokenizer_sha256")
+    if packed_with is None:
+        if path not in _warned_unchecked:
+            _warned_unchecked.add(path)
+            print(f"warning: {packed_meta_path(path)} does not record its tokenizer (packed by an older "
+                  f"data_process.py), so it cannot be checked against this run's tokenizer", file=sys.stderr)
+        return
+    if packed_with != sha256:
+        source = " ".join(meta.get("source") or []) or "<the source .jsonl>"
+        raise StageError(f"{path} was packed with tokenizer {meta.get('tokenizer', '?')} (sha256 {packed_with[:12]}) "
+                         f"but this run's tokenizer is a different one (sha256 {sha256[:12]}): its token ids would "
+                         f"mean other tokens. Re-pack with `python data_process.py pretrain --data_path {source} "
+                         f"--tokenizer_dir <this run's tokenizer dir>`")
 
 
 def pretrain_useful_fraction(dataset):

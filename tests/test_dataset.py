@@ -96,6 +96,30 @@ def test_pretrain_size_mismatch_is_a_clear_error(tmp_path):
         PretrainDataset(str(tmp_path / "missing.bin"), 16)
 
 
+def test_pretrain_packed_with_another_tokenizer_is_a_stage_error(tmp_path, capsys):
+    from conftest import SHIPPED_TOKENIZER
+    from model.dataset import tokenizer_sha256
+    from model.runtime import StageError
+    path, _ = packed_file(tmp_path, TEXTS)
+    shipped = tokenizer_sha256(SHIPPED_TOKENIZER)
+    meta_path = tmp_path / "corpus.meta.json"
+    assert json.loads(meta_path.read_text())["tokenizer_sha256"] == shipped  # data_process uses the same hash
+    assert len(PretrainDataset(path, 16, tokenizer_sha256=shipped)) > 0
+    other = "ab" * 32
+    with pytest.raises(StageError) as info:
+        PretrainDataset(path, 16, tokenizer_sha256=other)
+    message = str(info.value)
+    assert SHIPPED_TOKENIZER in message and shipped[:12] in message and other[:12] in message
+    assert "data_process.py pretrain" in message and "--tokenizer_dir" in message
+    meta = json.loads(meta_path.read_text())
+    del meta["tokenizer_sha256"]  # packed by an older data_process.py: warned about once, not an error
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    PretrainDataset(path, 16, tokenizer_sha256=other)
+    PretrainDataset(path, 16, tokenizer_sha256=other)
+    assert capsys.readouterr().err.count("does not record its tokenizer") == 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # chat data
 
