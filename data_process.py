@@ -258,7 +258,7 @@ def run_pretrain(args):
     print(f"{n_docs} documents, {n_tokens} tokens ({train.n_tokens} train in {train.n_docs} docs, {val.n_tokens} val "
           f"in {val.n_docs} docs), {np.dtype(dtype).name}, vocab {vocab_size} -> {base}.bin, {base}.val.bin")
     print(f"throughput: {total_bytes / 1e6 / elapsed:.2f} MB/s, {n_tokens / elapsed:,.0f} tokens/s "
-          f"({elapsed:.1f} s, {max(1, args.num_workers)} process(es))")
+          f"({elapsed:.1f} s, {max(1, args.num_workers)} process(es))", flush=True)
 
 
 class _Done:
@@ -298,7 +298,9 @@ def convert(args, outputs, convert_record, route):
     files = {name: AtomicOutput(path) for name, path in outputs.items()}
     try:
         for path in args.data_path:
-            for line_no, record, _ in tqdm(iter_records(path, args.format), desc=path, unit=" lines", file=sys.stderr):
+            bar = tqdm(total=os.path.getsize(path), desc=path, unit="B", unit_scale=True, file=sys.stderr)
+            for line_no, record, size in iter_records(path, args.format):
+                bar.update(size)  # bytes (approximate for CSV and JSON arrays): the bar has an ETA
                 if isinstance(record, Unreadable):
                     fail_unreadable(record, line_no)
                 report.total += 1
@@ -316,13 +318,14 @@ def convert(args, outputs, convert_record, route):
                 name = route(canonical)
                 files[name].file.write(json.dumps(canonical, ensure_ascii=False) + "\n")
                 written[name] += 1
+            bar.close()
         if not report.verdict(args.max_bad_ratio):
             sys.exit(1)
         for name, output in files.items():
             output.commit()
-            print(f"{output.path}: {written[name]} records")
+            print(f"{output.path}: {written[name]} records", flush=True)
         for reason, n in filtered.items():
-            print(f"filtered ({reason}): {n}")
+            print(f"filtered ({reason}): {n}", flush=True)
     finally:
         for output in files.values():
             if not output.file.closed:
@@ -348,8 +351,8 @@ def run_demo(args):
                            args.heldout_pair_ratio, args.eval_size)
     for name, n in counts.items():
         path = os.path.join(args.out_dir, name)
-        print(f"{path}: {n} records, {os.path.getsize(path) / 1e6:.2f} MB")
-    print(f"demo corpus generated in {time.time() - t0:.1f} s")
+        print(f"{path}: {n} records, {os.path.getsize(path) / 1e6:.2f} MB", flush=True)
+    print(f"demo corpus generated in {time.time() - t0:.1f} s", flush=True)
     if not args.no_pack:
         args.data_path, args.out_path = [os.path.join(args.out_dir, "pretrain_data.jsonl")], None
         run_pretrain(args)
@@ -418,6 +421,8 @@ def main(argv=None):
     p.add_argument("--out_path", default="dataset/dpo_data.jsonl", help="output file")
 
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # status lines reach a log file as they are printed
+        sys.stdout.reconfigure(line_buffering=True)
     {"demo": run_demo, "pretrain": run_pretrain, "sft": run_sft, "dpo": run_dpo}[args.command](args)
 
 
