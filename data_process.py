@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from model.dataset import tokenizer_sha256
 from model.runtime import BadLines
-from model.data_formats import (BadRecord, Unreadable, detect_format, publish, iter_jsonl_raw, iter_records, parse_json_line,
-                                pretrain_text, to_conversation, to_preference, zh_ratio)
+from model.data_formats import (BadRecord, Unreadable, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
+                                pretrain_text, publish, to_conversation, to_preference, zh_ratio)
 
 # the shipped tokenizer is part of the repo, so it is found wherever the script is run from
 DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "tokenizer")
