@@ -50,12 +50,14 @@ def main():
         raise StageError(f"pretraining data not found: {args.data_path} (make it with "
                          f"`python data_process.py pretrain --data_path <your .jsonl>`)")
     seq_len = config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
-    train_set = PretrainDataset(args.data_path, seq_len, doc_mask=args.doc_mask)
+    tokenizer_sha256 = checkpoint.tokenizer_sha256(tokenizer_dir)  # a file packed with another tokenizer is refused
+    train_set = PretrainDataset(args.data_path, seq_len, doc_mask=args.doc_mask, tokenizer_sha256=tokenizer_sha256)
     if train_set.vocab_size > config.vocab_size:
         raise StageError(f"{args.data_path} was tokenized with a {train_set.vocab_size}-token vocabulary "
                          f"but the model has vocab_size {config.vocab_size}")
     val_path = PretrainDataset.val_path(args.data_path)
-    val_set = PretrainDataset(val_path, seq_len, doc_mask=args.doc_mask) if os.path.isfile(val_path) else None
+    val_set = PretrainDataset(val_path, seq_len, doc_mask=args.doc_mask, tokenizer_sha256=tokenizer_sha256) \
+        if os.path.isfile(val_path) else None
 
     run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("pretrain", config))
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
@@ -64,7 +66,7 @@ def main():
         print(f"pretraining {n_params / 1e6:.2f}M parameters on {len(train_set)} rows of {seq_len} tokens "
               f"-> {run_dir}")
         checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
-    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
+    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": tokenizer_sha256}
     trainer.fit(model, train_set, None, trainer.lm_loss, args, runtime, run_dir, val_set=val_set, title="pretrain",
                 settings=settings, resuming=resuming)
 

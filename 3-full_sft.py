@@ -80,6 +80,10 @@ def main():
     model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
 
     seq_len = model.config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
+    if args.pack and runtime.is_master:  # tokenize once, on one process, into memory-mapped files
+        for path in args.data_path:
+            SFTDataset.prepare(path, tokenizer, seq_len)
+    runtime.barrier()
     parts = [SFTDataset(path, tokenizer, seq_len, pack=args.pack) for path in args.data_path]
     train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     val_set = SFTDataset(args.val_path, tokenizer, seq_len, pack=args.pack) if args.val_path else None

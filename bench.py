@@ -27,7 +27,9 @@ Sections
             into a temporary directory if missing); peak RSS of a short 1-pretrain.py run over packed files of
             two sizes, both far larger than a batch: the difference shows whether memory grows with the data.
             (The file's pages that the run touched show up in RSS as page cache, shared and reclaimable; the
-            process's own memory is the anonymous part.)
+            process's own memory is the anonymous part.) Also: records/s of data_process.py's streaming JSON
+            array reader (model.data_formats.iter_json_array) on a generated array of --reader_records small
+            alpaca records, next to json.load of the same file (the whole file in memory: the reference speed).
 """
 import argparse
 import json
@@ -296,6 +298,30 @@ def run_and_watch_memory(cmd, cwd, data_path) -> dict:
             "peak_data_resident_mb": peak_data_kb / 1024}
 
 
+def bench_json_reader(n_records: int, rounds: int, tmp: str) -> dict:
+    """records/s of the streaming JSON array reader vs json.load of the same file, taking turns."""
+    from model.data_formats import iter_json_array
+    path = os.path.join(tmp, "reader.json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[\n" + ",\n".join(json.dumps({"instruction": f"问题{i}：请解释一下", "input": "",
+                                                "output": f"答案{i}，" * 3}, ensure_ascii=False)
+                                     for i in range(n_records)) + "\n]\n")
+
+    def stream():
+        assert sum(1 for _ in iter_json_array(path)) == n_records
+
+    def load():
+        with open(path, encoding="utf-8") as f:
+            assert len(json.load(f)) == n_records
+
+    times = take_turns({"iter_json_array": stream, "json.load": load}, rounds, 1)
+    out = {"records": n_records, "file_mb": os.path.getsize(path) / 1e6, "rounds": rounds,
+           **{f"{name}_records_s": n_records / statistics.median(ts) for name, ts in times.items()},
+           "speed_vs_json_load": ratio(times, "iter_json_array", "json.load")}
+    os.remove(path)
+    return out
+
+
 def bench_data(args) -> dict:
     from model.dataset import PretrainDataset, SFTDataset, pretrain_useful_fraction
     from model.checkpoint import load_tokenizer
@@ -303,6 +329,7 @@ def bench_data(args) -> dict:
     from model.trainer import ResumableBatchSampler
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
+        out["json_reader"] = bench_json_reader(args.reader_records, args.reader_rounds, tmp)
         demo = demo_corpus_dir(tmp)
         pretrain = PretrainDataset(os.path.join(demo, "pretrain_data.bin"), args.seq_len)
         useful = total = 0
@@ -391,7 +418,7 @@ def table(results: dict) -> str:
     if data:
         lines += ["", "useful tokens per batch (demo corpus)"]
         for name, r in data.items():
-            if name != "pretrain_memory":
+            if name not in ("pretrain_memory", "json_reader"):
                 extra = f", labelled {100 * r['labelled_fraction']:.1f}%" if "labelled_fraction" in r else ""
                 lines.append(f"  {name:24s} {100 * r['useful_fraction']:6.1f}%{extra}  ({r['rows']} rows)")
         r = data["pretrain_memory"]
@@ -403,6 +430,13 @@ def table(results: dict) -> str:
                          f"{x['peak_data_resident_mb']:12.0f} MB  {x['peak_anon_mb']:12.0f} MB")
         lines.append(f"  anonymous memory growth {r['anon_growth_mb']:+.0f} MB for "
                      f"{r['large']['file_mb'] - r['small']['file_mb']:.0f} MB more data")
+        r = data.get("json_reader")
+        if r:
+            lines.append(f"JSON array reading ({r['records']} records, {r['file_mb']:.1f} MB, median of {r['rounds']})"
+                         f"   records/s   x json.load")
+            lines.append(f"  iter_json_array (streaming)                  {r['iter_json_array_records_s']:10.0f} "
+                         f"{r['speed_vs_json_load']:10.2f}")
+            lines.append(f"  json.load (whole file in memory)             {r['json.load_records_s']:10.0f}       1.00")
     return "\n".join(lines)
 
 
@@ -441,6 +475,9 @@ def main():
     parser.add_argument("--peak_n", type=int, default=2048, help="matrix size of the peak matmul")
     parser.add_argument("--rss_tokens", type=int, default=64_000_000, help="tokens in the larger packed file")
     parser.add_argument("--rss_steps", type=int, default=30, help="pretraining steps of each RSS run")
+    parser.add_argument("--reader_records", type=int, default=200_000,
+                        help="records in the generated JSON array of the data section's reader timing")
+    parser.add_argument("--reader_rounds", type=int, default=3, help="timed rounds of the JSON array reader timing")
     parser.add_argument("--moe", action="store_true", help="add the MoE section")
     parser.add_argument("--only", default=None, help="comma-separated sections: peak,train,decode,moe,data")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

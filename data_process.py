@@ -26,12 +26,13 @@ evenly spread, deterministic, and document 0 always, so the val part is never em
 Bad input (malformed JSON, missing field, wrong type, empty text, invalid UTF-8, a CSV row with the wrong
 column count, an invalid conversation) is reported as `file:line: kind: detail` on stderr (the first
 --report_limit lines), counted per kind, and summarised at the end. If bad lines exceed --max_bad_ratio of all
-lines the run exits with status 1 and publishes nothing. Every output is written under a temporary name and
+lines the run exits with status 1 and publishes nothing. A structural error in a JSON array or CSV (after which
+the rest of the file cannot be read) always fails the run, naming the byte offset and line where reading stopped
+and how much of the file was left unread. Every output is written under a temporary name and
 renamed when complete, so an interrupted run never leaves a truncated file under a final name. Inputs are
 streamed: memory stays flat in the file size.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -42,41 +43,18 @@ from collections import Counter, deque
 import numpy as np
 from tqdm import tqdm
 
-from model.data_formats import (BadRecord, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
-                                pretrain_text, to_conversation, to_preference, zh_ratio)
+from model.dataset import tokenizer_sha256
+from model.runtime import BadLines
+from model.data_formats import (BadRecord, Unreadable, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
+                                pretrain_text, publish, to_conversation, to_preference, zh_ratio)
 
 # the shipped tokenizer is part of the repo, so it is found wherever the script is run from
 DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "tokenizer")
 
 
-class BadLines:
-    """Counts unusable input lines per kind and reports them as `file:line: kind: detail`."""
-
-    def __init__(self, report_limit=20):
-        self.report_limit, self.kinds, self.total = report_limit, Counter(), 0
-
-    def add(self, path, line_no, kind, message):
-        self.kinds[kind] += 1
-        if sum(self.kinds.values()) <= self.report_limit:
-            print(f"{path}:{line_no}: {message}", file=sys.stderr)
-
-    def verdict(self, max_bad_ratio):
-        """Print the summary; False when the bad fraction is over the limit."""
-        bad = sum(self.kinds.values())
-        ratio = bad / max(1, self.total)
-        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.kinds.items()))
-        print(f"bad lines: {bad} of {self.total} ({ratio:.2%}){': ' + kinds if kinds else ''}", file=sys.stderr)
-        if bad > self.report_limit:
-            print(f"(only the first {self.report_limit} were listed; raise --report_limit to see more)", file=sys.stderr)
-        if ratio > max_bad_ratio:
-            print(f"error: {ratio:.2%} bad lines exceeds --max_bad_ratio {max_bad_ratio:.2%}; nothing was written",
-                  file=sys.stderr)
-            return False
-        return True
-
-
 class AtomicOutput:
-    """A file written under a temporary name; commit() renames it into place, discard() deletes it."""
+    """A file written under a temporary name; commit() fsyncs it, renames it into place and fsyncs the directory
+    (durable once commit returns); discard() deletes it."""
 
     def __init__(self, path, mode="w"):
         self.path, self.tmp = path, f"{path}.tmp-{os.getpid()}"
@@ -84,13 +62,18 @@ class AtomicOutput:
         self.file = open(self.tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
     def commit(self):
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path, self.file)  # fsync, rename, fsync the directory
 
     def discard(self):
         self.file.close()
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
+
+
+def fail_unreadable(err, line_no):
+    """A structural error lost the rest of a file: never one bad line among many, always a failed run."""
+    sys.exit(f"error: {err.describe(line_no)}; nothing was written (fix the file, or convert it to JSONL "
+             f"and re-run: a JSONL bad line loses only itself)")
 
 
 def check_inputs(paths):
@@ -120,7 +103,7 @@ def encode_chunk(items):
     texts, bad = [], []
     for path, line_no, payload in items:
         if isinstance(payload, tuple):
-            bad.append((path, line_no, payload[1], payload[2]))
+            bad.append((path, line_no, payload[2], payload[1]))
             continue
         record = parse_json_line(payload) if isinstance(payload, bytes) else payload
         try:
@@ -128,7 +111,7 @@ def encode_chunk(items):
                 raise record
             texts.append(pretrain_text(record))
         except BadRecord as err:
-            bad.append((path, line_no, err.kind, str(err)))
+            bad.append((path, line_no, str(err), err.kind))
     encodings = _worker["tokenizer"].encode_batch(texts, add_special_tokens=False) if texts else []
     bos, eos = _worker["bos_id"], _worker["eos_id"]
     docs = [np.array([bos] + enc.ids + [eos], dtype=np.uint32) for enc in encodings]
@@ -143,6 +126,8 @@ def read_chunks(paths, chunk_bytes, chunk_lines=4096):
         fmt = detect_format(path)
         reader = iter_jsonl_raw(path) if fmt == "jsonl" else iter_records(path, fmt)
         for line_no, payload, n_bytes in reader:
+            if isinstance(payload, Unreadable):
+                fail_unreadable(payload, line_no)
             if isinstance(payload, BadRecord):
                 payload = ("bad", payload.kind, str(payload))
             items.append((path, line_no, payload))
@@ -211,10 +196,9 @@ def run_pretrain(args):
         sys.exit(f"error: {tokenizer_json}: the tokenizer has no <s>/</s> tokens")
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     base = packed_base(args.data_path[0], args.out_path)
-    with open(tokenizer_json, "rb") as f:
-        meta = {"format": "nano-llm packed tokens v1", "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
-                "tokenizer": args.tokenizer_dir, "tokenizer_sha256": hashlib.sha256(f.read()).hexdigest(),
-                "source": args.data_path, "val_ratio": args.val_ratio}
+    meta = {"format": "nano-llm packed tokens v1", "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
+            "tokenizer": args.tokenizer_dir, "tokenizer_sha256": tokenizer_sha256(args.tokenizer_dir),
+            "source": args.data_path, "val_ratio": args.val_ratio}
     train, val = PackedSplit(base, dtype), PackedSplit(base + ".val", dtype)
     report = BadLines(args.report_limit)
     total_bytes = sum(os.path.getsize(p) for p in args.data_path)
@@ -274,7 +258,7 @@ def run_pretrain(args):
     print(f"{n_docs} documents, {n_tokens} tokens ({train.n_tokens} train in {train.n_docs} docs, {val.n_tokens} val "
           f"in {val.n_docs} docs), {np.dtype(dtype).name}, vocab {vocab_size} -> {base}.bin, {base}.val.bin")
     print(f"throughput: {total_bytes / 1e6 / elapsed:.2f} MB/s, {n_tokens / elapsed:,.0f} tokens/s "
-          f"({elapsed:.1f} s, {max(1, args.num_workers)} process(es))")
+          f"({elapsed:.1f} s, {max(1, args.num_workers)} process(es))", flush=True)
 
 
 class _Done:
@@ -314,14 +298,18 @@ def convert(args, outputs, convert_record, route):
     files = {name: AtomicOutput(path) for name, path in outputs.items()}
     try:
         for path in args.data_path:
-            for line_no, record, _ in tqdm(iter_records(path, args.format), desc=path, unit=" lines", file=sys.stderr):
+            bar = tqdm(total=os.path.getsize(path), desc=path, unit="B", unit_scale=True, file=sys.stderr)
+            for line_no, record, size in iter_records(path, args.format):
+                bar.update(size)  # bytes (approximate for CSV and JSON arrays): the bar has an ETA
+                if isinstance(record, Unreadable):
+                    fail_unreadable(record, line_no)
                 report.total += 1
                 try:
                     if isinstance(record, BadRecord):
                         raise record
                     canonical = convert_record(record)
                 except BadRecord as err:
-                    report.add(path, line_no, err.kind, str(err))
+                    report.add(path, line_no, str(err), err.kind)
                     continue
                 reason = sft_filter(canonical["conversations"], args) if "conversations" in canonical else None
                 if reason:
@@ -330,13 +318,14 @@ def convert(args, outputs, convert_record, route):
                 name = route(canonical)
                 files[name].file.write(json.dumps(canonical, ensure_ascii=False) + "\n")
                 written[name] += 1
+            bar.close()
         if not report.verdict(args.max_bad_ratio):
             sys.exit(1)
         for name, output in files.items():
             output.commit()
-            print(f"{output.path}: {written[name]} records")
+            print(f"{output.path}: {written[name]} records", flush=True)
         for reason, n in filtered.items():
-            print(f"filtered ({reason}): {n}")
+            print(f"filtered ({reason}): {n}", flush=True)
     finally:
         for output in files.values():
             if not output.file.closed:
@@ -362,8 +351,8 @@ def run_demo(args):
                            args.heldout_pair_ratio, args.eval_size)
     for name, n in counts.items():
         path = os.path.join(args.out_dir, name)
-        print(f"{path}: {n} records, {os.path.getsize(path) / 1e6:.2f} MB")
-    print(f"demo corpus generated in {time.time() - t0:.1f} s")
+        print(f"{path}: {n} records, {os.path.getsize(path) / 1e6:.2f} MB", flush=True)
+    print(f"demo corpus generated in {time.time() - t0:.1f} s", flush=True)
     if not args.no_pack:
         args.data_path, args.out_path = [os.path.join(args.out_dir, "pretrain_data.jsonl")], None
         run_pretrain(args)
@@ -432,6 +421,8 @@ def main(argv=None):
     p.add_argument("--out_path", default="dataset/dpo_data.jsonl", help="output file")
 
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # status lines reach a log file as they are printed
+        sys.stdout.reconfigure(line_buffering=True)
     {"demo": run_demo, "pretrain": run_pretrain, "sft": run_sft, "dpo": run_dpo}[args.command](args)
 
 

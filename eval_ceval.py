@@ -40,7 +40,7 @@ import sys
 import torch
 
 from model import evaluate, generate
-from model.runtime import StageError
+from model.runtime import BadLines, StageError
 
 CHOICES = ("A", "B", "C", "D")
 REQUIRED = ("question", "a", "b", "c", "d", "answer")
@@ -50,19 +50,7 @@ REPORT_LIMIT = 20
 # ----------------------------------------------------------------------------------------------------------
 # reading the CSVs
 
-class BadRows:
-    """Counts unusable rows; prints the first REPORT_LIMIT as file:line: reason."""
-
-    def __init__(self):
-        self.count = 0
-
-    def add(self, path, line, reason):
-        self.count += 1
-        if self.count <= REPORT_LIMIT:
-            print(f"{path}:{line}: {reason}", file=sys.stderr)
-
-
-def read_questions(path, bad: BadRows):
+def read_questions(path, bad: BadLines):
     """-> list of {"question", "A".."D", "answer", "line"} from one CSV; bad rows go to `bad`."""
     questions = []
     try:
@@ -204,7 +192,7 @@ def score_folder(model, tokenizer, data_dir, split="val", shots=0, batch_size=8,
         if unknown:
             raise StageError(f"no such subject(s) in {data_dir}: {', '.join(unknown)}")
         found = [(name, path) for name, path in found if name in subjects]
-    bad = BadRows()
+    bad = BadLines(REPORT_LIMIT)
     results = {}
     for subject, path in found:
         bad_before = bad.count

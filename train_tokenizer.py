@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
@@ -123,7 +124,9 @@ def train(data_path, vocab_size=6400, merge_cjk=False, min_frequency=2):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any input is encodable
         show_progress=True,
     )
-    tokenizer.train_from_iterator(iter_texts(data_path), trainer=trainer)
+    t0 = time.time()
+    tokenizer.train_from_iterator(iter_texts(data_path), trainer=trainer)  # the reading bar has the ETA
+    print(f"trained {tokenizer.get_vocab_size()} tokens in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     for token_id, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == token_id, f"{token} must have id {token_id}"
     return tokenizer
@@ -147,13 +150,16 @@ def main():
     if not os.path.isfile(args.data_path):
         sys.exit(f"error: {args.data_path}: no such file (for the demo corpus run `python data_process.py demo` first)")
 
+    sys.stdout.reconfigure(line_buffering=True)  # status lines reach a log file as they are printed
+    print(f"training a {args.vocab_size}-token BPE tokenizer on {args.data_path} (reading, then merging: the "
+          f"merge phase shows its own bar only on a terminal)", file=sys.stderr, flush=True)
     tokenizer = train(args.data_path, args.vocab_size, args.merge_cjk, args.min_frequency)
     stats = iter_texts.stats
     if stats["lines"] == stats["bad"]:
         sys.exit(f"error: {args.data_path}: no usable line ({stats['bad']} bad)")
     save_tokenizer_dir(tokenizer, args.out_dir, args.model_max_length)
     size = tokenizer.get_vocab_size()
-    print(f"read {stats['lines']} lines ({stats['bad']} skipped); vocab_size {size}; wrote {args.out_dir}")
+    print(f"read {stats['lines']} lines ({stats['bad']} skipped); vocab_size {size}; wrote {args.out_dir}", flush=True)
     if size != args.vocab_size:
         print(f"note: the data supports only {size} tokens (asked for {args.vocab_size}); "
               f"set the model's vocab_size to {size}", file=sys.stderr)

@@ -11,8 +11,6 @@ Run directory layout (out/<stage>_<dim>[_moe]/):
 Every checkpoint is written under a temporary name and renamed when complete, so a crash mid-save leaves the
 previous one loadable. training_state.pt holds only tensors and plain types: it loads with weights_only=True.
 """
-import hashlib
-import json
 import os
 import random
 import re
@@ -24,6 +22,7 @@ import torch
 
 from .LMConfig import LMConfig
 from .model import Transformer
+from .dataset import tokenizer_sha256  # noqa: F401  (the run's tokenizer identity, as packed files record it)
 from .runtime import DEFAULT_TOKENIZER_DIR, StageError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -91,12 +90,6 @@ def start_from_checkpoint(init_dir: str, args, overrides: dict):
                          f"{init_dir} was trained with (sha256 {tokenizer_sha256(init_dir)[:12]}): drop "
                          f"--tokenizer_dir to use the checkpoint's own")
     return model, load_tokenizer(tokenizer_dir, model.config.vocab_size), tokenizer_dir
-
-
-def tokenizer_sha256(tokenizer_dir: str) -> str:
-    """Identity of a tokenizer: the sha256 of its tokenizer.json (what data_process.py records in packed files)."""
-    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def load_tokenizer(tokenizer_dir, vocab_size: int):

@@ -20,6 +20,8 @@ import ast
 import csv
 import io
 import json
+import os
+import re
 
 csv.field_size_limit(2**31 - 1)  # pretraining rows can be far longer than the 128 KiB default
 MAX_ELEMENT_CHARS = 1 << 26  # a JSON array element longer than this is treated as malformed
@@ -34,6 +36,59 @@ class BadRecord(Exception):
     def __init__(self, kind, detail=""):
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
+
+
+class Unreadable(BadRecord):
+    """A structural error (JSON array syntax, a CSV row that cannot be split): nothing after it can be read, so
+    it is not one bad line but a lost remainder, and the caller must fail the run. Always a reader's last record.
+    offset / stop_line: byte offset and line where reading stopped; size: the file's size in bytes."""
+
+    def __init__(self, kind, detail, path, offset, stop_line):
+        super().__init__(kind, detail)
+        self.path, self.offset, self.stop_line = path, offset, stop_line
+        self.size = os.path.getsize(path)
+
+    @property
+    def unread(self):
+        return self.size - self.offset
+
+    def describe(self, line_no):
+        """One line: where, why, and how much of the file was never read."""
+        return (f"{self.path}:{line_no}: {self}; reading stopped at byte {self.offset} (line {self.stop_line}), "
+                f"{self.unread} bytes ({self.unread / max(1, self.size):.2%} of the file) left unread")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# durable publishing
+
+def fsync_dir(directory):
+    """Make a rename in `directory` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp, path, file=None):
+    """Rename a complete temporary file into place durably: its data is fsynced before the rename (so a crash
+    never leaves a final name on a partly written file) and the directory after it (so the rename survives).
+    `file`: the still open file object of tmp, flushed and closed here; else tmp is reopened to be fsynced."""
+    if file is not None and not file.closed:
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+    else:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,10 +133,14 @@ def iter_jsonl_raw(path):
             yield line_no, raw, len(raw)
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+_MAYBE_SURROGATE = re.compile(r"[\udc80-\udcff]|\\u[dD][cC]")  # in raw JSON text: the byte, or its escape
+
+
 def _has_surrogates(value):
     """Bytes that are not UTF-8, decoded with surrogateescape, show up as lone surrogates."""
     if isinstance(value, str):
-        return any("\udc80" <= ch <= "\udcff" for ch in value)
+        return _SURROGATE.search(value) is not None
     if isinstance(value, dict):
         return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
     if isinstance(value, list):
@@ -89,11 +148,38 @@ def _has_surrogates(value):
     return False
 
 
+def line_start_offset(path, line_no):
+    """Byte offset of the start of 1-based line `line_no` (the file size if it has fewer lines)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for _ in range(line_no - 1):
+            line = f.readline()
+            if not line:
+                break
+            offset += len(line)
+    return offset
+
+
+def char_to_byte_offset(path, n_chars, chunk_chars=1 << 20):
+    """Byte offset of character `n_chars` of a file read as UTF-8 with surrogateescape and newline=""."""
+    offset = 0
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        while n_chars > 0:
+            text = f.read(min(chunk_chars, n_chars))
+            if not text:
+                break
+            offset += len(text.encode("utf-8", "surrogateescape"))
+            n_chars -= len(text)
+    return offset
+
+
 def iter_csv(path):
-    """Rows as dicts keyed by the header. Reported line = the row's first physical line."""
+    """Rows as dicts keyed by the header. Reported line = the row's first physical line. A row the csv module
+    cannot split (an unterminated quote, text after a closing quote) ends the file with an Unreadable record:
+    strict mode, because a lenient reader turns an unterminated quote into one field holding the rest of the file."""
     with open(path, "rb") as f:
         stream = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
-        reader = csv.reader(stream)
+        reader = csv.reader(stream, strict=True)
         header = next(reader, None)
         if header is None:
             return
@@ -104,8 +190,9 @@ def iter_csv(path):
                 row = next(reader)
             except StopIteration:
                 return
-            except csv.Error as err:  # e.g. a NUL byte or an unterminated quote: the rest cannot be split
-                yield first_line, BadRecord("malformed CSV", str(err)), 0
+            except csv.Error as err:  # the rest cannot be split into rows
+                yield first_line, Unreadable("malformed CSV", str(err), path, line_start_offset(path, first_line),
+                                             first_line), 0
                 return
             size = sum(len(field) for field in row) + len(row)  # approximate bytes, for the progress bar
             if not row:
@@ -120,54 +207,72 @@ def iter_csv(path):
             first_line = reader.line_num + 1
 
 
+_JSON_SPACE = re.compile("[ \t\r\n\ufeff]*")
+
+
 def iter_json_array(path, chunk_chars=1 << 20):
-    """Elements of one top-level JSON array, streamed. A syntax error ends the file (its end is unknowable)."""
+    """Elements of one top-level JSON array, streamed in linear time: the buffer is read through with an index
+    and compacted only when it is refilled. A syntax error ends the file (where the next element starts is
+    unknowable): the last record is then an Unreadable saying where reading stopped."""
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        buf, line_no, eof, state = "", 1, False, "start"
+    # newline="": characters map 1:1 to the file's text, so a character offset converts to a byte offset
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        buf, pos, base = "", 0, 0  # base: file characters before buf[0]; pos: the next unread character
+        line_no, eof, state = 1, False, "start"
+
+        def unreadable(detail, at, at_line, report_line=None):
+            offset = char_to_byte_offset(path, base + at)
+            return report_line or at_line, Unreadable("malformed JSON", detail, path, offset, at_line), 0
+
         while True:
-            stripped = buf.lstrip(" \t\r\n\ufeff")
-            line_no += buf.count("\n", 0, len(buf) - len(stripped))
-            buf = stripped
-            if len(buf) < chunk_chars and not eof:
+            end = _JSON_SPACE.match(buf, pos).end()
+            line_no += buf.count("\n", pos, end)
+            pos = end
+            if len(buf) - pos < chunk_chars and not eof:  # keep a chunk of look-ahead; compact while refilling
                 more = f.read(chunk_chars)
                 eof = not more
-                buf += more
+                buf, base, pos = buf[pos:] + more, base + pos, 0
                 continue
-            if not buf:
+            if pos == len(buf):
                 if state != "end":
-                    yield line_no, BadRecord("malformed JSON", "file ends inside the array"), 0
+                    yield unreadable("file ends inside the array", pos, line_no)
                 return
+            ch = buf[pos]
             if state == "start":
-                if buf[0] != "[":
-                    yield line_no, BadRecord("malformed JSON", "expected a top-level JSON array"), 0
+                if ch != "[":
+                    yield unreadable("expected a top-level JSON array", pos, line_no)
                     return
-                buf, state = buf[1:], "value"
+                pos, state = pos + 1, "value"
             elif state in ("value", "comma"):
-                if buf[0] == "]":
-                    buf, state = buf[1:], "end"
+                if ch == "]":
+                    pos, state = pos + 1, "end"
                 elif state == "comma":
-                    if buf[0] != ",":
-                        yield line_no, BadRecord("malformed JSON", f"expected ',' or ']', got {buf[0]!r}"), 0
+                    if ch != ",":
+                        yield unreadable(f"expected ',' or ']', got {ch!r}", pos, line_no)
                         return
-                    buf, state = buf[1:], "value"
+                    pos, state = pos + 1, "value"
                 else:
                     try:
-                        value, end = decoder.raw_decode(buf)
+                        value, end = decoder.raw_decode(buf, pos)
+                        cut = end == len(buf) and not eof  # a number cut by the chunk boundary parses too
                     except json.JSONDecodeError as err:
-                        if not eof and len(buf) < MAX_ELEMENT_CHARS:  # maybe the element is just cut off
-                            more = f.read(chunk_chars)
-                            eof = not more
-                            buf += more
-                            continue
-                        yield line_no + err.lineno - 1, BadRecord("malformed JSON", err.msg), 0
+                        cut, value = not eof and len(buf) - pos < MAX_ELEMENT_CHARS, err
+                    if cut:  # maybe the element is just cut off: read more (doubling, so a long element is linear)
+                        more = f.read(max(chunk_chars, len(buf) - pos))
+                        eof = not more
+                        buf, base, pos = buf[pos:] + more, base + pos, 0
+                        continue
+                    if isinstance(value, json.JSONDecodeError):
+                        yield unreadable(value.msg, pos, line_no, line_no + buf.count("\n", pos, value.pos))
                         return
-                    record = BadRecord("invalid UTF-8") if _has_surrogates(value) else value
-                    yield line_no, record, end
-                    line_no += buf.count("\n", 0, end)
-                    buf, state = buf[end:], "comma"
+                    # walk the value only when its text may hold a surrogate (the walk is the slow part)
+                    maybe = _MAYBE_SURROGATE.search(buf, pos, end) is not None
+                    record = BadRecord("invalid UTF-8") if maybe and _has_surrogates(value) else value
+                    yield line_no, record, end - pos
+                    line_no += buf.count("\n", pos, end)
+                    pos, state = end, "comma"
             else:  # after the closing bracket only whitespace may follow
-                yield line_no, BadRecord("malformed JSON", "data after the closing ']'"), 0
+                yield unreadable("data after the closing ']'", pos, line_no)
                 return
 
 

@@ -1,12 +1,15 @@
 """
 Datasets for the three training stages. Each item is a dict of tensors; a batch goes straight into model(**batch).
 
-    PretrainDataset(path, max_seq_len, doc_mask=False)   the packed token file from `data_process.py pretrain`
+    PretrainDataset(path, max_seq_len, doc_mask=False, tokenizer_sha256=None)
+                                                          the packed token file from `data_process.py pretrain`;
+                                                          with tokenizer_sha256 (= tokenizer_sha256(dir)) a file
+                                                          packed with another tokenizer is a StageError
         item: input_ids [T], shift_labels [T] (already-shifted targets; -100 = ignored)
               + position_ids [T] when doc_mask=True (restart at 0 at every <s>: the model derives the document
               mask from the resets, so a token attends only within its document)
         batch with torch's default collate (all rows have the same length)
-    SFTDataset(path, tokenizer, max_seq_len, pack=False)  sft_data_*.jsonl
+    SFTDataset(path, tokenizer, max_seq_len, pack=False)  sft_data_*.jsonl (pack=True: a memmapped cache, prepare())
         item: input_ids [L], labels [L] (aligned with input_ids, the model shifts; -100 except the content and the
               closing </s> of EVERY assistant turn) + position_ids [L] when packed
         batch with dataset.collate: right padding to the longest row, attention_mask added
@@ -28,17 +31,39 @@ than the window) the window moves to start max_seq_len // 2 tokens before the fi
 at the last token, whichever is earlier). Labels are fixed per token before cutting, so truncation never puts a
 label on a prompt token.
 
-Bad records: data_process.py validates and reports bad lines; these datasets trust their canonical files and raise
-ValueError("file:line: reason") on a record that is not canonical, rather than skipping it silently.
+Bad records: data_process.py validates and reports bad lines; SFTDataset and DPODataset check every record of
+their canonical file at construction (whatever pack is), list the bad ones as `file:line: reason` (BadLines) and
+raise StageError naming the first and the count, so a bad file fails before step 1, never mid-training.
+
+Packed SFT (pack=True) is tokenized once into memory-mapped files beside the data, `<data>.sft-<key>.*` (see
+SFTDataset), keyed by the data file (size, mtime, head/tail hash), the tokenizer, max_seq_len and pack; a stage
+calls SFTDataset.prepare(path, tokenizer, max_seq_len) on rank 0, then a barrier, then builds the datasets.
 """
+import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .data_formats import publish
+from .runtime import BadLines, StageError
+
 IGNORE = -100
+
+
+def tokenizer_sha256(tokenizer_dir) -> str:
+    """sha256 of the tokenizer's tokenizer.json bytes: the identity recorded in packed files' meta.json."""
+    digest = hashlib.sha256()
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_warned_unchecked = set()  # packed files already warned about (no tokenizer_sha256 in their meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,13 +77,17 @@ class PretrainDataset(Dataset):
     """Row i = tokens[i*T : i*T + T + 1] of the packed stream (T = max_seq_len): consecutive rows share one
     token, so every token is a target exactly once and no row is padded."""
 
-    def __init__(self, path, max_seq_len, doc_mask=False):
+    def __init__(self, path, max_seq_len, doc_mask=False, tokenizer_sha256=None):
+        """tokenizer_sha256: the hash (model.dataset.tokenizer_sha256) of the tokenizer the run uses; a packed
+        file made with another tokenizer is then a StageError (its ids would mean other tokens)."""
         meta_path = packed_meta_path(path)
         if not os.path.isfile(path) or not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{path}: packed token file or its {os.path.basename(meta_path)} is missing "
                                     f"(make them with `python data_process.py pretrain --data_path <file.jsonl>`)")
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
+        if tokenizer_sha256 is not None:
+            check_packed_tokenizer(path, meta, tokenizer_sha256)
         self.path, self.max_seq_len, self.doc_mask = path, max_seq_len, doc_mask
         self.dtype = np.dtype(meta["dtype"])
         self.vocab_size, self.bos_id, self.eos_id = meta["vocab_size"], meta["bos_id"], meta["eos_id"]
@@ -100,6 +129,23 @@ class PretrainDataset(Dataset):
         return item
 
 
+def check_packed_tokenizer(path, meta, sha256):
+    """StageError when the packed file's meta names another tokenizer; a warning (once) when it names none."""
+    packed_with = meta.get("tokenizer_sha256")
+    if packed_with is None:
+        if path not in _warned_unchecked:
+            _warned_unchecked.add(path)
+            print(f"warning: {packed_meta_path(path)} does not record its tokenizer (packed by an older "
+                  f"data_process.py), so it cannot be checked against this run's tokenizer", file=sys.stderr)
+        return
+    if packed_with != sha256:
+        source = " ".join(meta.get("source") or []) or "<the source .jsonl>"
+        raise StageError(f"{path} was packed with tokenizer {meta.get('tokenizer', '?')} (sha256 {packed_with[:12]}) "
+                         f"but this run's tokenizer is a different one (sha256 {sha256[:12]}): its token ids would "
+                         f"mean other tokens. Re-pack with `python data_process.py pretrain --data_path {source} "
+                         f"--tokenizer_dir <this run's tokenizer dir>`")
+
+
 def pretrain_useful_fraction(dataset):
     """Share of the packed stream's tokens that are targets (not -100) in some row."""
     targets = len(dataset) * dataset.max_seq_len
@@ -135,7 +181,7 @@ class ChatEncoder:
         self._prefix = {}
 
     def _encode(self, texts):
-        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
 
     def prefix(self, role):
         if role not in self._prefix:
@@ -144,7 +190,14 @@ class ChatEncoder:
 
     def encode(self, messages, train_on="all"):
         """train_on: "all" = every assistant turn (SFT), "last" = only the final assistant turn (DPO response)."""
-        contents = self._encode([m["content"] for m in messages])
+        return self.assemble(messages, self._encode([m["content"] for m in messages]), train_on)
+
+    def encode_many(self, conversations, train_on="all"):
+        """encode() of many conversations with one tokenizer call (the same result, faster)."""
+        contents = iter(self._encode([m["content"] for messages in conversations for m in messages]))
+        return [self.assemble(messages, [next(contents) for _ in messages], train_on) for messages in conversations]
+
+    def assemble(self, messages, contents, train_on="all"):
         last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
         ids, labels = [], []
         for k, (message, content) in enumerate(zip(messages, contents)):
@@ -185,8 +238,13 @@ def pad_right(rows, value, length):
     return out
 
 
+LONG_PASS = 20_000  # records: a pass over more shows a progress bar
+
+
 class _JsonlRecords(Dataset):
     """Lazy random access to the records of a JSONL file: only the line index lives in memory."""
+
+    kind, command = "records", "data_process.py"
 
     def __init__(self, path, tokenizer, max_seq_len):
         if not os.path.isfile(path):
@@ -202,56 +260,220 @@ class _JsonlRecords(Dataset):
         with open(self.path, "rb") as f:
             f.seek(self.offsets[i])
             raw = f.readline()
-        where = f"{self.path}:{self.line_nos[i]}"
+        return self.parse(raw, f"{self.path}:{self.line_nos[i]}")
+
+    @staticmethod
+    def parse(raw, where):
         try:
             return json.loads(raw), where
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{where}: not valid JSON ({err}); clean the file with data_process.py") from None
 
+    def messages(self, record, where):
+        """The record's conversation(s), checked; ValueError("file:line: reason") when it is not canonical."""
+        raise NotImplementedError
+
+    def validate(self, each=None, desc=None):
+        """Parse and check every record before training starts; each(i, messages) sees every good one. Bad
+        records are listed as `file:line: reason` (model.runtime.BadLines); any bad one is a StageError."""
+        from tqdm import tqdm
+        bad = BadLines()
+        first = None
+        with open(self.path, "rb") as f:
+            for i, (offset, line_no) in enumerate(tqdm(zip(self.offsets, self.line_nos), total=len(self.offsets),
+                                                       desc=desc or f"checking {os.path.basename(self.path)}",
+                                                       unit=" records", file=sys.stderr,
+                                                       disable=desc is None and len(self.offsets) < LONG_PASS)):
+                f.seek(offset)
+                where = f"{self.path}:{line_no}"
+                bad.total += 1
+                try:
+                    messages = self.messages(*self.parse(f.readline(), where))
+                except ValueError as err:
+                    reason = str(err)[len(where):].lstrip(": ") if str(err).startswith(where) else str(err)
+                    bad.add(self.path, line_no, reason)
+                    first = first or f"{where}: {reason}"
+                    continue
+                if each is not None:
+                    each(i, messages)
+        if bad.count:
+            print(bad.summary(), file=sys.stderr)
+            raise StageError(f"{self.path}: {bad.count} of {bad.total} records are not canonical {self.kind}, "
+                             f"the first: {first} (convert the raw file with `python {self.command} --data_path "
+                             f"<raw file>`)")
+
     def __len__(self):
         return len(self.offsets)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# SFT: packed rows are tokenized once into a memory-mapped cache beside the data
+
+SFT_CACHE_VERSION = 1
+
+
+def _tokenizer_identity(tokenizer) -> str:
+    """sha256 of what decides the encoding: the tokenizer's full serialization and its special ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    text += json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _data_identity(path) -> dict:
+    """Size, mtime and a hash of the first and last MiB: any edit changes at least one (cheap on big files)."""
+    stat = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, stat.st_size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head_tail_sha256": digest.hexdigest()}
+
+
+def sft_cache_key(path, tokenizer, max_seq_len, pack=True) -> dict:
+    return {"version": SFT_CACHE_VERSION, "data": _data_identity(path), "tokenizer": _tokenizer_identity(tokenizer),
+            "max_seq_len": max_seq_len, "pack": bool(pack)}
+
+
+def sft_cache_base(path, key) -> str:
+    """<data>.sft-<16 hex of the key's hash>; files: .ids.bin .labels.bin .idx.npy .rows.npy .meta.json"""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{path}.sft-{digest}"
+
+
+SFT_CACHE_FILES = (".ids.bin", ".labels.bin", ".idx.npy", ".rows.npy")
+
+
 class SFTDataset(_JsonlRecords):
-    """Conversations; the loss covers every assistant turn. pack=True concatenates consecutive conversations
-    into rows of up to max_seq_len tokens (tokenizing the whole file once at start-up), with position_ids
-    restarting per conversation so the model keeps them apart."""
+    """Conversations; the loss covers every assistant turn. Every record is checked at construction (a bad one
+    is a StageError naming file:line before step 1). pack=True concatenates consecutive conversations into rows
+    of up to max_seq_len tokens, with position_ids restarting per conversation so the model keeps them apart;
+    the packed encoding lives in a memory-mapped cache beside the data (SFTDataset.prepare), built once and
+    reused until the data, the tokenizer or max_seq_len changes.
+
+    Cache <data>.sft-<key hash>.*: ids.bin (uint16/uint32 token ids of every conversation, back to back),
+    labels.bin (uint8, 1 = the token is a target: its label is its id), idx.npy (int64 conversation starts,
+    n + 1), rows.npy (int64 first conversation of each packed row, n_rows + 1), meta.json (the key; last)."""
+
+    kind, command = 'SFT records ({"conversations": [...]})', "data_process.py sft"
 
     def __init__(self, path, tokenizer, max_seq_len, pack=False):
         super().__init__(path, tokenizer, max_seq_len)
-        self.rows = None
+        self.pack, self.cache, self._arrays = pack, None, None
         if pack:
-            self.rows, current, length = [], [], 0
-            for i in range(len(self.offsets)):
-                n = len(self.encode(i)[0])
-                if current and length + n > max_seq_len:
-                    self.rows.append(current)
-                    current, length = [], 0
-                current.append(i)
+            self.cache = self.prepare(path, tokenizer, max_seq_len, pack=True, _records=self)
+            self.n_rows = len(np.load(self.cache + ".rows.npy", mmap_mode="r")) - 1
+        else:
+            self.validate()
+
+    @classmethod
+    def prepare(cls, path, tokenizer, max_seq_len, pack=True, _records=None) -> str:
+        """Build the packed cache of `path` if it is missing or stale; return its base path. A stage runs this
+        on rank 0, then a barrier, then constructs the dataset everywhere (the constructor calls it too)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (make it with `python data_process.py sft`)")
+        key = sft_cache_key(path, tokenizer, max_seq_len, pack)
+        base = sft_cache_base(path, key)
+        try:
+            with open(base + ".meta.json", encoding="utf-8") as f:
+                if json.load(f).get("key") == key and all(os.path.isfile(base + s) for s in SFT_CACHE_FILES):
+                    return base
+        except (OSError, ValueError):
+            pass
+        records = _records
+        if records is None:  # only the line index: _build_cache checks every record as it tokenizes
+            records = cls.__new__(cls)
+            _JsonlRecords.__init__(records, path, tokenizer, max_seq_len)
+        records._build_cache(base, key)
+        return base
+
+    def _build_cache(self, base, key):
+        dtype = np.uint16 if len(self.encoder.tokenizer) <= 1 << 16 else np.uint32
+        tmp = f".tmp-{os.getpid()}"
+        ids_file, labels_file = open(base + ".ids.bin" + tmp, "wb"), open(base + ".labels.bin" + tmp, "wb")
+        lengths, pending = np.zeros(len(self.offsets), dtype=np.int64), []
+
+        def flush():
+            for i, (ids, labels) in zip((i for i, _ in pending), self.encoder.encode_many([m for _, m in pending])):
+                ids, labels = np.array(ids, dtype=np.int64), np.array(labels, dtype=np.int64)
+                target = labels != IGNORE
+                assert (labels[target] == ids[target]).all()  # a label is always its own token: a mask suffices
+                ids_file.write(ids.astype(dtype).tobytes())
+                labels_file.write(target.astype(np.uint8).tobytes())
+                lengths[i] = len(ids)
+            pending.clear()
+
+        def each(i, messages):
+            pending.append((i, messages))
+            if len(pending) >= 256:
+                flush()
+
+        try:
+            self.validate(each, desc=f"SFT cache: tokenizing {os.path.basename(self.path)}")  # checks as it goes
+            flush()
+            for f in (ids_file, labels_file):
+                publish(f.name, f.name[:-len(tmp)], f)
+            starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            rows, length = [0], 0
+            for i, n in enumerate(lengths.tolist()):  # greedy packing in file order
+                if i > rows[-1] and length + n > self.encoder.max_seq_len:
+                    rows.append(i)
+                    length = 0
                 length += n
-            self.rows.append(current)
-        self[0]  # a file in the wrong format fails now, not hours into training
+            rows.append(len(lengths))
+            for suffix, array in ((".idx.npy", starts), (".rows.npy", np.array(rows, dtype=np.int64))):
+                with open(base + suffix + tmp, "wb") as f:
+                    np.save(f, array)
+                    publish(f.name, base + suffix, f)
+            with open(base + ".meta.json" + tmp, "w", encoding="utf-8") as f:  # last: its presence = complete
+                json.dump({"key": key, "source": self.path, "dtype": np.dtype(dtype).name,
+                           "n_conversations": len(lengths), "n_rows": len(rows) - 1, "n_tokens": int(starts[-1])}, f)
+                publish(f.name, base + ".meta.json", f)
+        finally:
+            for f in (ids_file, labels_file):
+                f.close()
+                if os.path.exists(f.name):
+                    os.remove(f.name)
+
+    def _open_cache(self):
+        if self._arrays is None:
+            with open(self.cache + ".meta.json", encoding="utf-8") as f:
+                dtype = json.load(f)["dtype"]
+            self._arrays = (np.memmap(self.cache + ".ids.bin", dtype=dtype, mode="r"),
+                            np.memmap(self.cache + ".labels.bin", dtype=np.uint8, mode="r"),
+                            np.load(self.cache + ".idx.npy", mmap_mode="r"),
+                            np.load(self.cache + ".rows.npy", mmap_mode="r"))
+        return self._arrays
+
+    def __getstate__(self):  # DataLoader workers re-open the memmaps instead of receiving copies
+        return {**self.__dict__, "_arrays": None}
+
+    def messages(self, record, where):
+        if not isinstance(record, dict) or "conversations" not in record:
+            raise ValueError(f'{where}: expected {{"conversations": [...]}}')
+        return _check_messages(record["conversations"], where)
 
     def encode(self, i):
-        record, where = self.record(i)
-        if not isinstance(record, dict) or "conversations" not in record:
-            raise ValueError(f'{where}: expected {{"conversations": [...]}}; convert with `data_process.py sft`')
-        return self.encoder.encode(_check_messages(record["conversations"], where), train_on="all")
+        return self.encoder.encode(self.messages(*self.record(i)), train_on="all")
 
     def __len__(self):
-        return len(self.rows) if self.rows is not None else len(self.offsets)
+        return self.n_rows if self.pack else len(self.offsets)
 
     def __getitem__(self, i):
-        if self.rows is None:
+        if not self.pack:
             ids, labels = self.encode(i)
             return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-        ids, labels, positions = [], [], []
-        for j in self.rows[i]:
-            conv_ids, conv_labels = self.encode(j)
-            ids += conv_ids
-            labels += conv_labels
-            positions += range(len(conv_ids))
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
+        if not 0 <= i < self.n_rows:
+            raise IndexError(i)
+        ids_mm, labels_mm, starts, rows = self._open_cache()
+        first, last = int(rows[i]), int(rows[i + 1])
+        bounds = np.asarray(starts[first:last + 1])
+        a, b = int(bounds[0]), int(bounds[-1])
+        ids = torch.from_numpy(ids_mm[a:b].astype(np.int64))
+        labels = torch.where(torch.from_numpy(labels_mm[a:b].astype(bool)), ids, IGNORE)
+        positions = torch.arange(b - a) - torch.from_numpy(np.repeat(bounds[:-1] - a, np.diff(bounds)))
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
     def collate(self, batch):
         length = max(len(item["input_ids"]) for item in batch)
@@ -267,19 +489,25 @@ class SFTDataset(_JsonlRecords):
 
 
 class DPODataset(_JsonlRecords):
-    """Preference pairs; labels only on the final assistant turn (the response), prompts encoded as in SFT."""
+    """Preference pairs; labels only on the final assistant turn (the response), prompts encoded as in SFT.
+    Every record is checked at construction: a bad one is a StageError naming file:line before step 1."""
+
+    kind, command = 'DPO records ({"chosen": [...], "rejected": [...]})', "data_process.py dpo"
 
     def __init__(self, path, tokenizer, max_seq_len):
         super().__init__(path, tokenizer, max_seq_len)
-        self[0]  # a file in the wrong format fails now, not hours into training
+        self.validate()
+
+    def messages(self, record, where):
+        if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+            raise ValueError(f'{where}: expected {{"chosen": [...], "rejected": [...]}}')
+        return {side: _check_messages(record[side], f"{where} ({side})") for side in ("chosen", "rejected")}
 
     def __getitem__(self, i):
-        record, where = self.record(i)
-        if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
-            raise ValueError(f'{where}: expected {{"chosen": [...], "rejected": [...]}}; convert with `data_process.py dpo`')
+        sides = self.messages(*self.record(i))
         item = {}
         for side in ("chosen", "rejected"):
-            ids, labels = self.encoder.encode(_check_messages(record[side], f"{where} ({side})"), train_on="last")
+            ids, labels = self.encoder.encode(sides[side], train_on="last")
             item[f"{side}_input_ids"], item[f"{side}_labels"] = torch.tensor(ids), torch.tensor(labels)
         return item
 

@@ -63,7 +63,7 @@ import torch
 
 from .checkpoint import find_run, load_tokenizer
 from .generate import check_sampling, generate_batch, left_pad, stream_reply  # re-exported: the eval scripts' API
-from .runtime import DEFAULT_TOKENIZER_DIR, StageError, pick_device, pick_dtype, run_stage
+from .runtime import DEFAULT_TOKENIZER_DIR, BadLines, StageError, pick_device, pick_dtype, run_stage
 
 PRETRAIN_STAGES = ("pretrain",)
 CHAT_STAGES = ("dpo", "sft_multi", "sft_single")
@@ -208,7 +208,7 @@ def read_eval_file(path, mode):
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if not os.path.isfile(path):
         raise StageError(f"eval file not found: {path}")
-    records, n_bad = [], 0
+    records, bad = [], BadLines(REPORT_LIMIT)
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
@@ -220,12 +220,12 @@ def read_eval_file(path, mode):
                 reason = "invalid UTF-8"
             except json.JSONDecodeError as err:
                 reason = f"invalid JSON ({err.msg} at column {err.colno})"
+            bad.total += 1
             if reason:
-                n_bad += 1
-                if n_bad <= REPORT_LIMIT:
-                    print(f"{path}:{line_no}: {reason}", file=sys.stderr)
+                bad.add(path, line_no, reason)
                 continue
             records.append({**record, "line": line_no})
+    n_bad = bad.count
     if n_bad > REPORT_LIMIT:
         print(f"{path}: ... {n_bad - REPORT_LIMIT} more bad lines not shown", file=sys.stderr)
     if not records:

@@ -183,9 +183,43 @@ def test_sft_alpaca_json_array(tmp_path):
 def test_sft_alpaca_array_syntax_error_names_its_line(tmp_path, capsys):
     path = tmp_path / "broken.json"
     path.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c", "output": \n}\n]\n')
-    single, _ = run_sft(tmp_path, path, extra=["--max_bad_ratio", "0.9"])
-    assert single == [conv(("a", "b"))]
-    assert f"{path}:4: malformed JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        run_sft(tmp_path, path, extra=["--max_bad_ratio", "0.9"])
+    assert f"{path}:4: malformed JSON" in str(exit_info.value.code)
+    assert "reading stopped at byte 41 (line 3)" in str(exit_info.value.code)
+
+
+def broken_array(tmp_path, n=50_000, good=200):
+    """A JSON array of n alpaca records whose element `good` (0-based) is cut off: the rest is unreadable."""
+    records = [json.dumps({"instruction": f"问题{i}", "input": "", "output": f"答案{i}"}, ensure_ascii=False)
+               for i in range(n)]
+    records[good] = records[good][:-5]  # drop the closing `"}` and more: a syntax error inside element `good`
+    path = tmp_path / "big.json"
+    path.write_text("[\n" + ",\n".join(records) + "\n]\n", encoding="utf-8")
+    return path, len("[\n".encode()) + sum(len((r + ",\n").encode()) for r in records[:good])
+
+
+def test_sft_unreadable_array_remainder_fails_whatever_max_bad_ratio(tmp_path, capsys):
+    path, offset = broken_array(tmp_path)
+    size = os.path.getsize(path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_sft(tmp_path, path, extra=["--max_bad_ratio", "0.5"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: {path}:202: malformed JSON")  # element 200 is on line 202
+    assert f"reading stopped at byte {offset} (line 202), {size - offset} bytes " \
+           f"({(size - offset) / size:.2%} of the file) left unread" in message
+    assert os.listdir(tmp_path / "out") == []  # nothing published
+
+
+def test_pretrain_unreadable_csv_remainder_fails(tmp_path):
+    path = tmp_path / "corpus.csv"
+    path.write_text("text\n" + "".join(f"文档{i}\n" for i in range(300)) + '"unterminated\n' +
+                    "".join(f"文档{i}\n" for i in range(5000)), encoding="utf-8")  # the quote swallows the rest
+    with pytest.raises(SystemExit) as exit_info:
+        data_process.main(["pretrain", "--data_path", str(path), "--num_workers", "1", "--max_bad_ratio", "0.5"])
+    message = str(exit_info.value.code)
+    assert f"{path}:302: malformed CSV" in message and "(line 302)" in message and "left unread" in message
+    assert sorted(os.listdir(tmp_path)) == ["corpus.csv"]
 
 
 def test_sft_bad_records_are_reported(tmp_path, capsys):
@@ -337,3 +371,67 @@ def test_json_array_reader_streams_across_chunk_boundaries(tmp_path):
     path.write_text('[{"a": 1}] trailing', encoding="utf-8")
     last = list(iter_json_array(str(path), chunk_chars=4))[-1][1]
     assert isinstance(last, BadRecord) and last.kind == "malformed JSON"
+
+
+def test_json_array_reader_many_elements_tiny_chunks(tmp_path):
+    from model.data_formats import Unreadable, iter_json_array
+    records = [{"i": i, "text": "字" * (i % 7), "n": [i] * (i % 3)} if i % 5 else i * 1001 for i in range(3000)]
+    path = tmp_path / "a.json"
+    lines = ["["] + [json.dumps(r, ensure_ascii=False) + ("," if i < len(records) - 1 else "")
+                     + "\r\n" * (i % 3) for i, r in enumerate(records)] + ["]"]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    expected_lines, line = [], 2
+    for i in range(len(records)):
+        expected_lines.append(line)
+        line += 1 + i % 3
+    for chunk_chars in (1, 3, 64):
+        got = list(iter_json_array(str(path), chunk_chars=chunk_chars))
+        assert [r for _, r, _ in got] == records  # numbers cut by a chunk boundary are read whole
+        assert [n for n, _, _ in got] == expected_lines
+    path.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # the closing bracket is missing
+    last = list(iter_json_array(str(path), chunk_chars=5))[-1][1]
+    assert isinstance(last, Unreadable) and last.unread == 0 and "file ends inside the array" in str(last)
+
+
+
+def record_publishing(monkeypatch):
+    """Patch os.fsync / os.replace to log ("fsync", path of the fd) and ("replace", src, dst), in order."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def assert_published_durably(events, final):
+    final = os.path.realpath(final)
+    k = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == final)
+    assert ("fsync", events[k][1]) in events[:k], f"{final}: temporary file not fsynced before the rename"
+    assert ("fsync", os.path.dirname(final)) in events[k + 1:], f"{final}: directory not fsynced after the rename"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd")
+def test_sft_outputs_are_fsynced_around_the_rename(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"conversations": conv(("q", "a"))}])
+    events = record_publishing(monkeypatch)
+    run_sft(tmp_path, path)
+    for name in ("sft_data_single.jsonl", "sft_data_multi.jsonl"):
+        assert_published_durably(events, tmp_path / "out" / name)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd")
+def test_packed_outputs_are_fsynced_around_the_rename(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS])
+    events = record_publishing(monkeypatch)
+    data_process.main(["pretrain", "--data_path", src, "--num_workers", "1", "--val_ratio", "0.2"])
+    for part in ("c", "c.val"):
+        for suffix in (".bin", ".idx.npy", ".meta.json"):
+            assert_published_durably(events, tmp_path / f"{part}{suffix}")

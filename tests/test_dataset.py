@@ -96,6 +96,30 @@ def test_pretrain_size_mismatch_is_a_clear_error(tmp_path):
         PretrainDataset(str(tmp_path / "missing.bin"), 16)
 
 
+def test_pretrain_packed_with_another_tokenizer_is_a_stage_error(tmp_path, capsys):
+    from conftest import SHIPPED_TOKENIZER
+    from model.dataset import tokenizer_sha256
+    from model.runtime import StageError
+    path, _ = packed_file(tmp_path, TEXTS)
+    shipped = tokenizer_sha256(SHIPPED_TOKENIZER)
+    meta_path = tmp_path / "corpus.meta.json"
+    assert json.loads(meta_path.read_text())["tokenizer_sha256"] == shipped  # data_process uses the same hash
+    assert len(PretrainDataset(path, 16, tokenizer_sha256=shipped)) > 0
+    other = "ab" * 32
+    with pytest.raises(StageError) as info:
+        PretrainDataset(path, 16, tokenizer_sha256=other)
+    message = str(info.value)
+    assert SHIPPED_TOKENIZER in message and shipped[:12] in message and other[:12] in message
+    assert "data_process.py pretrain" in message and "--tokenizer_dir" in message
+    meta = json.loads(meta_path.read_text())
+    del meta["tokenizer_sha256"]  # packed by an older data_process.py: warned about once, not an error
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    PretrainDataset(path, 16, tokenizer_sha256=other)
+    PretrainDataset(path, 16, tokenizer_sha256=other)
+    assert capsys.readouterr().err.count("does not record its tokenizer") == 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # chat data
 
@@ -201,13 +225,104 @@ def test_sft_packing_keeps_conversations_apart(tmp_path, tokenizer):
     assert token_fractions(batch)["non_pad"] > 0.5
 
 
-def test_sft_bad_record_names_file_and_line(tmp_path, tokenizer):
-    path = jsonl(tmp_path, "bad.jsonl", [{"conversations": CONVERSATION}, {"text": "pretraining text"}])
-    ds = SFTDataset(path, tokenizer, 64)
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected"):
-        ds[1]
-    with pytest.raises(ValueError, match=r"pre\.jsonl:1: expected"):  # wrong file type fails at construction
-        SFTDataset(jsonl(tmp_path, "pre.jsonl", [{"text": "x"}]), tokenizer, 64)
+@pytest.mark.parametrize("pack", [False, True])
+def test_sft_bad_records_fail_at_construction_whatever_pack(tmp_path, tokenizer, capsys, pack):
+    from model.runtime import StageError
+    good = {"conversations": CONVERSATION}
+    path = jsonl(tmp_path, "bad.jsonl", [good, good, {"text": "pretraining text"}, good,
+                                         {"conversations": CONVERSATION[:-1]}] + [good] * 3)
+    with pytest.raises(StageError) as info:
+        SFTDataset(path, tokenizer, 64, pack=pack)
+    assert f"{path}: 2 of 8 records are not canonical SFT" in str(info.value)
+    assert f'the first: {path}:3: expected {{"conversations": [...]}}' in str(info.value)
+    err = capsys.readouterr().err
+    assert f"{path}:3: expected" in err and f"{path}:5: the last message must be from the assistant" in err
+    assert not [name for name in os.listdir(tmp_path) if ".sft-" in name]  # no cache of a bad file
+
+
+def test_dpo_bad_records_fail_at_construction(tmp_path, tokenizer):
+    from model.runtime import StageError
+    good = {"chosen": CONVERSATION, "rejected": CONVERSATION[:-1] + [{"role": "assistant", "content": "不"}]}
+    path = jsonl(tmp_path, "dpo.jsonl", [good] * 5 + [{"chosen": CONVERSATION, "rejected": "x"}])
+    with pytest.raises(StageError, match=r"dpo\.jsonl: 1 of 6 records .* the first: .*dpo\.jsonl:6: \(rejected\): "
+                                         r"expected a non-empty list"):
+        DPODataset(path, tokenizer, 64)
+
+
+def old_packed_items(path, tokenizer, max_seq_len):
+    """The packed items as the in-memory implementation built them (the reference for the cache)."""
+    from model.dataset import ChatEncoder
+    encoder = ChatEncoder(tokenizer, max_seq_len)
+    with open(path, encoding="utf-8") as f:
+        encodings = [encoder.encode(json.loads(line)["conversations"]) for line in f if line.strip()]
+    rows, current, length = [], [], 0
+    for i, (ids, _) in enumerate(encodings):
+        if current and length + len(ids) > max_seq_len:
+            rows.append(current)
+            current, length = [], 0
+        current.append(i)
+        length += len(ids)
+    rows.append(current)
+    items = []
+    for row in rows:
+        ids, labels, positions = [], [], []
+        for j in row:
+            ids += encodings[j][0]
+            labels += encodings[j][1]
+            positions += range(len(encodings[j][0]))
+        items.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return items
+
+
+def as_lists(ds):
+    return [{k: v.tolist() for k, v in ds[i].items()} for i in range(len(ds))]
+
+
+def sft_caches(tmp_path):
+    return sorted({name.split(".sft-")[1].split(".")[0] for name in os.listdir(tmp_path) if ".sft-" in name})
+
+
+def test_sft_packed_cache_items_equal_the_in_memory_encoding_across_a_rebuild(tmp_path, tokenizer):
+    convs = [{"conversations": CONVERSATION[:1 + 2 * (i % 3 + 1)]} for i in range(30)]
+    convs += [{"conversations": [{"role": "user", "content": "长" * 300}, {"role": "assistant", "content": "短"}]}]
+    path = jsonl(tmp_path, "sft.jsonl", convs)
+    expected = old_packed_items(path, tokenizer, 96)
+    first = SFTDataset(path, tokenizer, 96, pack=True)
+    assert as_lists(first) == expected
+    assert len(sft_caches(tmp_path)) == 1
+    cache_files = sorted(os.listdir(tmp_path))
+    assert SFTDataset.prepare(path, tokenizer, 96) == first.cache  # reused, not rebuilt
+    for name in cache_files:
+        if ".sft-" in name and not name.endswith(".meta.json"):
+            os.remove(tmp_path / name)  # a cache with a missing part is rebuilt
+    assert as_lists(SFTDataset(path, tokenizer, 96, pack=True)) == expected
+    assert sorted(os.listdir(tmp_path)) == cache_files and not [n for n in cache_files if ".tmp" in n]
+    # a DataLoader worker gets paths, not arrays, and reopens the memmaps
+    first[0]
+    assert first._arrays is not None and len(pickle.dumps(first)) < len(pickle.dumps(tokenizer)) + 10_000
+    clone = pickle.loads(pickle.dumps(first))
+    assert clone._arrays is None and as_lists(clone) == expected
+
+
+def test_sft_cache_is_rebuilt_when_data_tokenizer_or_length_change(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+    from conftest import SHIPPED_TOKENIZER
+    convs = [{"conversations": CONVERSATION[:3]}] * 10
+    path = jsonl(tmp_path, "sft.jsonl", convs)
+    base = SFTDataset.prepare(path, tokenizer, 64)
+    assert SFTDataset.prepare(path, tokenizer, 64) == base
+    assert SFTDataset.prepare(path, tokenizer, 128) != base  # other max_seq_len
+    other = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
+    assert SFTDataset.prepare(path, other, 64) == base  # an equal tokenizer loaded again: same cache
+    other.add_tokens(["张伟出生"])  # a different tokenizer encodes differently
+    assert SFTDataset.prepare(path, other, 64) != base
+    assert as_lists(SFTDataset(path, other, 64, pack=True)) == old_packed_items(path, other, 64)
+    n_caches = len(sft_caches(tmp_path))
+    edited = [{"conversations": CONVERSATION[:5]}] + convs[1:]  # the data edited
+    jsonl(tmp_path, "sft.jsonl", edited)
+    ds = SFTDataset(path, tokenizer, 64, pack=True)
+    assert ds.cache != base and len(sft_caches(tmp_path)) == n_caches + 1
+    assert as_lists(ds) == old_packed_items(path, tokenizer, 64)
 
 
 def test_dpo_labels_only_the_response_and_prompts_match(tmp_path, tokenizer):
