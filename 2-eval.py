@@ -12,6 +12,7 @@ Run as:
 
 The checkpoint defaults to the newest of out/dpo_* > out/sft_multi_* > out/sft_single_* (the latest stage you ran).
 Prompts go through the tokenizer's chat template (`<s>{role}\\n{content}</s>\\n` per message, then `<s>assistant\\n`).
+Typed text stays text: a `<s>` or `</s>` in a question never becomes a control token (evaluate.encode_chat).
 Questions from the built-in list or --prompts are asked one by one, each on its own. In --interactive mode the
 conversation is kept: when it no longer fits in the model's context (max_seq_len minus --max_new_tokens) the
 oldest turns are dropped first. Commands: /reset forgets the conversation, /quit leaves.

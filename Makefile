@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo serve clean
 
 # Idempotent: re-running only installs what is missing.
 $(VENV)/.installed: requirements.txt
@@ -26,6 +26,11 @@ test-fast: setup
 
 demo: setup
 	$(PY) demo.py
+
+# OpenAI-compatible API + chat page on the newest checkpoint; override e.g. SERVE_ARGS="--port 9000".
+SERVE_ARGS ?=
+serve: setup
+	$(PY) serve_openai_api.py $(SERVE_ARGS)
 
 clean:
 	rm -rf out dataset/demo

@@ -10,6 +10,7 @@ Run as:
     python bench.py --only train,decode      # some sections: peak, train, decode, moe, data
     python bench.py --dim 64 --n_layers 2 --seq_len 64 --batch_size 2 --steps 2 --new_tokens 16 --no-compile
     python bench.py --gpu                    # MFU of a ~100M-parameter model on one GPU (bench_gpu.py)
+    python bench.py --only serve             # the HTTP server under 1, 4, 16 streaming clients (docs/serving.md)
 
 Sections
     peak    GFLOP/s of a large fp32 (and bf16) matmul: this machine's practical peak, timed in this run
@@ -30,6 +31,8 @@ Sections
             process's own memory is the anonymous part.) Also: records/s of data_process.py's streaming JSON
             array reader (model.data_formats.iter_json_array) on a generated array of --reader_records small
             alpaca records, next to json.load of the same file (the whole file in memory: the reference speed).
+    serve   (--serve or --only serve) serve_openai_api.py as a subprocess, random weights of the shape flags: aggregate
+            decode tokens/s and time to first token for 1, 4, 16 concurrent streaming clients (openai client)
 """
 import argparse
 import json
@@ -437,7 +440,111 @@ def table(results: dict) -> str:
             lines.append(f"  iter_json_array (streaming)                  {r['iter_json_array_records_s']:10.0f} "
                          f"{r['speed_vs_json_load']:10.2f}")
             lines.append(f"  json.load (whole file in memory)             {r['json.load_records_s']:10.0f}       1.00")
-    return "\n".join(lines)
+    return "\n".join(lines + serve_table(results.get("serve")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# serve: the HTTP server (serve_openai_api.py) under concurrent streaming clients
+
+def bench_serve(args) -> dict:
+    """Aggregate decode tokens/s and time to first token for 1, 4, 16 concurrent streaming clients, each running
+    --serve_requests requests back to back through the real openai client. max_tokens varies per request (so
+    requests join and leave the batch at different steps, as under real load); median / p90 TTFT over all
+    requests, the first burst included. The model: LMConfig from the shape flags, random weights (the speed
+    does not depend on what it learnt), in a temporary checkpoint with the shipped tokenizer."""
+    import socket
+    import threading
+    import urllib.request
+
+    import openai
+
+    from model.checkpoint import copy_tokenizer
+    from model.runtime import DEFAULT_TOKENIZER_DIR
+
+    out = {"clients": {}, "max_tokens": f"{args.serve_tokens // 2}..{args.serve_tokens}",
+           "requests_per_client": args.serve_requests}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = os.path.join(tmp, "random")
+        torch.manual_seed(0)
+        Transformer(model_config(args)).save_pretrained(checkpoint)
+        copy_tokenizer(DEFAULT_TOKENIZER_DIR, checkpoint)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(os.path.join(tmp, "server.log"), "w")
+        server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve_openai_api.py"), "--checkpoint",
+                                   checkpoint, "--port", str(port), "--max_batch", "16", "--device", "cpu",
+                                   "--log_level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 180
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.time() > deadline:
+                        raise RuntimeError(open(os.path.join(tmp, "server.log")).read())
+                    time.sleep(0.5)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
+
+            def one(max_tokens):
+                """-> (completion tokens, seconds to the first token)"""
+                start, first, usage = time.perf_counter(), None, None
+                for chunk in client.chat.completions.create(
+                        model="nano-llm", messages=[{"role": "user", "content": "请介绍一下长江。"}],
+                        max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True}):
+                    if chunk.choices and chunk.choices[0].delta.content and first is None:
+                        first = time.perf_counter() - start
+                    usage = chunk.usage or usage
+                return usage.completion_tokens, first
+
+            one(8)  # warm-up
+            for n_clients in (1, 4, 16):
+                results, lock = [], threading.Lock()
+
+                def run_client(i):
+                    for k in range(args.serve_requests):
+                        half = args.serve_tokens // 2
+                        r = one(half + (7 * i + 13 * k) % (half + 1))
+                        with lock:
+                            results.append(r)
+
+                threads = [threading.Thread(target=run_client, args=(i,)) for i in range(n_clients)]
+                start = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - start
+                ttft = sorted(r[1] for r in results)
+                out["clients"][n_clients] = {"tok_s": sum(r[0] for r in results) / wall,
+                                             "ttft_median_s": statistics.median(ttft),
+                                             "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
+                                             "requests": len(results), "wall_s": wall}
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            log.close()
+    one_client = out["clients"][1]
+    for row in out["clients"].values():
+        row["x_one_client"] = row["tok_s"] / one_client["tok_s"]
+        row["ttft_x_one_client"] = row["ttft_median_s"] / one_client["ttft_median_s"]
+    return out
+
+
+def serve_table(serve) -> list:
+    if not serve:
+        return []
+    lines = ["", f"serving (serve_openai_api.py, streaming chat, max_tokens {serve['max_tokens']}, "
+                 f"{serve['requests_per_client']} requests per client)",
+             "  clients    tok/s   x 1 client   TTFT median    p90   x 1 client"]
+    for n, r in serve["clients"].items():
+        lines.append(f"  {n:>7}  {r['tok_s']:7.1f}  {r['x_one_client']:10.2f}   {1000 * r['ttft_median_s']:8.0f} ms "
+                     f"{1000 * r['ttft_p90_s']:5.0f} ms {r['ttft_x_one_client']:9.2f}")
+    return lines
 
 
 def machine() -> str:
@@ -484,6 +591,10 @@ def main():
     parser.add_argument("--save_json", default=None, help="also write the JSON to this file")
     parser.add_argument("--table_from", default=None, help="print the table of a JSON file saved earlier, and exit")
     parser.add_argument("--gpu", action="store_true", help="run bench_gpu.py (MFU on one GPU) instead")
+    parser.add_argument("--serve", action="store_true",
+                        help="add the serving section (HTTP server, 1/4/16 streaming clients; also --only serve)")
+    parser.add_argument("--serve_tokens", type=int, default=64, help="serve: max_tokens per request (half to all)")
+    parser.add_argument("--serve_requests", type=int, default=3, help="serve: requests per client, back to back")
     args = parser.parse_args()
     if args.table_from:
         with open(args.table_from) as f:
@@ -492,8 +603,9 @@ def main():
         gpu_cmd = [sys.executable, os.path.join(ROOT, "bench_gpu.py")] + (["--json"] if args.json else [])
         sys.exit(subprocess.run(gpu_cmd).returncode)
 
-    sections = args.only.split(",") if args.only else ["peak", "train", "decode", "data"] + (["moe"] if args.moe else [])
-    unknown = set(sections) - {"peak", "train", "decode", "moe", "data"}
+    sections = args.only.split(",") if args.only else ["peak", "train", "decode", "data"] + (["moe"] if args.moe else []) \
+        + (["serve"] if args.serve else [])
+    unknown = set(sections) - {"peak", "train", "decode", "moe", "data", "serve"}
     if unknown:
         parser.error(f"unknown section(s) in --only: {', '.join(sorted(unknown))}")
     results = {"machine": machine(), "command": "python " + " ".join(sys.argv),
@@ -502,7 +614,8 @@ def main():
     if "peak" in sections or "train" in sections:
         results["peak"] = bench_peak(args)
     for name, fn in (("train", lambda: bench_train(args, results["peak"])), ("decode", lambda: bench_decode(args)),
-                     ("moe", lambda: bench_moe(args)), ("data", lambda: bench_data(args))):
+                     ("moe", lambda: bench_moe(args)), ("data", lambda: bench_data(args)),
+                     ("serve", lambda: bench_serve(args))):
         if name in sections:
             results[name] = fn()
             if not args.json:

@@ -131,8 +131,21 @@ def encode_completion(tokenizer, text: str) -> list:
 
 
 def encode_chat(tokenizer, messages) -> list:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """The chat template's ids (`<s>{role}\\n` + content + `</s>\\n` per message, then `<s>assistant\\n`), built
+    piece by piece like model.dataset.ChatEncoder: a `<s>`, `</s>` or role header typed inside a message stays
+    text (split_special_tokens), so a user cannot forge a turn. Equal to apply_chat_template for normal text."""
+    def encode(texts):
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    roles = [m["role"] for m in messages] + ["assistant"]
+    headers = encode([f"{role}\n" for role in roles])
+    contents = encode([m["content"] for m in messages]) if messages else []
+    newline = encode(["\n"])[0]
+    ids = []
+    for header, content in zip(headers, contents):
+        ids += [bos] + header + content + [eos] + newline
+    return ids + [bos] + headers[-1]
 
 
 def context_budget(max_seq_len: int, max_new_tokens: int) -> int:
