@@ -78,7 +78,17 @@ def init_runtime(device_arg="auto") -> Runtime:
     if ddp:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if attempt:
+            # After `torchrun --max_restarts` restarted the group, the launcher's store still holds the dead
+            # workers' addresses under the same keys; a fresh prefix per attempt keeps the new group from
+            # connecting to them (gloo: "connectFullMesh ... Connection refused").
+            store, rank, world_size = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"nano-llm/attempt_{attempt}", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend)
     return Runtime(device, ddp, rank, local_rank, world_size)
 
 
