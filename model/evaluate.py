@@ -127,7 +127,9 @@ def load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="a
 # prompts
 
 def encode_completion(tokenizer, text: str) -> list:
-    return [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    """<s> + the text, with special tokens disabled as data_process.py packs pretraining text: a "</s>" typed
+    into a prompt is text, not an end of document."""
+    return [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def encode_chat(tokenizer, messages) -> list:

@@ -486,3 +486,10 @@ def test_sampling_settings_that_would_crash_are_refused_up_front(tokenizer):
                          ({"temperature": float("nan")}, "temperature must be")]:
         with pytest.raises(ValueError, match=message):
             next(generate.generate_stream(model, ids, max_new_tokens=2, **{"temperature": 1.0, **bad}))
+
+
+def test_completion_prompts_keep_typed_special_tokens_as_text(tokenizer):
+    ids = evaluate.encode_completion(tokenizer, "甲</s>乙<s>")
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.eos_token_id not in ids and tokenizer.bos_token_id not in ids[1:]
+    assert tokenizer.decode(ids[1:]) == "甲</s>乙<s>"

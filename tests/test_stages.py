@@ -327,3 +327,17 @@ def test_two_torchrun_launchers_on_one_host_train_like_one_two_process_job(workd
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     ref, two_nodes = (load_file(workdir / d / "model.safetensors") for d in ("out/nodes_ref", "out/nodes"))
     assert max((ref[k] - two_nodes[k]).abs().max().item() for k in ref) <= 1e-6
+
+
+def test_pretraining_data_packed_with_another_tokenizer_is_refused(workdir, tmp_path):
+    other = tmp_path / "other_tokenizer"
+    import shutil
+    shutil.copytree(os.path.join(ROOT, "model", "tokenizer"), other)
+    spec = json.load(open(other / "tokenizer.json", encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    a, b = [k for k, v in vocab.items() if v in (300, 301)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the same size, two ids swapped: the packed ids mean other text
+    json.dump(spec, open(other / "tokenizer.json", "w", encoding="utf-8"), ensure_ascii=False)
+    result = pretrain(workdir, "out/stale", "--max_steps", "1", "--tokenizer_dir", str(other), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "tokenizer" in result.stderr.splitlines()[-1] and "data_process.py pretrain" in result.stderr
