@@ -17,19 +17,26 @@ The world
 - Two-digit arithmetic: a+b and a-b (a >= b), a, b in 10..99, written "37+45=82。". A fraction of the
   (op, a, b) triples is held out and appears nowhere except in the eval files.
 
+- `n_unknown` names of people who do not exist (drawn like the real names, in no pretraining text): asked
+  about, the assistant should say "我不知道X是谁。". Half of them are DPO's, the other half only in eval.
+
 Who appears where
-- pretraining text: every biography of every person + every training arithmetic triple.
-- SFT single / multi and DPO: questions about the "SFT people" only (a subset), training triples only.
-- eval files: questions about the "held-out people" (their facts are ONLY in the pretraining text) and
-  held-out arithmetic triples. So eval measures knowledge extraction and arithmetic generalisation, not recall
-  of a memorised answer.
+- pretraining text: every biography of every person, question-answer text about the SFT people (mixed
+  training: it makes the biographies' facts retrievable by questions), every training arithmetic triple.
+- SFT single / multi and DPO: questions about the "SFT people" only (a subset), training triples only;
+  greetings and "你是谁？" in SFT; multi-turn dialogues change topic (sum, second person) as users do.
+- DPO only: refusal pairs for the DPO unknown names (the one behaviour SFT never shows).
+- eval files: questions about the "held-out people" (their facts are ONLY in the pretraining text), about the
+  eval unknown names, and held-out arithmetic triples. So eval measures knowledge extraction and arithmetic
+  generalisation, not recall of a memorised answer.
 
 Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
     tokenizer_train.jsonl  {"text"}   pretraining text + chat text + GB2312 charset lines (tokenizer coverage)
     pretrain_data.jsonl    {"text"}   biographies and arithmetic blocks, shuffled
     sft_data_single.jsonl  {"conversations": [{"role","content"}, ...]}  one user/assistant exchange
-    sft_data_multi.jsonl   same, 2-4 exchanges, follow-ups refer back with 他/她
+    sft_data_multi.jsonl   same, 2-5 exchanges, follow-ups refer back with 他/她 to the previous exchange's person
     dpo_data.jsonl         {"chosen": [msgs], "rejected": [msgs]}  same prompt, last assistant turn differs
+    dpo_eval.jsonl         same format, held-out pairs (eval unknown names, held-out people): DPO reward accuracy
     eval_chat.jsonl        {"category", "messages", "answer", ...}  chat checks (2-eval.py --eval_file)
     eval_pretrain.jsonl    {"category", "prompt", "answer", ...}    completion checks (0-eval_pretrain.py)
     world.json             the ground truth: people, attributes, who is held out, held-out arithmetic
@@ -84,6 +91,19 @@ ATTRIBUTES = {
 }
 ARITH_QUESTIONS = ["{a}{op}{b}等于多少？", "计算{a}{op}{b}。", "{a}{op_zh}{b}是多少？"]
 
+# Who the assistant is: greetings and identity questions in SFT, so a chat that starts with "你好" has an answer
+# of its own (without them, a model asked something it never saw in SFT repeats the nearest answer it knows).
+IDENTITY = "我是nano-LLM，一个从零开始训练的小语言模型。"
+GREETINGS = [("你好", "你好！有什么可以帮你的吗？"), ("你好！", "你好！有什么可以帮你的吗？"),
+             ("嗨", "你好！有什么可以帮你的吗？"), ("你是谁？", IDENTITY), ("你叫什么名字？", IDENTITY),
+             ("请介绍一下你自己。", IDENTITY), ("你好，你是谁？", "你好！" + IDENTITY),
+             ("你好，请问你是谁？", "你好！" + IDENTITY)]
+
+
+def refusal(name):
+    """The answer DPO prefers for a person who does not exist in the world; SFT never shows it."""
+    return f"我不知道{name}是谁。"
+
 
 def check_substring_free(names):
     """Every gold answer must be unambiguous under substring scoring: no value inside another value or a name."""
@@ -116,17 +136,20 @@ def arith_statement(op, a, b, result=None):
 # ----------------------------------------------------------------------------------------------------------
 # The world
 
-def make_world(seed=1337, n_people=300, sft_people_ratio=0.5, heldout_pair_ratio=0.1):
+def make_world(seed=1337, n_people=300, sft_people_ratio=0.5, heldout_pair_ratio=0.1, n_unknown=200):
+    """n_unknown: names of people who do NOT exist (drawn like the real ones, appearing in no pretraining text);
+    the first half is for DPO's refusal pairs, the second half only for the eval files."""
     rng = random.Random(seed)
     max_names = len(SURNAMES) * len(GIVEN_FIRST) * len(GIVEN_SECOND)
     assert 2 <= n_people <= max_names // 4, f"n_people must be in 2..{max_names // 4}"
     names, seen = [], set()
-    while len(names) < n_people:  # all names have 3 characters, so unique names are also prefix-free
+    while len(names) < n_people + n_unknown:  # all names have 3 characters, so unique names are also prefix-free
         name = rng.choice(SURNAMES) + rng.choice(GIVEN_FIRST) + rng.choice(GIVEN_SECOND)
         if name not in seen:
             seen.add(name)
             names.append(name)
     check_substring_free(names)
+    names, unknown = names[:n_people], names[n_people:]
     people = []
     for name in names:
         person = {"name": name, "gender": rng.choice(["男", "女"])}
@@ -149,6 +172,7 @@ def make_world(seed=1337, n_people=300, sft_people_ratio=0.5, heldout_pair_ratio
         "people": people,
         "arith_train": [t for t in triples if t not in heldout],
         "arith_heldout": [t for t in triples if t in heldout],
+        "unknown_names": {"dpo": unknown[:n_unknown // 2], "eval": unknown[n_unknown // 2:]},
     }
 
 
@@ -173,8 +197,27 @@ def biographies(person, n_bios, rng):
     return bios
 
 
-def pretrain_documents(world, n_bios, rng, equations_per_doc=16):
+def qa_documents(person, n_docs, rng):
+    """Question-answer text about one person, laid out like a chat without special tokens (render_plain): all
+    six questions per document, in a shuffled order. Mixing such text about the SFT people into pretraining
+    teaches the model, while it stores the biographies, to store them so that a question can retrieve them
+    ("mixed training", Allen-Zhu & Li, Physics of Language Models 3.1); the held-out people get no QA text."""
+    docs = []
+    for _ in range(n_docs):
+        attributes = list(ATTRIBUTES)
+        rng.shuffle(attributes)
+        messages = []
+        for attribute in attributes:
+            question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=person["name"])
+            messages += [user(question), assistant(canonical_statement(person["name"], attribute, person[attribute]))]
+        docs.append(render_plain(messages))
+    return docs
+
+
+def pretrain_documents(world, n_bios, rng, equations_per_doc=16, n_qa_docs=4):
     docs = [bio for person in world["people"] for bio in biographies(person, n_bios, rng)]
+    docs += [doc for person in world["people"] if person["split"] == "sft"
+             for doc in qa_documents(person, n_qa_docs, rng)]
     train = list(world["arith_train"])
     rng.shuffle(train)
     for i in range(0, len(train), equations_per_doc):
@@ -204,7 +247,7 @@ def wrong_arith_result(op, a, b, rng):
     return rng.choice(candidates)
 
 
-def sft_single(world, rng, n_arith=1500):
+def sft_single(world, rng, n_arith=1500, greeting_repeats=15):
     records = []
     for person in world["people"]:
         if person["split"] != "sft":
@@ -215,19 +258,42 @@ def sft_single(world, rng, n_arith=1500):
                 records.append([user(question.format(n=person["name"])), assistant(answer)])
     for op, a, b in rng.sample(world["arith_train"], min(n_arith, len(world["arith_train"]))):
         records.append([user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))])
+    records += [[user(q), assistant(a)] for q, a in GREETINGS] * greeting_repeats
     rng.shuffle(records)
     return records
 
 
+def person_turn(person, attribute, rng, follow_up=False):
+    """One exchange about a person: named, or (follow_up) 他/她 for the person of the previous exchange."""
+    question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=pronoun(person) if follow_up else person["name"])
+    return [user(question), assistant(canonical_statement(person["name"], attribute, person[attribute]))]
+
+
 def dialogue(person, attributes, rng):
     """Several questions about one person; only the first names them, follow-ups say 他/她."""
+    return [m for i, attribute in enumerate(attributes) for m in person_turn(person, attribute, rng, i > 0)]
+
+
+def mixed_dialogue(person, other, arith, rng):
+    """2-5 exchanges that change topic the way a user does: maybe a greeting or a sum first, then questions about
+    a person (named, then 1-2 follow-ups with 他/她), then maybe a sum, and maybe a second person of the same
+    gender, named, with a follow-up. 他/她 always means the person of the previous exchange. Every answer
+    depends on its own question, so the model learns to answer the newest question, not to repeat the history."""
     messages = []
-    for i, attribute in enumerate(attributes):
-        who = person["name"] if i == 0 else pronoun(person)
-        question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=who)
-        messages.append(user(question))
-        messages.append(assistant(canonical_statement(person["name"], attribute, person[attribute])))
-    return messages
+    if rng.random() < 0.3:
+        question, answer = rng.choice(GREETINGS)
+        messages += [user(question), assistant(answer)]
+    elif rng.random() < 0.3:
+        op, a, b = rng.choice(arith)
+        messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
+    attributes = rng.sample(list(ATTRIBUTES), rng.randint(2, 3))
+    messages += dialogue(person, attributes, rng)
+    if rng.random() < 0.3:
+        op, a, b = rng.choice(arith)
+        messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
+    if other is not None and rng.random() < 0.5:
+        messages += dialogue(other, rng.sample(list(ATTRIBUTES), 2), rng)
+    return messages[:10]  # at most 5 exchanges: fits max_seq_len 256
 
 
 def sft_multi(world, rng, n_dialogues=600):
@@ -235,22 +301,44 @@ def sft_multi(world, rng, n_dialogues=600):
     records = []
     for i in range(n_dialogues):
         person = sft_people[i % len(sft_people)]
-        records.append(dialogue(person, rng.sample(list(ATTRIBUTES), rng.randint(2, 4)), rng))
+        same_gender = [p for p in sft_people if p["gender"] == person["gender"] and p is not person]
+        records.append(mixed_dialogue(person, rng.choice(same_gender) if same_gender else None,
+                                      world["arith_train"], rng))
     rng.shuffle(records)
     return records
 
 
-def dpo_pairs(world, rng, n_people_pairs=600, n_arith_pairs=400):
+def invented_answer(name, rng):
+    """A confident, made-up fact: what a model that has not learned to say "I don't know" produces."""
+    attribute = rng.choice(list(ATTRIBUTES))
+    return attribute, canonical_statement(name, attribute, rng.choice(ATTRIBUTES[attribute]["values"]))
+
+
+def unknown_pair(name, rng):
+    attribute, invented = invented_answer(name, rng)
+    prompt = [user(rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=name))]
+    return {"chosen": prompt + [assistant(refusal(name))], "rejected": prompt + [assistant(invented)]}
+
+
+def known_pair(person, rng, refuse):
+    """Chosen: the true fact. Rejected: a refusal (so DPO does not learn to refuse everyone) or a wrong value."""
+    attribute = rng.choice(list(ATTRIBUTES))
+    spec = ATTRIBUTES[attribute]
+    prompt = [user(rng.choice(spec["questions"]).format(n=person["name"]))]
+    wrong = rng.choice([v for v in spec["values"] if v != person[attribute]])
+    rejected = refusal(person["name"]) if refuse else canonical_statement(person["name"], attribute, wrong)
+    return {"chosen": prompt + [assistant(canonical_statement(person["name"], attribute, person[attribute]))],
+            "rejected": prompt + [assistant(rejected)]}
+
+
+def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=200):
+    """The behaviour DPO adds (SFT never shows it): "我不知道X是谁。" for a person who does not exist, instead of
+    an invented biography; pairs about SFT people (true fact over refusal or wrong value) keep it from refusing
+    people it knows."""
     sft_people = [p for p in world["people"] if p["split"] == "sft"]
-    records = []
-    for _ in range(n_people_pairs):
-        person = rng.choice(sft_people)
-        attribute = rng.choice(list(ATTRIBUTES))
-        spec = ATTRIBUTES[attribute]
-        wrong = rng.choice([v for v in spec["values"] if v != person[attribute]])
-        prompt = [user(rng.choice(spec["questions"]).format(n=person["name"]))]
-        records.append({"chosen": prompt + [assistant(canonical_statement(person["name"], attribute, person[attribute]))],
-                        "rejected": prompt + [assistant(canonical_statement(person["name"], attribute, wrong))]})
+    names = world["unknown_names"]["dpo"]
+    records = [unknown_pair(names[i % len(names)], rng) for i in range(n_unknown_pairs)]
+    records += [known_pair(rng.choice(sft_people), rng, refuse=i % 2 == 0) for i in range(n_known_pairs)]
     for op, a, b in rng.sample(world["arith_train"], min(n_arith_pairs, len(world["arith_train"]))):
         prompt = [user(arith_question(op, a, b, rng))]
         records.append({"chosen": prompt + [assistant(arith_statement(op, a, b))],
@@ -259,8 +347,17 @@ def dpo_pairs(world, rng, n_people_pairs=600, n_arith_pairs=400):
     return records
 
 
+def dpo_eval_pairs(world, rng):
+    """Held-out preference pairs (people and names DPO never saw) for DPO's reward accuracy: a refusal over an
+    invented answer for the eval's unknown names, the true fact over a refusal for the held-out people."""
+    heldout_people = [p for p in world["people"] if p["split"] == "heldout"]
+    records = [unknown_pair(name, rng) for name in world["unknown_names"]["eval"]]
+    records += [known_pair(person, rng, refuse=True) for person in heldout_people]
+    return records
+
+
 def eval_sets(world, rng, eval_size=200):
-    """Held-out people and held-out arithmetic only. Returns (chat records, completion records)."""
+    """Held-out people, names of people who do not exist, and held-out arithmetic only. Returns (chat records, completion records)."""
     heldout_people = [p for p in world["people"] if p["split"] == "heldout"]
     facts = [(p, attribute) for p in heldout_people for attribute in ATTRIBUTES]
     qa_facts = rng.sample(facts, min(eval_size, len(facts)))
@@ -278,6 +375,11 @@ def eval_sets(world, rng, eval_size=200):
         messages = dialogue(person, [first, second], rng)[:-1]  # gold first answer stays in the history
         chat.append({"category": "people_qa_followup", "attribute": second, "messages": messages,
                      "answer": person[second]})
+    for name in world["unknown_names"]["eval"]:  # people who do not exist: DPO teaches to say so
+        attribute = rng.choice(list(ATTRIBUTES))
+        question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=name)
+        chat.append({"category": "unknown_person_refusal", "messages": [user(question)],
+                     "answer": refusal(name).rstrip("。")})
     for op, a, b in triples:
         chat.append({"category": "arith", "messages": [user(arith_question(op, a, b, rng))],
                      "answer": f"={arith_result(op, a, b)}。"})
@@ -326,15 +428,16 @@ def write_jsonl(path, records):
 
 
 def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0.5, heldout_pair_ratio=0.1,
-                  eval_size=200):
+                  eval_size=200, n_qa_docs=4):
     """Write every demo file into out_dir; returns {file name: number of records}."""
     world = make_world(seed, n_people, sft_people_ratio, heldout_pair_ratio)
     rng = random.Random(seed + 1)  # one stream, consumed in a fixed order: same seed, same bytes
-    pretrain = pretrain_documents(world, n_bios, rng)
+    pretrain = pretrain_documents(world, n_bios, rng, n_qa_docs=n_qa_docs)
     single = sft_single(world, rng)
     multi = sft_multi(world, rng)
     dpo = dpo_pairs(world, rng)
     chat_eval, completion_eval = eval_sets(world, rng, eval_size)
+    dpo_eval = dpo_eval_pairs(world, rng)
     tokenizer_text = pretrain + [render_plain(m) for m in single + multi] + charset_lines()
 
     files = {
@@ -343,6 +446,7 @@ def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0
         "sft_data_single.jsonl": [{"conversations": m} for m in single],
         "sft_data_multi.jsonl": [{"conversations": m} for m in multi],
         "dpo_data.jsonl": dpo,
+        "dpo_eval.jsonl": dpo_eval,
         "eval_chat.jsonl": chat_eval,
         "eval_pretrain.jsonl": completion_eval,
     }
@@ -367,6 +471,8 @@ def add_demo_args(parser):
     parser.add_argument("--heldout_pair_ratio", type=float, default=0.1,
                         help="fraction of arithmetic (op, a, b) triples held out of all training data")
     parser.add_argument("--eval_size", type=int, default=200, help="questions per eval category")
+    parser.add_argument("--n_qa_docs", type=int, default=4,
+                        help="question-answer documents per SFT person mixed into the pretraining text")
 
 
 if __name__ == "__main__":
@@ -374,6 +480,6 @@ if __name__ == "__main__":
     add_demo_args(parser)
     args = parser.parse_args()
     counts = generate_demo(args.out_dir, args.seed, args.n_people, args.n_bios, args.sft_people_ratio,
-                           args.heldout_pair_ratio, args.eval_size)
+                           args.heldout_pair_ratio, args.eval_size, args.n_qa_docs)
     for name, n in counts.items():
         print(f"{os.path.join(args.out_dir, name)}: {n} records")

@@ -305,28 +305,42 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
     load = lambda name: read_jsonl(os.path.join(demo_dir, name))  # noqa: E731
     world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
     heldout_names = {p["name"] for p in world["people"] if p["split"] == "heldout"}
+    sft_names = {p["name"] for p in world["people"] if p["split"] == "sft"}
+    unknown_eval = set(world["unknown_names"]["eval"])
     train_chat = [r["conversations"] for r in load("sft_data_single.jsonl") + load("sft_data_multi.jsonl")]
+    sft_text = "\n".join(m["content"] for messages in train_chat for m in messages)
     train_chat += [r[side] for r in load("dpo_data.jsonl") for side in ("chosen", "rejected")]
     chat_text = "\n".join(m["content"] for messages in train_chat for m in messages)
     pretrain_text = "\n".join(r["text"] for r in load("pretrain_data.jsonl"))
     user_messages = {m["content"] for messages in train_chat for m in messages if m["role"] == "user"}
 
     chat_eval, completion_eval = load("eval_chat.jsonl"), load("eval_pretrain.jsonl")
-    assert {r["category"] for r in chat_eval} == {"people_qa", "people_qa_followup", "arith"}
+    assert {r["category"] for r in chat_eval} == {"people_qa", "people_qa_followup", "arith", "unknown_person_refusal"}
     assert {r["category"] for r in completion_eval} == {"completion_fact", "arith_completion"}
     for name in heldout_names:
         assert name not in chat_text  # held-out people never appear in SFT or DPO ...
-        assert pretrain_text.count(name) >= 6 * world["n_bios"]  # ... but every bio sentence names them
+        assert pretrain_text.count(name) == 6 * world["n_bios"]  # ... only in their biographies (no QA text)
+    for name in world["unknown_names"]["dpo"] + world["unknown_names"]["eval"]:
+        assert name not in pretrain_text and name not in sft_text  # people who do not exist
+        assert (name in chat_text) == (name not in unknown_eval)  # DPO sees only its own unknown names
+    assert "我不知道" not in sft_text  # the refusal is DPO's to teach
+    assert all(f"user\n{name}" not in pretrain_text for name in heldout_names)
+    assert sum(f"user\n{name}" in pretrain_text for name in sft_names) == len(sft_names)  # mixed-in QA text
     train_prefixes = {json.dumps(messages[:k], ensure_ascii=False)
                       for messages in train_chat for k in range(1, len(messages) + 1)}
     for record in chat_eval:
         assert json.dumps(record["messages"], ensure_ascii=False) not in train_prefixes
         assert record["messages"][0]["content"] not in user_messages
-        if record["category"] != "arith":
+        if record["category"] == "unknown_person_refusal":
+            assert record["messages"][0]["content"][:3] in unknown_eval
+            assert record["answer"] == f"我不知道{record['messages'][0]['content'][:3]}是谁"
+        elif record["category"] != "arith":
             assert record["messages"][0]["content"][:3] in heldout_names
         if record["category"] == "arith":
             expression = re.search(r"(\d+)(?:\+|-|加|减)(\d+)", record["messages"][-1]["content"]).group(0)
             assert expression.replace("加", "+").replace("减", "-") not in pretrain_text + chat_text
+    for pair in load("dpo_eval.jsonl"):  # held-out preference pairs: only eval names and held-out people
+        assert pair["chosen"][0]["content"][:3] in unknown_eval | heldout_names
     people = {p["name"]: p for p in world["people"]}
     for record in completion_eval:
         if record["category"] == "completion_fact":
@@ -339,11 +353,30 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
             assert record["answer"] == f"={int(a) + int(b) if op == '+' else int(a) - int(b)}。"
 
 
+def test_demo_multi_turn_pronouns_refer_to_the_previous_exchange(demo_dir):
+    """Multi-turn SFT dialogues change topic (greetings, sums, a second person); a 他/她 question always follows an
+    exchange about a person of that gender, and its answer names that person."""
+    world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
+    gender = {p["name"]: p["gender"] for p in world["people"]}
+    topics = set()
+    for record in read_jsonl(os.path.join(demo_dir, "sft_data_multi.jsonl")):
+        messages = record["conversations"]
+        names_in_dialogue = {m["content"][:3] for m in messages if m["content"][:3] in gender}
+        topics.add((len(names_in_dialogue), any("=" in m["content"] for m in messages)))
+        for k in range(2, len(messages), 2):
+            question, answer, previous = messages[k]["content"], messages[k + 1]["content"], messages[k - 1]["content"]
+            if question[0] in "他她":
+                assert previous[:3] in gender and answer[:3] == previous[:3]
+                assert question[0] == ("他" if gender[previous[:3]] == "男" else "她")
+        assert len({gender[n] for n in names_in_dialogue}) <= 1  # 他/她 is never ambiguous by gender
+    assert {(1, False), (1, True), (2, False)} <= topics
+
+
 def test_demo_gold_answers_are_unambiguous_substrings(demo_dir):
     """Scoring is "gold answer in the generated line": no gold may hide inside another candidate answer."""
     values = [v for spec in demo_corpus.ATTRIBUTES.values() for v in spec["values"]]
     for record in read_jsonl(os.path.join(demo_dir, "eval_chat.jsonl")):
-        if record["category"] != "arith":
+        if record["category"] not in ("arith", "unknown_person_refusal"):
             assert sum(record["answer"] in v for v in values) == 1
     assert "1988年1月" not in values  # would hide inside 1988年11月
 
@@ -352,7 +385,7 @@ def test_demo_subcommand_writes_every_file_and_packs(tmp_path, capsys):
     out = tmp_path / "demo"
     data_process.main(["demo", "--out_dir", str(out), "--n_people", "20", "--num_workers", "1"])
     expected = {"tokenizer_train.jsonl", "pretrain_data.jsonl", "sft_data_single.jsonl", "sft_data_multi.jsonl",
-                "dpo_data.jsonl", "eval_chat.jsonl", "eval_pretrain.jsonl", "world.json"}
+                "dpo_data.jsonl", "dpo_eval.jsonl", "eval_chat.jsonl", "eval_pretrain.jsonl", "world.json"}
     expected |= {f"pretrain_data{split}.{ext}" for split in ("", ".val") for ext in ("bin", "idx.npy", "meta.json")}
     assert set(os.listdir(out)) == expected
     docs = decode_packed(str(out / "pretrain_data")) + decode_packed(str(out / "pretrain_data.val"))
