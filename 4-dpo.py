@@ -91,13 +91,16 @@ def reference_logps(model, dataset, args, runtime, dtype):
     return reference.float().cpu()
 
 
-def make_dpo_loss(beta):
+def make_dpo_loss(beta, nll_weight=0.0):
     def dpo_loss(model, batch):
         """Summed over the batch's pairs (the trainer divides by the pairs of the whole step)."""
         chosen, rejected = policy_logps(model, batch)
         chosen_reward = beta * (chosen - batch["ref_chosen_logps"])
         rejected_reward = beta * (rejected - batch["ref_rejected_logps"])
         loss = -F.logsigmoid(chosen_reward - rejected_reward).sum()
+        if nll_weight:  # + the chosen answer's mean per-token NLL (RPO): see --nll_weight
+            n_tokens = (batch["chosen_labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
+            loss = loss + nll_weight * (-chosen / n_tokens).sum()
         margin = (chosen_reward - rejected_reward).detach()
         return loss, {"reward_accuracy": (margin > 0).float().sum(), "reward_margin": margin.sum()}
     return dpo_loss
@@ -115,6 +118,10 @@ def main():
                         help="SFT checkpoint (default: newest out/sft_multi_*, else out/sft_single_*)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature: how far the policy may move "
                         "from the reference")
+    parser.add_argument("--nll_weight", type=float, default=0.0,
+                        help="add this times the chosen answer's per-token NLL to the loss (RPO, Pang et al. 2024). "
+                        "DPO alone only widens the chosen-rejected gap; when the chosen answer is one the SFT model "
+                        "never says, the gap grows by pushing both down and greedy output degrades (0 = plain DPO)")
     trainer.add_training_args(parser, batch_size=8, learning_rate=5e-6, warmup_iters=10, save_interval=200,
                               eval_interval=0)
     trainer.add_model_args(parser)
@@ -144,7 +151,7 @@ def main():
 
     train_set = WithReference(dataset, extra_state)
     settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
-    trainer.fit(model, train_set, train_set.collate, make_dpo_loss(args.beta), args, runtime, run_dir,
+    trainer.fit(model, train_set, train_set.collate, make_dpo_loss(args.beta, args.nll_weight), args, runtime, run_dir,
                 title="dpo", extra_state=extra_state, count_fn=count_pairs, settings=settings, resuming=resuming)
 
 
