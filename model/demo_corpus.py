@@ -31,7 +31,7 @@ Who appears where
   generalisation, not recall of a memorised answer.
 
 Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
-    tokenizer_train.jsonl  {"text"}   pretraining text + chat text + GB2312 charset lines (tokenizer coverage)
+    tokenizer_train.jsonl  {"text"}   pretraining text + SFT/DPO chat text + GB2312 charset lines (tokenizer coverage)
     pretrain_data.jsonl    {"text"}   biographies and arithmetic blocks, shuffled
     sft_data_single.jsonl  {"conversations": [{"role","content"}, ...]}  one user/assistant exchange
     sft_data_multi.jsonl   same, 2-5 exchanges, follow-ups refer back with 他/她 to the previous exchange's person
@@ -438,7 +438,10 @@ def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0
     dpo = dpo_pairs(world, rng)
     chat_eval, completion_eval = eval_sets(world, rng, eval_size)
     dpo_eval = dpo_eval_pairs(world, rng)
-    tokenizer_text = pretrain + [render_plain(m) for m in single + multi] + charset_lines()
+    # DPO's answers too: the demo's 1024-token tokenizer only gives frequent characters a token of their own, and a
+    # refusal spelled in byte pieces (不知道 absent from the tokenizer text) is one DPO cannot teach in a few steps
+    tokenizer_text = pretrain + [render_plain(m) for m in single + multi] + \
+        [render_plain(pair[side]) for pair in dpo for side in ("chosen", "rejected")] + charset_lines()
 
     files = {
         "tokenizer_train.jsonl": [{"text": t} for t in tokenizer_text],
