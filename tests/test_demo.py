@@ -1,6 +1,9 @@
 """End-to-end learning check: a reduced demo (every stage, as subprocesses) must reach held-out accuracies far above
-chance. Thresholds come from measured runs of `demo.py --quick` with a margin (see QUICK_THRESHOLDS); a broken
-label shift, an inverted loss mask or a model that stops learning drops these numbers to near zero."""
+chance, every stage must add what it is there for (SFT: chat answers; multi-turn SFT: 他/她 follow-ups; DPO:
+refusing people who do not exist, without forgetting the known ones), and the final model must hold a
+multi-turn conversation in `2-eval.py --interactive`. Thresholds come from measured runs of `demo.py --quick`
+with a margin (see QUICK_THRESHOLDS); a broken label shift, an inverted loss mask, a stage that stops learning or
+a DPO that does nothing fails them."""
 import json
 import os
 import subprocess
@@ -10,32 +13,91 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# category -> minimum accuracy. Measured with `python demo.py --quick` (see README's demo section for the numbers);
-# chance is ~5-8% for the people questions (12-20 possible values) and ~0% for an exact arithmetic result.
-# Measured (2 shared CPU cores, 150 eval records): pretrain completion_fact 79%, sft_single people_qa 45%,
-# sft_single arith 32%.
+# (stage, category) -> minimum accuracy. Measured with `python demo.py --quick` (see docs/demo.md for the runs);
+# chance is ~5-8% for the people questions (12-20 possible values), ~0% for an exact arithmetic result and for
+# the refusal (SFT never shows "我不知道").
 QUICK_THRESHOLDS = {
-    ("pretrain", "completion_fact"): 0.40,
-    ("sft_single", "people_qa"): 0.20,
-    ("sft_single", "arith"): 0.10,
+    ("pretrain", "completion_fact"): 0.60,
+    ("sft_single", "people_qa"): 0.50,
+    ("sft_single", "arith"): 0.50,
+    ("sft_multi", "people_qa_followup"): 0.50,
+    ("dpo", "people_qa"): 0.50,
+    ("dpo", "unknown_person_refusal"): 0.50,
+}
+# (stage, category) -> maximum accuracy: the behaviour the next stage adds is absent before it.
+QUICK_CEILINGS = {
+    ("pretrain_chat", "arith"): 0.10,  # no chat format before SFT
+    ("sft_multi", "unknown_person_refusal"): 0.10,  # no refusal before DPO
 }
 
 
-@pytest.mark.slow
-def test_quick_demo_learns_held_out_facts_and_arithmetic(tmp_path):
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """Run `demo.py --quick` once for the tests of this file; returns its working directory."""
+    work = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "PYTHONPATH": ROOT}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--quick", "--out_dir", "out/demo",
-                             "--data_dir", "dataset/demo"], cwd=tmp_path, env=env, capture_output=True, text=True)
+                             "--data_dir", "dataset/demo"], cwd=work, env=env, capture_output=True, text=True)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    with open(tmp_path / "out/demo/scores.json", encoding="utf-8") as f:
+    return work
+
+
+@pytest.mark.slow
+def test_quick_demo_every_stage_adds_its_behaviour(quick_demo):
+    with open(quick_demo / "out/demo/scores.json", encoding="utf-8") as f:
         scores = json.load(f)
-    report = (tmp_path / "out/demo/report.md").read_text(encoding="utf-8")
+    report = (quick_demo / "out/demo/report.md").read_text(encoding="utf-8")
     failures = []
     for (stage, category), minimum in QUICK_THRESHOLDS.items():
         accuracy = scores[stage]["per_category"][category][2]
         if accuracy < minimum:
             failures.append(f"{stage}/{category}: {accuracy:.1%} < {minimum:.0%}")
+    for (stage, category), maximum in QUICK_CEILINGS.items():
+        accuracy = scores[stage]["per_category"][category][2]
+        if accuracy > maximum:
+            failures.append(f"{stage}/{category}: {accuracy:.1%} > {maximum:.0%}")
+    # DPO must not buy its refusals with the known people: at most 5 points lost (quick eval: ~60 questions)
+    before, after = (scores[s]["per_category"]["people_qa"][2] for s in ("sft_multi", "dpo"))
+    if after < before - 0.05:
+        failures.append(f"dpo/people_qa fell from {before:.1%} to {after:.1%}")
+    pairs = scores["dpo_heldout_pairs"]
+    if pairs["reward_accuracy"] < 0.6 or pairs["reward_margin"] <= 0:
+        failures.append(f"held-out DPO pairs: reward accuracy {pairs['reward_accuracy']:.1%}, "
+                        f"margin {pairs['reward_margin']:.3f}")
     assert not failures, "\n".join(failures) + "\n" + report
     for stage in ("pretrain", "sft_single", "sft_multi", "dpo"):
-        assert (tmp_path / "out/demo" / stage / "loss.png").exists()
+        assert (quick_demo / "out/demo" / stage / "loss.png").exists()
         assert f"| {stage} |" in report
+    assert "## What each stage added" in report and "unknown_person_refusal" in report
+    assert "reward accuracy" in report
+
+
+@pytest.mark.slow
+def test_quick_demo_model_keeps_a_multi_turn_conversation(quick_demo):
+    """A scripted `2-eval.py --interactive` session (greedy, history kept): every question gets its own answer,
+    not the first one again; 他/她 means the person of the previous question."""
+    with open(quick_demo / "dataset/demo/world.json", encoding="utf-8") as f:
+        world = json.load(f)
+    sft_people = [p for p in world["people"] if p["split"] == "sft"]
+    a = sft_people[0]
+    b = next(p for p in sft_people if p["gender"] != a["gender"])
+    he_she = lambda p: "他" if p["gender"] == "男" else "她"  # noqa: E731
+    session = [("你好，你是谁？", "nano-LLM"),
+               ("35加47是多少？", "35+47=82"),
+               (f"{a['name']}在哪里工作？", a["employer"]),
+               (f"{he_she(a)}有什么爱好？", f"{a['name']}的爱好是{a['hobby']}"),
+               (f"{b['name']}是哪里人？", b["birth_city"]),
+               (f"{he_she(b)}毕业于哪所大学？", f"{b['name']}毕业于{b['university']}"),
+               ("你叫什么名字？", "nano-LLM"),
+               ("20加16是多少？", "20+16=36")]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "2-eval.py"), "--interactive", "--checkpoint", "out/demo/dpo",
+         "--temperature", "0", "--max_new_tokens", "40", "--device", "cpu"],
+        input="".join(q + "\n" for q, _ in session), cwd=quick_demo, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = [piece.split("\n", 1)[0] for piece in result.stdout.split("🤖: ")[1:]]
+    transcript = "\n".join(f"{q} -> {answer}" for (q, _), answer in zip(session, answers))
+    assert len(answers) == len(session), result.stdout
+    wrong = [f"{q} -> {answer} (expected {gold!r})" for (q, gold), answer in zip(session, answers) if gold not in answer]
+    assert not wrong, "\n".join(wrong) + "\n\nwhole session:\n" + transcript
