@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import LMConfig, Transformer, trainer
+from conftest import make_tiny_model
+from model import Transformer, trainer
 from model.checkpoint import list_checkpoints
 from model.runtime import Runtime, StageError
 
@@ -42,9 +43,7 @@ def make_args(tmp_path, *extra):
 
 
 def tiny_model(seed=0, dropout=0.0):
-    torch.manual_seed(seed)
-    return Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, max_seq_len=32,
-                                dropout=dropout))
+    return make_tiny_model(seed, vocab_size=V, dropout=dropout)
 
 
 RUNTIME = Runtime(torch.device("cpu"), False, 0, 0, 1)
