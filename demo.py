@@ -73,7 +73,7 @@ def main():
         t0 = time.time()
         process = subprocess.Popen([sys.executable, *command], cwd=os.getcwd())
         _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory (ru_maxrss)
-        returncode = os.waitstatus_to_exitcode(status)
+        returncode = process.returncode = os.waitstatus_to_exitcode(status)
         if returncode != 0:
             sys.exit(f"demo: stage '{name}' failed (exit code {returncode}); see the output above")
         times[name] = time.time() - t0
