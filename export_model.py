@@ -8,6 +8,7 @@ Run as:
     python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('out/hf_llama')"
 
 The weights map one-to-one (same math, rotate-half RoPE); only the names change (model/llama.py).
+A LoRA run directory is exported merged: its (checked) base with the adapter folded into the weights.
 """
 import argparse
 import os
@@ -17,7 +18,9 @@ import sys
 import torch
 
 from model import Transformer
+from model import lora
 from model.llama import to_llama
+from model.runtime import StageError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -31,9 +34,10 @@ def main():
     args = parser.parse_args()
 
     try:
-        model = Transformer.from_pretrained(args.checkpoint)
+        model = lora.load_merged(args.checkpoint) if lora.is_adapter_dir(args.checkpoint) else \
+            Transformer.from_pretrained(args.checkpoint)
         llama = to_llama(model)
-    except (FileNotFoundError, ValueError, NotImplementedError) as err:
+    except (FileNotFoundError, ValueError, NotImplementedError, StageError) as err:
         sys.exit(f"export_model.py: {err}")
     llama.save_pretrained(args.out_dir)
 

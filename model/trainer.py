@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from . import checkpoint
+from . import checkpoint, lora
 from .metrics import StepLog
 from .runtime import Runtime, StageError, StopSignals, all_reduce_sum, autocast, resolve_dtype
 
@@ -234,6 +234,7 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
     into the run directory); None = prepare it here.
     """
     dtype = resolve_dtype(args.dtype, runtime.device)
+    torch.manual_seed(args.seed)  # dropout's stream: two fresh runs with one --seed train alike (resume restores it)
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, args.seed, runtime.rank, runtime.world_size)
     steps_per_epoch = len(sampler) // args.accumulation_steps
     if steps_per_epoch == 0:
@@ -247,6 +248,8 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
         resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     model.to(runtime.device)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, runtime.device)
+    if runtime.is_master:  # with LoRA only the adapters train (and only they are in the optimizer)
+        print(f"{title}: {lora.trainable_summary(model)}")
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=dtype == "float16")
     step = 0
     if resuming:

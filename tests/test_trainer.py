@@ -261,3 +261,12 @@ def test_a_fresh_run_never_prunes_into_an_old_one(tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step_000005"]
     old = [p for p in os.listdir(tmp_path.parent) if p.startswith(tmp_path.name + ".replaced-")]
     assert len(old) == 1 and os.path.isdir(tmp_path.parent / old[0] / "step_000020")
+
+
+def test_two_fresh_runs_with_one_seed_train_alike(tmp_path):
+    # dropout draws from the global RNG: fit seeds it, whatever ran in the process before
+    run(tmp_path / "a", "--max_steps", "3", model=tiny_model(dropout=0.2))
+    torch.rand(7)  # some other use of the RNG in between
+    run(tmp_path / "b", "--max_steps", "3", model=tiny_model(dropout=0.2))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
