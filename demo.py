@@ -87,7 +87,7 @@ def main():
     tokenizer_dir = os.path.join(out, "tokenizer")
     step("corpus", script("data_process.py"), "demo", "--out_dir", data, "--no_pack", *plan["data"])
     step("tokenizer", script("train_tokenizer.py"), "--data_path", os.path.join(data, "tokenizer_train.jsonl"),
-         "--out_dir", tokenizer_dir, "--vocab_size", VOCAB_SIZE)
+         "--out_dir", tokenizer_dir, "--vocab_size", VOCAB_SIZE, "--pretokenizer", "cjk_chars")  # prompts cut anywhere
     step("pack", script("data_process.py"), "pretrain", "--data_path", os.path.join(data, "pretrain_data.jsonl"),
          "--tokenizer_dir", tokenizer_dir)
     runs = {name: os.path.join(out, name) for name in ("pretrain", "sft_single", "sft_multi", "dpo")}

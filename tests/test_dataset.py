@@ -37,7 +37,7 @@ def test_pretrain_rows_are_consecutive_shifted_windows(tmp_path):
     batch = next(iter(DataLoader(ds, batch_size=4)))
     assert batch["input_ids"].shape == batch["shift_labels"].shape == (4, 16)
     assert batch["input_ids"].dtype == torch.long
-    assert pretrain_useful_fraction(ds) >= 0.99  # packing wastes at most the tail
+    assert pretrain_useful_fraction(ds) * len(tokens) >= len(tokens) - 17  # packing wastes at most the tail
 
 
 def test_pretrain_doc_mask_positions_restart_and_boundary_targets_are_ignored(tmp_path):
