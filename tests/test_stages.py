@@ -83,9 +83,9 @@ def test_every_stage_learns_and_finds_the_previous_one(workdir):
 
 
 def test_sft_stage_refuses_a_checkpoint_of_another_shape(workdir):
-    pretrain(workdir, "out/pretrain_32", "--max_steps", "2", "--batch_size", "4")
+    pretrain(workdir, "out/shape_base", "--max_steps", "2", "--batch_size", "4")
     result = stage(workdir, "3-full_sft.py", "--data_path", "dataset/sft_data_single.jsonl", "--init_from",
-                   "out/pretrain_32", "--dim", "64", "--max_steps", "1", *FAST, check=False)
+                   "out/shape_base", "--dim", "64", "--max_steps", "1", *FAST, check=False)
     assert result.returncode == 1
     assert "--dim 64 does not match the checkpoint" in result.stderr and "Traceback" not in result.stderr
 
