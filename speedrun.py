@@ -45,8 +45,8 @@ from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run
 # (docs/speedrun.md). Flags given on the command line override either.
 RECIPES = {
     "baseline": dict(batch_size=32, learning_rate=5e-4, warmup_iters=100, lr_schedule="cosine", optimizer="adamw"),
-    "speedrun": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256, batch_size=16,
-                     learning_rate=3e-3, warmup_iters=20, lr_schedule="wsd", optimizer="adamw"),
+    "speedrun": dict(dim=128, n_layers=4, n_heads=2, n_kv_heads=1, max_seq_len=128, batch_size=16,
+                     learning_rate=3e-3, warmup_iters=20, lr_schedule="cosine", optimizer="muon", threads=1),
 }
 PROMPTS = ["中国", "新华社北京１月", "今年", "经济"]
 
@@ -206,6 +206,19 @@ def hf_loss(model, batch):
                            ignore_index=trainer.IGNORE, reduction="sum"), {}
 
 
+def z_loss_fn(coef: float):
+    """Next-token loss plus PaLM's z-loss, coef * logsumexp(logits)^2 per target: keeps the softmax normaliser
+    near 1 (log Z near 0). Training only; the model and its export are unchanged."""
+    def loss_fn(model, batch):
+        logits = model(input_ids=batch["input_ids"]).logits.float().flatten(0, 1)
+        labels = batch["shift_labels"].flatten()
+        keep = labels != trainer.IGNORE
+        ce = F.cross_entropy(logits, labels, ignore_index=trainer.IGNORE, reduction="sum")
+        z = (torch.logsumexp(logits[keep], dim=-1) ** 2).sum()
+        return ce + coef * z, {"z_loss": z.detach()}
+    return loss_fn
+
+
 def hf_configure_optimizer(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu", eps=1e-8):
     """Transformer.configure_optimizer's groups under Llama's names: matrices decay, norms and embedding not."""
     decay, no_decay = [], []
@@ -245,7 +258,8 @@ def train_and_measure(args, config, data_dir, tokenizer, runtime, run_dir, hf=Fa
           f"{config.max_seq_len} tokens, {args.max_minutes} min -> {run_dir}  (loadavg {' '.join(load_before)})")
     settings = {"data": os.path.abspath(os.path.join(data_dir, "train.bin")),
                 "tokenizer_sha256": checkpoint.tokenizer_sha256(tok_dir)}
-    model = trainer.fit(model, train_set, None, hf_loss if hf else trainer.lm_loss, args, runtime, run_dir,
+    loss_fn = z_loss_fn(args.z_loss) if args.z_loss else hf_loss if hf else trainer.lm_loss
+    model = trainer.fit(model, train_set, None, loss_fn, args, runtime, run_dir,
                         title="speedrun" + (" (HF)" if hf else ""), settings=settings, resuming=resuming)
     load_after = open("/proc/loadavg").read().split()[:3]
     timing = [r for r in read_rows(os.path.join(run_dir, "metrics.jsonl")) if "train_seconds" in r][-1]
@@ -285,6 +299,7 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
     a("--data_dir", default=None, help="prepared data (default: out/speedrun_data/<key of the inputs>)")
     a("--compare_hf", action="store_true", help="also train LlamaForCausalLM of the same shape (run dir <out_dir>_hf)")
     a("--sample_tokens", type=int, default=40, help="greedy continuation length (0 = none)")
+    a("--z_loss", type=float, default=0.0, help="add z-loss with this weight (e.g. 1e-4; 0 = off)")
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     trainer.add_training_args(parser, log_interval=10, save_interval=10**9, eval_interval=0)
     trainer.add_model_args(parser)
