@@ -21,6 +21,7 @@ import torch
 
 from model import Transformer
 from model import lora
+from model.checkpoint import load_init_model
 from model.llama import to_llama
 from model.runtime import StageError
 
@@ -54,7 +55,7 @@ def main():
         parser.error("give --out_dir (transformers directory) and/or --gguf PATH (llama.cpp file)")
 
     try:
-        model = lora.load_merged(args.checkpoint) if lora.is_adapter_dir(args.checkpoint) else \
+        model = load_init_model(args.checkpoint, {}) if lora.is_adapter_dir(args.checkpoint) else \
             Transformer.from_pretrained(args.checkpoint)
         if args.gguf:
             export_gguf_file(model, args)

@@ -59,7 +59,8 @@ def load_init_model(init_dir: str, overrides: dict) -> Transformer:
     other fields given (dropout, aux_loss_alpha, max_seq_len, ...) go into the config BEFORE the modules are
     built, so the run trains with the values its config.json records. A LoRA run is merged into its base."""
     if lora.is_adapter_dir(init_dir):
-        return lora.load_merged(init_dir, overrides)
+        # a LoRA run: its checked base (merged too if it was a LoRA run), then this adapter merged in
+        return lora.merge_adapter(load_init_model(lora.checked_base(init_dir), overrides), init_dir)
     if not init_dir or not os.path.isfile(os.path.join(init_dir, "model.safetensors")):
         raise StageError(f"no checkpoint to initialise from at {init_dir!r}: run the previous stage first or "
                          f"pass --init_from DIR")

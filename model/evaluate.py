@@ -63,7 +63,7 @@ import sys
 import torch
 
 from . import lora
-from .checkpoint import find_run, load_tokenizer
+from .checkpoint import find_run, load_init_model, load_tokenizer
 from .generate import check_sampling, generate_batch, left_pad, stream_reply  # re-exported: the eval scripts' API
 from .runtime import DEFAULT_TOKENIZER_DIR, BadLines, StageError, pick_device, pick_dtype, run_stage
 
@@ -110,7 +110,7 @@ def load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="a
 
     path = resolve_checkpoint(checkpoint, stages, root)
     try:
-        model = lora.load_merged(path) if lora.is_adapter_dir(path) else Transformer.from_pretrained(path)
+        model = load_init_model(path, {}) if lora.is_adapter_dir(path) else Transformer.from_pretrained(path)
     except (OSError, ValueError) as err:  # missing/invalid config.json, tensors that do not fit the config
         raise StageError(f"cannot load checkpoint {path}: {err}") from None
     if tokenizer_dir is None:

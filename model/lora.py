@@ -16,7 +16,8 @@ since the adapter was trained is refused with one line naming the mismatch.
 A base may itself be a LoRA run (LoRA DPO on LoRA SFT): its adapter is merged into its own base first, and the
 new adapter trains on that merged model. Loading follows the chain (each link checked) and merges it again;
 the merge is deterministic, so the rebuilt base is the one the adapter was trained on. Everything that loads a
-checkpoint (the stages' --init_from, evaluate.load_checkpoint, export_model.py) goes through load_merged.
+checkpoint (the stages' --init_from, evaluate.load_checkpoint, export_model.py) goes through
+checkpoint.load_init_model, which loads the checked base and merges the adapter (merge_adapter).
 
 peft is imported only when LoRA is used (it takes seconds to import).
 """
@@ -196,15 +197,18 @@ def load_adapter_weights(model, adapter_dir: str):
     set_peft_model_state_dict(model, saved)
 
 
-def load_merged(adapter_dir: str, overrides=None):
-    """A plain Transformer: the (checked) base with the adapter merged in. overrides as in
-    checkpoint.load_init_model (shape fields must agree, the others go into the config)."""
-    from peft import LoraConfig
-    from . import checkpoint
+def checked_base(adapter_dir: str) -> str:
+    """The base directory an adapter was trained on, after checking it is still that base (shape, weights)."""
     reference = read_reference(adapter_dir)
     base_dir = resolve_base(adapter_dir, reference)
     check_base(adapter_dir, reference, base_dir)
-    base = checkpoint.load_init_model(base_dir, overrides or {})  # a LoRA base is merged there, recursively
+    return base_dir
+
+
+def merge_adapter(base, adapter_dir: str):
+    """A plain Transformer: `base` (loaded by checkpoint.load_init_model from checked_base(adapter_dir), itself
+    merged if it was a LoRA run) with the adapter of adapter_dir merged in."""
+    from peft import LoraConfig
     config = LoraConfig.from_pretrained(adapter_dir)
     with torch.random.fork_rng(devices=[]):  # the fresh adapters' random init is overwritten anyway
         model = _inject(base, config)

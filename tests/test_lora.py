@@ -184,10 +184,10 @@ def test_a_changed_or_reshaped_base_is_refused(base, tmp_path):
     shutil.rmtree(base)
     save_base(base, vocab_size=V + 64)
     with pytest.raises(StageError, match="vocab_size=6400"):
-        lora.load_merged(str(tmp_path / "adapter"))
+        checkpoint.load_init_model(str(tmp_path / "adapter"), {})
     shutil.rmtree(base)
     with pytest.raises(StageError, match="is gone"):
-        lora.load_merged(str(tmp_path / "adapter"))
+        checkpoint.load_init_model(str(tmp_path / "adapter"), {})
 
 
 def test_eval_of_an_adapter_dir_equals_the_merged_model(base, tmp_path):
@@ -215,13 +215,13 @@ def test_lora_on_a_lora_run_merges_the_chain(base, tmp_path):
         expected = second(x).logits
         with second.disable_adapter():  # the reference of the second stage is the first, merged (rounding only)
             assert torch.allclose(second(x).logits, first.eval()(x).logits, atol=1e-5)
-        merged = lora.load_merged(str(tmp_path / "dpo"))
+        merged = checkpoint.load_init_model(str(tmp_path / "dpo"), {})
         assert torch.allclose(merged.eval()(x).logits, expected, atol=1e-5)
     assert type(merged) is Transformer and all(p.requires_grad for p in merged.parameters())  # full training works
     # the first link is checked too
     save_base(base, seed=7)
     with pytest.raises(StageError, match="changed since"):
-        lora.load_merged(str(tmp_path / "dpo"))
+        checkpoint.load_init_model(str(tmp_path / "dpo"), {})
 
 
 def load_script(name):
