@@ -8,6 +8,7 @@ The seed's flow, with no code edits — run it twice:
                                                                   #   (several files: --data_path a.jsonl b.jsonl)
                                                                   #   -> out/sft_multi_<dim>
     torchrun --nproc_per_node N 3-full_sft.py [...]               # N GPUs / processes
+    python 3-full_sft.py --lora_rank 16 [...]                     # LoRA: train adapters on a frozen base
 
 The stage (sft_single or sft_multi) decides where the run starts from and where it goes. It comes from the data:
 sft_multi when any conversation has more than one user turn, else sft_single; it is printed, and --stage
@@ -19,7 +20,7 @@ import os
 
 from torch.utils.data import ConcatDataset
 
-from model import checkpoint, trainer
+from model import checkpoint, lora, trainer
 from model.dataset import SFTDataset
 from model.runtime import StageError, init_runtime, run_stage
 
@@ -60,6 +61,7 @@ def main():
     trainer.add_training_args(parser, batch_size=16, learning_rate=1e-4, warmup_iters=20, save_interval=200,
                               eval_interval=200)
     trainer.add_model_args(parser)
+    lora.add_lora_args(parser)
     args = parser.parse_args()
 
     runtime = init_runtime(args.device)
@@ -78,6 +80,7 @@ def main():
         raise StageError(f"no out/{previous}_* checkpoint found to start {stage} from: run the previous "
                          f"stage first or pass --init_from DIR")
     model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
+    model = lora.maybe_wrap(model, args, init_dir)  # --lora_rank 0: the model itself, trained in full
 
     seq_len = model.config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
     if args.pack and runtime.is_master:  # tokenize once, on one process, into memory-mapped files

@@ -5,12 +5,14 @@ Direct Preference Optimisation (native PyTorch, no TRL), starting from the SFT m
 
 The reference model is the starting weights, frozen. Its log-probabilities do not change, so they are computed
 once per example before training, kept with the checkpoint, and never recomputed (the policy alone is in memory
-while training).
+while training). With --lora_rank the reference is the same model with its adapters disabled (peft's
+disable_adapter()), so there is never a second copy of the weights.
 
 Run as:
     python 4-dpo.py                                    # dataset/dpo_data.jsonl, from the newest out/sft_multi_*
                                                        #   (else out/sft_single_*) -> out/dpo_<dim>
     torchrun --nproc_per_node N 4-dpo.py --beta 0.1
+    python 4-dpo.py --lora_rank 16                     # LoRA DPO (from a full or a LoRA SFT run)
 """
 import argparse
 import os
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import checkpoint, trainer
+from model import checkpoint, lora, trainer
 from model.dataset import DPODataset
 from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
 
@@ -69,7 +71,8 @@ class WithReference(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def reference_logps(model, dataset, args, runtime, dtype):
-    """(N, 2) log-probs of chosen/rejected under the frozen starting model; each process does its share."""
+    """(N, 2) log-probs of chosen/rejected under the frozen starting model (with LoRA: the base, adapters
+    disabled); each process does its share."""
     model.to(runtime.device).eval()
     reference = torch.zeros(len(dataset), 2, dtype=torch.float64)
     indices = list(range(runtime.rank, len(dataset), runtime.world_size))
@@ -78,7 +81,7 @@ def reference_logps(model, dataset, args, runtime, dtype):
     done = 0
     for batch in tqdm(loader, desc="reference log-probs", disable=not runtime.is_master):
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
-        with autocast(runtime.device, dtype):
+        with autocast(runtime.device, dtype), lora.reference_mode(model):
             chosen, rejected = policy_logps(model, batch)
         rows = indices[done:done + len(chosen)]
         # float32 on the device, float64 only on the CPU: MPS has no float64
@@ -125,6 +128,7 @@ def main():
     trainer.add_training_args(parser, batch_size=8, learning_rate=5e-6, warmup_iters=10, save_interval=200,
                               eval_interval=0)
     trainer.add_model_args(parser)
+    lora.add_lora_args(parser)
     args = parser.parse_args()
 
     init_dir = args.init_from or checkpoint.find_run("sft_multi", args.dim, args.use_moe) or \
@@ -134,6 +138,7 @@ def main():
                                  "or pass --init_from DIR")
     runtime = init_runtime(args.device)
     model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
+    model = lora.maybe_wrap(model, args, init_dir)  # --lora_rank 0: the model itself, trained in full
     if not os.path.isfile(args.data_path):
         raise StageError(f"DPO data not found: {args.data_path} (make it with `python data_process.py dpo`)")
     dataset = DPODataset(args.data_path, tokenizer, model.config.max_seq_len)

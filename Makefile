@@ -6,6 +6,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# llama-cpp-python (a test dependency) compiles llama.cpp when pip has no wheel for it: target any x86-64 CPU
+# (not just this one's instruction set), so the wheel pip caches also works on another machine.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
 .PHONY: setup test test-fast demo serve clean
 
@@ -13,7 +16,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install -r requirements.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -r requirements.txt
 	touch $@
 
 setup: $(VENV)/.installed

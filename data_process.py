@@ -10,7 +10,7 @@ Run as:
 
 The demo flow, step by step (`demo` packs with the shipped model/tokenizer/, so step 1 alone is enough):
     python data_process.py demo
-    python train_tokenizer.py --data_path dataset/demo/tokenizer_train.jsonl      # optional: how model/tokenizer/ was made
+    python train_tokenizer.py --data_path dataset/demo/tokenizer_train.jsonl      # optional: a tokenizer for the demo text
     python data_process.py pretrain --data_path dataset/demo/pretrain_data.jsonl  # re-pack after a new tokenizer
 
 Packed token file (`pretrain`), from dataset/X.jsonl by default (--out_path changes the base name):

@@ -5,6 +5,7 @@ Run as:
     make demo                      # sets up .venv first, then runs this
     python demo.py                 # the same, in an environment that already has the requirements
     python demo.py --quick         # a smaller run (the end-to-end test uses it)
+    python demo.py --lora          # also SFT and DPO as LoRA on the same pretrained model, compared in the report
 
 Steps (each one is the command a user would type, run as a subprocess):
     data_process.py demo  ->  train_tokenizer.py  ->  data_process.py pretrain  ->  1-pretrain.py
@@ -52,6 +53,8 @@ QUICK = {**FULL,
 # The demo world uses ~340 distinct characters: a 1024-token vocabulary holds each as one token and makes the
 # output layer 6x cheaper than the default 6400.
 VOCAB_SIZE = "1024"
+# --lora: rank 4 on every projection trains ~4% of this model's parameters; adapters take a ~5x higher rate
+LORA = dict(flags=["--lora_rank", "4"], learning_rate={"sft_single": "5e-3", "sft_multi": "2.5e-3", "dpo": "1e-4"})
 COMMON = ["--dtype", "auto", "--log_interval", "10", "--save_interval", "100000"]
 
 
@@ -60,6 +63,8 @@ def main():
     parser.add_argument("--out_dir", default="out/demo", help="where checkpoints and report.md go")
     parser.add_argument("--data_dir", default="dataset/demo", help="where the demo corpus is generated")
     parser.add_argument("--quick", action="store_true", help="smaller model and fewer steps (for tests)")
+    parser.add_argument("--lora", action="store_true", help="also run SFT and DPO as LoRA from the same pretrained "
+                        "model and compare them with the full runs (trainable share, speed, memory, accuracy)")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     out, data = args.out_dir, args.data_dir
@@ -68,21 +73,24 @@ def main():
         os.rename(out, previous)
         print(f"moved the earlier demo run in {out} to {previous}")
     os.makedirs(out, exist_ok=True)
-    times, started = {}, time.time()
+    times, peak_rss, started = {}, {}, time.time()
 
     def step(name, *command):
         print(f"\n==> {name}: {' '.join(command)}", flush=True)
         t0 = time.time()
-        result = subprocess.run([sys.executable, *command], cwd=os.getcwd())
-        if result.returncode != 0:
-            sys.exit(f"demo: stage '{name}' failed (exit code {result.returncode}); see the output above")
+        process = subprocess.Popen([sys.executable, *command], cwd=os.getcwd())
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory (ru_maxrss)
+        returncode = process.returncode = os.waitstatus_to_exitcode(status)
+        if returncode != 0:
+            sys.exit(f"demo: stage '{name}' failed (exit code {returncode}); see the output above")
         times[name] = time.time() - t0
+        peak_rss[name] = usage.ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)  # MiB
 
     script = lambda name: os.path.join(ROOT, name)  # noqa: E731 - the stage scripts live beside this file
     tokenizer_dir = os.path.join(out, "tokenizer")
     step("corpus", script("data_process.py"), "demo", "--out_dir", data, "--no_pack", *plan["data"])
     step("tokenizer", script("train_tokenizer.py"), "--data_path", os.path.join(data, "tokenizer_train.jsonl"),
-         "--out_dir", tokenizer_dir, "--vocab_size", VOCAB_SIZE)
+         "--out_dir", tokenizer_dir, "--vocab_size", VOCAB_SIZE, "--pretokenizer", "cjk_chars")  # prompts cut anywhere
     step("pack", script("data_process.py"), "pretrain", "--data_path", os.path.join(data, "pretrain_data.jsonl"),
          "--tokenizer_dir", tokenizer_dir)
     runs = {name: os.path.join(out, name) for name in ("pretrain", "sft_single", "sft_multi", "dpo")}
@@ -97,6 +105,18 @@ def main():
          "--init_from", runs["sft_single"], "--out_dir", runs["sft_multi"], *plan["sft_multi"], *COMMON)
     step("dpo", script("4-dpo.py"), "--data_path", os.path.join(data, "dpo_data.jsonl"),
          "--init_from", runs["sft_multi"], "--out_dir", runs["dpo"], *plan["dpo"], *COMMON)
+    if args.lora:  # the same three stages, same data and steps, as LoRA from the same pretrained model
+        lr = lambda stage: ["--learning_rate", LORA["learning_rate"][stage]]  # noqa: E731 (argparse: last wins)
+        runs.update({f"{name}_lora": os.path.join(out, f"{name}_lora") for name in ("sft_single", "sft_multi", "dpo")})
+        step("sft_single_lora", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_single.jsonl"),
+             "--init_from", runs["pretrain"], "--out_dir", runs["sft_single_lora"], *plan["sft_single"], *COMMON,
+             *LORA["flags"], *lr("sft_single"))
+        step("sft_multi_lora", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_multi.jsonl"),
+             os.path.join(data, "sft_data_single.jsonl"), "--init_from", runs["sft_single_lora"],
+             "--out_dir", runs["sft_multi_lora"], *plan["sft_multi"], *COMMON, *LORA["flags"], *lr("sft_multi"))
+        step("dpo_lora", script("4-dpo.py"), "--data_path", os.path.join(data, "dpo_data.jsonl"),
+             "--init_from", runs["sft_multi_lora"], "--out_dir", runs["dpo_lora"], *plan["dpo"], *COMMON,
+             *LORA["flags"], *lr("dpo"))
 
     t0 = time.time()
     results = evaluate_all(runs, data, plan["eval_limit"])
@@ -106,7 +126,7 @@ def main():
     with open(os.path.join(out, "scores.json"), "w", encoding="utf-8") as f:
         json.dump({k: v for k, v in results.items() if k != "samples"}, f, ensure_ascii=False, indent=1)
     total = time.time() - started
-    report = write_report(out, plan, runs, results, times, total)
+    report = write_report(out, plan, runs, results, times, total, peak_rss)
     print("\n".join(stage_card(results)))
     print(f"\ndemo finished in {total / 60:.1f} min; report: {report}")
 
@@ -117,11 +137,10 @@ def evaluate_all(runs, data, limit):
 
     results = {}
     # the pretrained model is also asked the chat questions: the baseline that shows what SFT adds
+    chats = [name for name in runs if name != "pretrain"]  # with --lora also the *_lora runs (loaded merged)
     for key, name, mode, file_name in [("pretrain", "pretrain", "completion", "eval_pretrain.jsonl"),
-                                       ("pretrain_chat", "pretrain", "chat", "eval_chat.jsonl"),
-                                       ("sft_single", "sft_single", "chat", "eval_chat.jsonl"),
-                                       ("sft_multi", "sft_multi", "chat", "eval_chat.jsonl"),
-                                       ("dpo", "dpo", "chat", "eval_chat.jsonl")]:
+                                       ("pretrain_chat", "pretrain", "chat", "eval_chat.jsonl")] + \
+            [(name, name, "chat", "eval_chat.jsonl") for name in chats]:
         model, tokenizer, _ = load_checkpoint(runs[name])
         path = sample_lines(os.path.join(data, file_name), limit, runs[name])
         results[key] = score_eval_file(model, tokenizer, path, mode, max_new_tokens=24,
@@ -130,6 +149,7 @@ def evaluate_all(runs, data, limit):
     with open(os.path.join(data, "eval_chat.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     samples = [records[i] for i in range(0, len(records), max(1, len(records) // 6))][:6]
+    model, tokenizer, _ = load_checkpoint(runs["dpo"])
     replies = generate_batch(model, tokenizer, [encode_chat(tokenizer, r["messages"]) for r in samples],
                              max_new_tokens=48)
     results["samples"] = [(r["messages"], reply, r["answer"]) for r, reply in zip(samples, replies)]
@@ -204,7 +224,33 @@ def stage_card(results):
     ]
 
 
-def write_report(out, plan, runs, results, times, total):
+def lora_comparison(runs, results, times, peak_rss):
+    """Full vs LoRA per stage: parameters trained, speed, peak memory (the stage process's ru_maxrss), accuracy."""
+    import math
+    from safetensors import safe_open
+    lines = ["", "## LoRA vs full fine-tuning", "", "Same pretrained model, data and steps; LoRA " +
+             " ".join(LORA["flags"]) + " on wq wk wv wo w1 w2 w3. tokens/s: mean training throughput from "
+             "metrics.jsonl; peak RSS: the stage process's maximum resident memory.", "",
+             "| stage | run | trained params | share of the model | wall time | tokens/s | peak RSS | held-out chat |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def n_params(path):  # from the file header, without loading the tensors
+        with safe_open(path, "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    n_base = n_params(os.path.join(runs["pretrain"], "model.safetensors"))
+    for stage in ("sft_single", "sft_multi", "dpo"):
+        for name in (stage, f"{stage}_lora"):
+            n_train = n_params(os.path.join(runs[name], "adapter_model.safetensors")) if name.endswith("_lora") \
+                else n_base
+            with open(os.path.join(runs[name], "metrics.jsonl")) as f:
+                speeds = [r["tokens_per_s"] for r in map(json.loads, f) if "tokens_per_s" in r]
+            lines.append(f"| {stage} | {'LoRA' if name.endswith('_lora') else 'full'} | {n_train:,} | "
+                         f"{n_train / n_base:.1%} | {times[name]:.0f} s | {sum(speeds) / max(1, len(speeds)):.0f} | "
+                         f"{peak_rss.get(name, 0):.0f} MiB | {results[name]['overall']:.1%} |")
+    return lines
+
+
+def write_report(out, plan, runs, results, times, total, peak_rss=None):
     lines = ["# nano-LLM demo report", "",
              f"Total wall time: **{total / 60:.1f} min** ({os.cpu_count()} CPU cores visible).", "",
              "## Config", "", "```", "model: " + " ".join(plan["model"])]
@@ -221,7 +267,7 @@ def write_report(out, plan, runs, results, times, total):
               "that appear in no training file. Correct = the gold answer appears in the first line of the greedy "
               "output. `pretrain (chat)` is the pretrained model asked the chat questions.", "",
               "| model | category | correct | accuracy |", "|---|---|---|---|"]
-    for key in ("pretrain", "pretrain_chat", "sft_single", "sft_multi", "dpo"):
+    for key in [k for k in ("pretrain", "pretrain_chat", *runs) if k in results and k != "dpo_heldout_pairs"]:
         for category, (correct, n, accuracy) in sorted(results[key]["per_category"].items()):
             lines.append(f"| {key.replace('_chat', ' (chat)')} | {category} | {correct}/{n} | {accuracy:.1%} |")
     pairs = results["dpo_heldout_pairs"]
@@ -230,6 +276,8 @@ def write_report(out, plan, runs, results, times, total):
               f"with 4-dpo.py's log-probs against the sft_multi model: reward accuracy {pairs['reward_accuracy']:.1%}, "
               f"mean reward margin {pairs['reward_margin']:.3f}.", "", "## Loss curves", ""]
     lines += [f"![{name}]({os.path.relpath(os.path.join(runs[name], 'loss.png'), out)})" for name in runs]
+    if "dpo_lora" in runs:
+        lines += lora_comparison(runs, results, times, peak_rss or {})
     lines += ["", "## Sample chats (DPO model)", ""]
     for messages, reply, answer in results["samples"]:
         turns = " / ".join(f"{m['role']}: {m['content']}" for m in messages)

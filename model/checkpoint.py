@@ -8,6 +8,7 @@ Run directory layout (out/<stage>_<dim>[_moe]/):
     step_000100/                                      one complete checkpoint per save (--keep_last N kept):
         config.json, model.safetensors, training_state.pt   (optimizer, scaler, step, data position, RNG)
     metrics.jsonl, loss.png                           one JSON line per log interval; the curve at the end
+A LoRA run (--lora_rank) holds its adapter instead of model.safetensors, top level and per step (model/lora.py).
 Every checkpoint is written under a temporary name and renamed when complete, so a crash mid-save leaves the
 previous one loadable. training_state.pt holds only tensors and plain types: it loads with weights_only=True.
 """
@@ -20,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from . import lora
 from .LMConfig import LMConfig
 from .model import Transformer
 from .dataset import tokenizer_sha256  # noqa: F401  (the run's tokenizer identity, as packed files record it)
@@ -36,12 +38,14 @@ def run_name(stage: str, config: LMConfig) -> str:
 
 
 def find_run(stage: str, dim=None, use_moe=None, root="out"):
-    """Newest out/<stage>_<dim>[_moe] directory holding weights, narrowed by dim/use_moe when given."""
+    """Newest out/<stage>_<dim>[_moe] directory holding weights (or a LoRA adapter), narrowed by dim/use_moe."""
     pattern = re.compile(rf"^{re.escape(stage)}_(\d+)(_moe)?$")
     found = []
     for name in os.listdir(root) if os.path.isdir(root) else []:
         match = pattern.match(name)
         weights = os.path.join(root, name, "model.safetensors")
+        if lora.is_adapter_dir(os.path.join(root, name)):
+            weights = os.path.join(root, name, lora.ADAPTER_WEIGHTS)
         if not match or not os.path.isfile(weights):
             continue
         if (dim is not None and int(match.group(1)) != dim) or (use_moe is not None and bool(match.group(2)) != use_moe):
@@ -53,7 +57,10 @@ def find_run(stage: str, dim=None, use_moe=None, root="out"):
 def load_init_model(init_dir: str, overrides: dict) -> Transformer:
     """Load the previous stage's weights strictly. A requested shape that differs from them is an error; the
     other fields given (dropout, aux_loss_alpha, max_seq_len, ...) go into the config BEFORE the modules are
-    built, so the run trains with the values its config.json records."""
+    built, so the run trains with the values its config.json records. A LoRA run is merged into its base."""
+    if lora.is_adapter_dir(init_dir):
+        # a LoRA run: its checked base (merged too if it was a LoRA run), then this adapter merged in
+        return lora.merge_adapter(load_init_model(lora.checked_base(init_dir), overrides), init_dir)
     if not init_dir or not os.path.isfile(os.path.join(init_dir, "model.safetensors")):
         raise StageError(f"no checkpoint to initialise from at {init_dir!r}: run the previous stage first or "
                          f"pass --init_from DIR")
@@ -119,7 +126,8 @@ def list_checkpoints(run_dir: str):
 
 
 def holds_a_run(run_dir: str) -> bool:
-    return bool(list_checkpoints(run_dir)) or os.path.isfile(os.path.join(run_dir, "model.safetensors"))
+    return bool(list_checkpoints(run_dir)) or os.path.isfile(os.path.join(run_dir, "model.safetensors")) or \
+        lora.is_adapter_dir(run_dir)
 
 
 def prepare_run_dir(run_dir: str, resume, overwrite: bool, runtime) -> bool:
@@ -203,7 +211,10 @@ def save_checkpoint(run_dir: str, model, training_state: dict, keep_last: int):
     final = os.path.join(run_dir, f"step_{step:06d}")
     tmp = os.path.join(run_dir, f".tmp_step_{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if lora.is_lora(model):  # the adapter and a reference to its base, never the base's weights
+        lora.save_adapter(model, tmp)
+    else:
+        model.save_pretrained(tmp)
     torch.save(training_state, os.path.join(tmp, "training_state.pt"))
     for name in os.listdir(tmp):
         with open(os.path.join(tmp, name), "rb") as f:
@@ -213,7 +224,7 @@ def save_checkpoint(run_dir: str, model, training_state: dict, keep_last: int):
         os.rename(final, final + ".old")
     os.rename(tmp, final)
     shutil.rmtree(final + ".old", ignore_errors=True)
-    for name in ("config.json", "generation_config.json", "model.safetensors"):
+    for name in ("config.json", "generation_config.json", "model.safetensors", *lora.ADAPTER_FILES):
         if os.path.exists(os.path.join(final, name)):
             _atomic_link(os.path.join(final, name), os.path.join(run_dir, name))
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
@@ -246,12 +257,15 @@ def restore(run_dir: str, model, optimizer, scaler, settings: dict, runtime) -> 
     latest = list_checkpoints(run_dir)[-1]
     state = torch.load(os.path.join(latest, "training_state.pt"), map_location="cpu", weights_only=True)
     check_settings(state.get("settings", {}), settings, latest)
-    saved = Transformer.from_pretrained(latest)
-    for name in SHAPE_FIELDS:
-        if getattr(saved.config, name) != getattr(model.config, name):
-            raise StageError(f"checkpoint {latest} has {name}={getattr(saved.config, name)} but this run's model "
-                             f"has {getattr(model.config, name)}; resume with the same settings")
-    model.load_state_dict(saved.state_dict(), strict=True)
+    if lora.is_lora(model) or lora.is_adapter_dir(latest):
+        lora.restore_adapter(model, latest)  # checks the kind of run, the LoRA settings and the base
+    else:
+        saved = Transformer.from_pretrained(latest)
+        for name in SHAPE_FIELDS:
+            if getattr(saved.config, name) != getattr(model.config, name):
+                raise StageError(f"checkpoint {latest} has {name}={getattr(saved.config, name)} but this run's "
+                                 f"model has {getattr(model.config, name)}; resume with the same settings")
+        model.load_state_dict(saved.state_dict(), strict=True)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][runtime.rank])

@@ -395,7 +395,7 @@ def eval_sets(world, rng, eval_size=200):
 
 
 def charset_lines(width=100):
-    """GB2312 symbols and level-1 hanzi (3 times, so they win ties), then level-2 hanzi (twice): lets the shipped 6400-token tokenizer
+    """GB2312 symbols and level-1 hanzi (3 times, so they win ties), then level-2 hanzi (twice): lets a 6400-token tokenizer trained on
     cover common Chinese characters as single tokens, not only the ~600 the demo world uses."""
     def level(first_bytes):
         chars = []

@@ -9,6 +9,7 @@ Public API (stable; demo.py imports it):
                     root="out") -> (model, tokenizer, checkpoint_dir)
         checkpoint None = the newest run of the first stage in `stages` that has one (model.checkpoint.find_run):
         PRETRAIN_STAGES = ("pretrain",), CHAT_STAGES = ("dpo", "sft_multi", "sft_single").
+        A LoRA run directory (adapter + lora_base.json) loads as its checked base with the adapter merged in.
         Tokenizer: tokenizer_dir, else the checkpoint's own copy, else model/tokenizer/ (checked against
         vocab_size). Model in eval mode on `device` (auto: cuda > mps > cpu) in `dtype` (auto: bfloat16 on CUDA
         when supported, else float32). Every problem a user can cause raises model.runtime.StageError.
@@ -61,7 +62,8 @@ import sys
 
 import torch
 
-from .checkpoint import find_run, load_tokenizer
+from . import lora
+from .checkpoint import find_run, load_init_model, load_tokenizer
 from .generate import check_sampling, generate_batch, left_pad, stream_reply  # re-exported: the eval scripts' API
 from .runtime import DEFAULT_TOKENIZER_DIR, BadLines, StageError, pick_device, pick_dtype, run_stage
 
@@ -89,7 +91,7 @@ def resolve_checkpoint(checkpoint=None, stages=CHAT_STAGES, root="out") -> str:
     if checkpoint:
         if not os.path.isdir(checkpoint):
             raise StageError(f"checkpoint directory not found: {checkpoint}")
-        if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+        if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")) and not lora.is_adapter_dir(checkpoint):
             raise StageError(f"no model.safetensors in {checkpoint}: not a checkpoint directory "
                              f"(pass a run directory such as out/pretrain_512)")
         return checkpoint
@@ -108,7 +110,7 @@ def load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="a
 
     path = resolve_checkpoint(checkpoint, stages, root)
     try:
-        model = Transformer.from_pretrained(path)
+        model = load_init_model(path, {}) if lora.is_adapter_dir(path) else Transformer.from_pretrained(path)
     except (OSError, ValueError) as err:  # missing/invalid config.json, tensors that do not fit the config
         raise StageError(f"cannot load checkpoint {path}: {err}") from None
     if tokenizer_dir is None:

@@ -14,7 +14,7 @@ global batch is split (the gradient-accumulation pitfall transformers fixed in 2
 the run directory are model/checkpoint.py's job; device, DDP and precision model/runtime.py's.
 """
 import argparse
-import math
+import time
 from contextlib import nullcontext
 
 import torch
@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from . import checkpoint
+from . import checkpoint, lora
 from .metrics import StepLog
+from .optim import budget_steps, build_optimizer, lr_at  # noqa: F401  (build_optimizer, lr_at: the stages' API)
 from .runtime import Runtime, StageError, StopSignals, all_reduce_sum, autocast, resolve_dtype
 
 transformers_logging.disable_progress_bar()  # a bar per checkpoint write would bury the training bar
@@ -47,8 +48,17 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults):
     a("--accumulation_steps", type=int, default=d["accumulation_steps"],
       help="micro-batches per optimizer step (global batch = batch_size * accumulation_steps * processes)")
     a("--learning_rate", type=float, default=d["learning_rate"], help="peak learning rate")
-    a("--min_lr_ratio", type=float, default=0.1, help="cosine schedule ends at learning_rate * this")
+    a("--min_lr_ratio", type=float, default=0.1, help="the schedule ends at learning_rate * this")
     a("--warmup_iters", type=int, default=d["warmup_iters"], help="linear warm-up steps")
+    a("--lr_schedule", default="cosine", choices=["cosine", "wsd"],
+      help="after warm-up: cosine decay, or warmup-stable-decay (peak until the last --decay_frac, then linear)")
+    a("--decay_frac", type=float, default=0.2, help="wsd: share of the run spent decaying")
+    a("--max_minutes", type=float, default=None,
+      help="stop after this many minutes of training steps, with the schedule fitted to the time, not cut by it "
+           "(progress = elapsed / budget; warm-up capped at 10%% of the steps that fit)")
+    a("--optimizer", default="adamw", choices=["adamw", "muon"],
+      help="muon: torch.optim.Muon (RMS matched to AdamW, same --learning_rate) for the hidden 2-D matrices, "
+           "AdamW for embeddings, norms and the rest")
     a("--weight_decay", type=float, default=0.1, help="AdamW weight decay (not applied to norms/embeddings)")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
@@ -131,20 +141,7 @@ class ResumableBatchSampler:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# optimizer, schedule, loss
-
-def build_optimizer(model, learning_rate, weight_decay, device: torch.device):
-    """AdamW with decay groups (Transformer.configure_optimizer), betas (0.9, 0.95) as in nanoGPT/Llama."""
-    return model.configure_optimizer(weight_decay, learning_rate, betas=(0.9, 0.95), device_type=device.type)
-
-
-def lr_at(step: int, total_steps: int, warmup: int, peak: float, min_ratio: float) -> float:
-    """Linear warm-up to peak, then cosine decay to peak * min_ratio at total_steps."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
+# loss
 
 def count_labelled_tokens(batch) -> int:
     """Targets of a language-modelling batch: shift_labels (already shifted) or labels (shifted in the model)."""
@@ -234,6 +231,7 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
     into the run directory); None = prepare it here.
     """
     dtype = resolve_dtype(args.dtype, runtime.device)
+    torch.manual_seed(args.seed)  # dropout's stream: two fresh runs with one --seed train alike (resume restores it)
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, args.seed, runtime.rank, runtime.world_size)
     steps_per_epoch = len(sampler) // args.accumulation_steps
     if steps_per_epoch == 0:
@@ -246,7 +244,12 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
     if resuming is None:
         resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     model.to(runtime.device)
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, runtime.device)
+    kind = getattr(args, "optimizer", "adamw")
+    if kind != "adamw" and dtype == "float16":
+        raise StageError(f"--optimizer {kind} does not run with float16 loss scaling; use --dtype bfloat16/float32")
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, runtime.device, kind)
+    if runtime.is_master:  # with LoRA only the adapters train (and only they are in the optimizer)
+        print(f"{title}: {lora.trainable_summary(model)}")
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=dtype == "float16")
     step = 0
     if resuming:
@@ -271,13 +274,24 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
                 "rng": rng, "extra": extra_state or {}, "settings": settings}, args.keep_last)
         runtime.barrier()
 
+    # --max_minutes: the clock counts training steps only (not validation or saves); the schedule follows it
+    budget = (getattr(args, "max_minutes", None) or 0) * 60
+    if budget:
+        total_steps = args.max_steps or float("inf")
     signals = StopSignals()
-    log = StepLog(run_dir, args, step, total_steps, title, runtime)
+    log = StepLog(run_dir, args, step, None if budget else total_steps, title, runtime)
     model.train()
     bad_steps, last_saved, stop = 0, step if resuming else -1, None
+    elapsed, time_up, carry, n_run = 0.0, False, 0.0, 0  # seconds of training steps, their count (this run)
     batches = step_batches(train_set, collate_fn, sampler, steps_per_epoch, step, args, runtime)
-    while step < total_steps and stop is None:
-        lr = lr_at(step, total_steps, args.warmup_iters, args.learning_rate, args.min_lr_ratio)
+    while step < total_steps and stop is None and not time_up:
+        t_step = time.perf_counter()
+        planned, warmup = total_steps, args.warmup_iters
+        if budget:
+            planned = min(total_steps, budget_steps(step, elapsed, budget))
+            warmup = max(1, min(warmup, int(0.1 * planned))) if planned != float("inf") else warmup
+        lr = lr_at(step, planned, warmup, args.learning_rate, args.min_lr_ratio,
+                   getattr(args, "lr_schedule", "cosine"), getattr(args, "decay_frac", 0.2))
         for group in optimizer.param_groups:
             group["lr"] = lr
         epoch, micro_batches = next(batches)
@@ -287,8 +301,16 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
         # ONE all-reduce and ONE host sync per step answer everything: sums, non-finite anywhere, a stop signal
         flags = torch.stack([(~torch.isfinite(sums[0]) | ~torch.isfinite(grad_norm)).float(),
                              torch.tensor(float(signals.received is not None), device=sums.device)])
-        reduced = all_reduce_sum(torch.cat([sums, flags]), runtime).tolist()
+        # the step's time rides along too, so every rank follows one clock (the same lr, the same last step)
+        # (carry: the previous step's optimizer update and logging, timed after its all-reduce)
+        t_reduce = time.perf_counter()
+        step_time = torch.tensor([t_reduce - t_step + carry], device=sums.device)
+        reduced = all_reduce_sum(torch.cat([sums, flags, step_time]), runtime).tolist()
+        elapsed += reduced.pop() / runtime.world_size
         finite, stop = reduced[-2] == 0, signals.agreed(reduced[-1] > 0)  # decided from reduced values only
+        n_run += 1
+        # stop at the step boundary nearest the budget: the run overshoots or falls short by half a step at most
+        time_up = bool(budget) and elapsed + 0.5 * elapsed / n_run >= budget
         step += 1
         if finite:
             scaler.step(optimizer)
@@ -304,12 +326,16 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
                              f"stopping. The last good checkpoint is in {run_dir}. Try a lower --learning_rate, "
                              f"--dtype bfloat16/float32, or check the data")
         log.step(step, epoch, lr, float(grad_norm), reduced[:-2], metric_names, finite)
-        if val_set is not None and args.eval_interval and (step % args.eval_interval == 0 or step == total_steps):
+        carry = time.perf_counter() - t_reduce
+        if val_set is not None and args.eval_interval and (step % args.eval_interval == 0 or step == total_steps
+                                                           or time_up):
             log.validation(step, validation_loss(model, val_set, collate_fn, loss_fn, count_fn, args, runtime, dtype))
         if step % args.save_interval == 0 or stop:
             save()
             last_saved = step
     log.close()
+    if budget:  # what the time went to, for speedrun.py's tokens/s
+        log.metrics.log({"step": step, "train_seconds": round(elapsed, 3), "steps_this_run": n_run})
     if last_saved != step:
         save()
     signals.restore()

@@ -8,6 +8,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 SHIPPED_TOKENIZER = os.path.join(ROOT, "model", "tokenizer")
+TINY_SHAPE = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32)
+
+
+def make_tiny_model(seed=0, **overrides):
+    """The tests' one tiny model: TINY_SHAPE (overrides win), initialised from `seed`, in training mode."""
+    import torch
+    from model import LMConfig, Transformer
+    torch.manual_seed(seed)
+    return Transformer(LMConfig(**{**TINY_SHAPE, **overrides}))
+
+
+@pytest.fixture
+def tiny_model():
+    """make_tiny_model, for tests that take it as a fixture: tiny_model(seed=0, **config overrides)."""
+    return make_tiny_model
 
 
 @pytest.fixture(scope="session")

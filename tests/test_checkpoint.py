@@ -8,16 +8,15 @@ import shutil
 import pytest
 import torch
 
-from model import LMConfig, Transformer, checkpoint, trainer
+from conftest import make_tiny_model
+from model import checkpoint
 from model.runtime import DEFAULT_TOKENIZER_DIR, Runtime, StageError
 
 RUNTIME = Runtime(torch.device("cpu"), False, 0, 0, 1)
 
 
 def tiny_model(**overrides):
-    torch.manual_seed(0)
-    shape = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32)
-    return Transformer(LMConfig(**{**shape, **overrides}))
+    return make_tiny_model(**overrides)
 
 
 def fake_checkpoint(run_dir, step):

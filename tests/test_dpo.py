@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from model import LMConfig, Transformer
+from conftest import make_tiny_model
 from model.dataset import DPODataset
 from model.runtime import Runtime
 
@@ -27,8 +27,7 @@ def pairs_file(path, n=6):
 
 
 def tiny_model():
-    torch.manual_seed(0)
-    return Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400, max_seq_len=64))
+    return make_tiny_model(vocab_size=6400, max_seq_len=64)  # the shipped tokenizer's vocabulary
 
 
 def test_reference_pass_makes_float64_only_on_the_host(tmp_path, tokenizer, monkeypatch):

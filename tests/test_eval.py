@@ -194,7 +194,8 @@ class ScriptedModel(torch.nn.Module):
 
 def test_generate_batch_stops_rows_at_newline_or_eos_and_keeps_the_order(tokenizer):
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompts = [evaluate.encode_completion(tokenizer, p) for p in ("甲", "很长的提示乙", "长一点丙")]
+    # each prompt ends in a whole-character token of its own (the scripted model keys on the last token)
+    prompts = [evaluate.encode_completion(tokenizer, p) for p in ("甲", "很长的提示李", "长一点王")]
     keys = [p[-1] for p in prompts]
     scripts = {keys[0]: enc("=81。\n后面还有"), keys[1]: enc("杭州") + [tokenizer.eos_token_id],
                keys[2]: enc("没有换行的很长很长的回答")}

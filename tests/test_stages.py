@@ -83,9 +83,9 @@ def test_every_stage_learns_and_finds_the_previous_one(workdir):
 
 
 def test_sft_stage_refuses_a_checkpoint_of_another_shape(workdir):
-    pretrain(workdir, "out/pretrain_32", "--max_steps", "2", "--batch_size", "4")
+    pretrain(workdir, "out/shape_base", "--max_steps", "2", "--batch_size", "4")
     result = stage(workdir, "3-full_sft.py", "--data_path", "dataset/sft_data_single.jsonl", "--init_from",
-                   "out/pretrain_32", "--dim", "64", "--max_steps", "1", *FAST, check=False)
+                   "out/shape_base", "--dim", "64", "--max_steps", "1", *FAST, check=False)
     assert result.returncode == 1
     assert "--dim 64 does not match the checkpoint" in result.stderr and "Traceback" not in result.stderr
 
@@ -262,8 +262,15 @@ def test_ddp_stop_signal_after_the_all_reduce_stops_every_rank_at_the_same_step(
     script = tmp_path / "race.py"
     script.write_text(RACE_SCRIPT.format(root=ROOT, out=out))
     command = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
-    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=240)
+    race = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:  # a hang (the bug) must fail the test and leave no process behind
+        stdout, stderr = race.communicate(timeout=240)
+    finally:
+        if race.poll() is None:
+            os.killpg(race.pid, signal.SIGKILL)
+            race.wait()
+    result = subprocess.CompletedProcess(command, race.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     # rank 1 noted the signal in step 3; both ranks agreed on it in step 4 and saved exactly there
     assert "stopped by a signal on another process at step 4" in result.stdout
@@ -296,10 +303,16 @@ def test_torchrun_restarts_a_killed_worker_and_resume_auto_finishes_the_same_run
     command = launcher + [os.path.join(ROOT, "1-pretrain.py"), "--data_path", "dataset/pretrain_data.bin",
                           "--out_dir", "out/restarted", *TINY, *FAST, *args, "--resume", "auto"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    run = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_step(workdir / "out/restarted", 12, run)  # past the step-10 checkpoint
-    os.kill(worker_pids(run.pid)[1], signal.SIGKILL)
-    out, _ = run.communicate(timeout=300)
+    run = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        wait_for_step(workdir / "out/restarted", 12, run)  # past the step-10 checkpoint
+        os.kill(worker_pids(run.pid)[1], signal.SIGKILL)
+        out, _ = run.communicate(timeout=300)
+    finally:  # never leave a launcher and its workers behind, whatever failed
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
     assert run.returncode == 0, out[-3000:]
     assert "resumed from out/restarted/step_0000" in out
     ref, restarted = (load_file(workdir / d / "model.safetensors") for d in ("out/restart_ref", "out/restarted"))
@@ -322,8 +335,14 @@ def test_two_torchrun_launchers_on_one_host_train_like_one_two_process_job(workd
                    os.path.join(ROOT, "1-pretrain.py"), "--data_path", "dataset/pretrain_data.bin",
                    "--out_dir", "out/nodes", *TINY, *FAST, *args]
         nodes.append(subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     ref, two_nodes = (load_file(workdir / d / "model.safetensors") for d in ("out/nodes_ref", "out/nodes"))
     assert max((ref[k] - two_nodes[k]).abs().max().item() for k in ref) <= 1e-6

