@@ -348,7 +348,7 @@ def run_demo(args):
     from model.demo_corpus import generate_demo
     t0 = time.time()
     counts = generate_demo(args.out_dir, args.seed, args.n_people, args.n_bios, args.sft_people_ratio,
-                           args.heldout_pair_ratio, args.eval_size, args.n_qa_docs)
+                           args.heldout_pair_ratio, args.eval_size, args.dpo_people_ratio)
     for name, n in counts.items():
         path = os.path.join(args.out_dir, name)
         print(f"{path}: {n} records, {os.path.getsize(path) / 1e6:.2f} MB", flush=True)

@@ -21,11 +21,12 @@ The world
   about, the assistant should say "我不知道X是谁。". Half of them are DPO's, the other half only in eval.
 
 Who appears where
-- pretraining text: every biography of every person, question-answer text about the SFT people (mixed
-  training: it makes the biographies' facts retrievable by questions), every training arithmetic triple.
+- pretraining text: every biography of every person, every training arithmetic triple.
 - SFT single / multi and DPO: questions about the "SFT people" only (a subset), training triples only;
   greetings and "你是谁？" in SFT; multi-turn dialogues change topic (sum, second person) as users do.
-- DPO only: refusal pairs for the DPO unknown names (the one behaviour SFT never shows).
+- DPO only: refusal pairs for the DPO unknown names (the one behaviour SFT never shows), and true facts over a
+  refusal for known people: SFT people and the "DPO people" (`dpo_people_ratio`), who like the held-out people
+  appear only in the pretraining text, so that "known" means "in the pretraining text", not "asked about in SFT".
 - eval files: questions about the "held-out people" (their facts are ONLY in the pretraining text), about the
   eval unknown names, and held-out arithmetic triples. So eval measures knowledge extraction and arithmetic
   generalisation, not recall of a memorised answer.
@@ -136,9 +137,13 @@ def arith_statement(op, a, b, result=None):
 # ----------------------------------------------------------------------------------------------------------
 # The world
 
-def make_world(seed=1337, n_people=300, sft_people_ratio=0.5, heldout_pair_ratio=0.1, n_unknown=200):
+def make_world(seed=1337, n_people=300, sft_people_ratio=0.5, heldout_pair_ratio=0.1, n_unknown=200,
+               dpo_people_ratio=0.0):
     """n_unknown: names of people who do NOT exist (drawn like the real ones, appearing in no pretraining text);
-    the first half is for DPO's refusal pairs, the second half only for the eval files."""
+    the first half is for DPO's refusal pairs, the second half only for the eval files.
+    dpo_people_ratio: people who, like the held-out ones, appear only in the pretraining text, and whose true facts
+    DPO prefers over a refusal: they teach DPO where "known" ends (in the pretraining text or not), not where SFT
+    ends. Split per person: "sft", "dpo" or "heldout" (eval only)."""
     rng = random.Random(seed)
     max_names = len(SURNAMES) * len(GIVEN_FIRST) * len(GIVEN_SECOND)
     assert 2 <= n_people <= max_names // 4, f"n_people must be in 2..{max_names // 4}"
@@ -157,8 +162,10 @@ def make_world(seed=1337, n_people=300, sft_people_ratio=0.5, heldout_pair_ratio
             person[attribute] = rng.choice(spec["values"])
         people.append(person)
     n_sft = max(1, min(n_people - 1, round(n_people * sft_people_ratio)))
+    n_dpo = round(n_people * dpo_people_ratio)
+    assert n_sft + n_dpo < n_people, "no people left for the held-out evaluation"
     for i, person in enumerate(people):  # names are already in random order
-        person["split"] = "sft" if i < n_sft else "heldout"
+        person["split"] = "sft" if i < n_sft else "dpo" if i < n_sft + n_dpo else "heldout"
 
     triples = [("+", a, b) for a in range(10, 100) for b in range(10, 100)]
     triples += [("-", a, b) for a in range(10, 100) for b in range(10, a + 1)]
@@ -197,27 +204,8 @@ def biographies(person, n_bios, rng):
     return bios
 
 
-def qa_documents(person, n_docs, rng):
-    """Question-answer text about one person, laid out like a chat without special tokens (render_plain): all
-    six questions per document, in a shuffled order. Mixing such text about the SFT people into pretraining
-    teaches the model, while it stores the biographies, to store them so that a question can retrieve them
-    ("mixed training", Allen-Zhu & Li, Physics of Language Models 3.1); the held-out people get no QA text."""
-    docs = []
-    for _ in range(n_docs):
-        attributes = list(ATTRIBUTES)
-        rng.shuffle(attributes)
-        messages = []
-        for attribute in attributes:
-            question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=person["name"])
-            messages += [user(question), assistant(canonical_statement(person["name"], attribute, person[attribute]))]
-        docs.append(render_plain(messages))
-    return docs
-
-
-def pretrain_documents(world, n_bios, rng, equations_per_doc=16, n_qa_docs=4):
+def pretrain_documents(world, n_bios, rng, equations_per_doc=16):
     docs = [bio for person in world["people"] for bio in biographies(person, n_bios, rng)]
-    docs += [doc for person in world["people"] if person["split"] == "sft"
-             for doc in qa_documents(person, n_qa_docs, rng)]
     train = list(world["arith_train"])
     rng.shuffle(train)
     for i in range(0, len(train), equations_per_doc):
@@ -335,10 +323,10 @@ def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=
     """The behaviour DPO adds (SFT never shows it): "我不知道X是谁。" for a person who does not exist, instead of
     an invented biography; pairs about SFT people (true fact over refusal or wrong value) keep it from refusing
     people it knows."""
-    sft_people = [p for p in world["people"] if p["split"] == "sft"]
+    known = [p for p in world["people"] if p["split"] in ("sft", "dpo")]
     names = world["unknown_names"]["dpo"]
     records = [unknown_pair(names[i % len(names)], rng) for i in range(n_unknown_pairs)]
-    records += [known_pair(rng.choice(sft_people), rng, refuse=i % 2 == 0) for i in range(n_known_pairs)]
+    records += [known_pair(rng.choice(known), rng, refuse=i % 2 == 0) for i in range(n_known_pairs)]
     for op, a, b in rng.sample(world["arith_train"], min(n_arith_pairs, len(world["arith_train"]))):
         prompt = [user(arith_question(op, a, b, rng))]
         records.append({"chosen": prompt + [assistant(arith_statement(op, a, b))],
@@ -428,11 +416,11 @@ def write_jsonl(path, records):
 
 
 def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0.5, heldout_pair_ratio=0.1,
-                  eval_size=200, n_qa_docs=4):
+                  eval_size=200, dpo_people_ratio=0.0):
     """Write every demo file into out_dir; returns {file name: number of records}."""
-    world = make_world(seed, n_people, sft_people_ratio, heldout_pair_ratio)
+    world = make_world(seed, n_people, sft_people_ratio, heldout_pair_ratio, dpo_people_ratio=dpo_people_ratio)
     rng = random.Random(seed + 1)  # one stream, consumed in a fixed order: same seed, same bytes
-    pretrain = pretrain_documents(world, n_bios, rng, n_qa_docs=n_qa_docs)
+    pretrain = pretrain_documents(world, n_bios, rng)
     single = sft_single(world, rng)
     multi = sft_multi(world, rng)
     dpo = dpo_pairs(world, rng)
@@ -474,8 +462,8 @@ def add_demo_args(parser):
     parser.add_argument("--heldout_pair_ratio", type=float, default=0.1,
                         help="fraction of arithmetic (op, a, b) triples held out of all training data")
     parser.add_argument("--eval_size", type=int, default=200, help="questions per eval category")
-    parser.add_argument("--n_qa_docs", type=int, default=4,
-                        help="question-answer documents per SFT person mixed into the pretraining text")
+    parser.add_argument("--dpo_people_ratio", type=float, default=0.0,
+                        help="fraction of people who appear only in pretraining text and in DPO's known-people pairs")
 
 
 if __name__ == "__main__":
@@ -483,6 +471,6 @@ if __name__ == "__main__":
     add_demo_args(parser)
     args = parser.parse_args()
     counts = generate_demo(args.out_dir, args.seed, args.n_people, args.n_bios, args.sft_people_ratio,
-                           args.heldout_pair_ratio, args.eval_size, args.n_qa_docs)
+                           args.heldout_pair_ratio, args.eval_size, args.dpo_people_ratio)
     for name, n in counts.items():
         print(f"{os.path.join(args.out_dir, name)}: {n} records")
