@@ -266,6 +266,10 @@ def restore(run_dir: str, model, optimizer, scaler, settings: dict, runtime) -> 
                 raise StageError(f"checkpoint {latest} has {name}={getattr(saved.config, name)} but this run's "
                                  f"model has {getattr(model.config, name)}; resume with the same settings")
         model.load_state_dict(saved.state_dict(), strict=True)
+    trained, training = state.get("settings", {}).get("trainable_params"), settings.get("trainable_params")
+    if trained not in (None, training):  # same shape, other parameters in the optimizer (--freeze_embeddings)
+        raise StageError(f"cannot resume {latest}: it trained {trained:,} parameters (trainable_params), this run "
+                         f"trains {training:,}; resume with the same --freeze_embeddings, or start a new run")
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][runtime.rank])

@@ -50,6 +50,9 @@ def add_lora_args(parser):
     a("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS),
       help="module names that get adapters (attention wq wk wv wo, FFN/experts w1 w2 w3); embeddings and norms "
            "stay frozen")
+    a("--freeze_embeddings", action="store_true",
+      help="full fine-tuning with the (tied) token embedding / output layer frozen: fine-tuning on a few names then "
+           "cannot push their tokens' output scores up for every prompt (LoRA leaves it frozen anyway)")
 
 
 def is_lora(model) -> bool:
@@ -80,10 +83,13 @@ def identity(checkpoint_dir: str) -> str:
 # training
 
 def maybe_wrap(model, args, base_dir: str):
-    """--lora_rank 0: the model as it is. Else a peft model whose adapters (only) train; base_dir is where model
+    """--lora_rank 0: the model as it is (--freeze_embeddings: its embeddings frozen). Else a peft model whose adapters (only) train; base_dir is where model
     came from (recorded in every checkpoint). Seeds torch with --seed first, as 1-pretrain.py does before it
     builds its model: the adapters' initialisation and the dropout stream of a fresh run follow from --seed."""
     if not getattr(args, "lora_rank", 0):
+        if getattr(args, "freeze_embeddings", False):
+            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):  # tied: one tensor
+                layer.weight.requires_grad_(False)
         return model
     from peft import LoraConfig
     alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank

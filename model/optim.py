@@ -68,3 +68,34 @@ def lr_at(step: int, total_steps: float, warmup: int, peak: float, min_ratio: fl
 def budget_steps(step: int, elapsed: float, budget: float) -> float:
     """With a time budget (seconds): the steps that fit at the pace so far (before the first step: unknown)."""
     return step * budget / elapsed if step and elapsed > 0 else float("inf")
+
+
+class TimeBudget:
+    """--max_minutes: a wall-clock budget for the training steps (validation and saves do not count). The schedule
+    is fitted to the steps that fit at the pace so far, and training stops at the step boundary nearest the
+    budget. Falsy when there is no budget; the elapsed step time is kept either way."""
+
+    def __init__(self, minutes=None):
+        self.seconds = (minutes or 0) * 60
+        self.elapsed, self.n_steps = 0.0, 0  # seconds of training steps and their count, in this run
+
+    def __bool__(self):
+        return self.seconds > 0
+
+    def plan(self, step, total_steps, warmup):
+        """(steps the schedule plans for, warm-up steps) at `step`: the budget's estimate, capped by total_steps."""
+        if not self:
+            return total_steps, warmup
+        planned = min(total_steps, budget_steps(step, self.elapsed, self.seconds))
+        if planned != float("inf"):  # a warm-up longer than a tenth of the run would eat the budget
+            warmup = max(1, min(warmup, int(0.1 * planned)))
+        return planned, warmup
+
+    def add(self, seconds):
+        self.elapsed += seconds
+        self.n_steps += 1
+
+    @property
+    def time_up(self):
+        """Over or short of the budget by half a step at most."""
+        return bool(self) and self.n_steps > 0 and self.elapsed + 0.5 * self.elapsed / self.n_steps >= self.seconds

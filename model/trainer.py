@@ -25,7 +25,7 @@ from transformers.utils import logging as transformers_logging
 
 from . import checkpoint, lora
 from .metrics import StepLog
-from .optim import budget_steps, build_optimizer, lr_at  # noqa: F401  (build_optimizer, lr_at: the stages' API)
+from .optim import TimeBudget, budget_steps, build_optimizer, lr_at  # noqa: F401  (the stages' and tests' API)
 from .runtime import Runtime, StageError, StopSignals, all_reduce_sum, autocast, resolve_dtype
 
 transformers_logging.disable_progress_bar()  # a bar per checkpoint write would bury the training bar
@@ -239,7 +239,8 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     settings = {**(settings or {}), "batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps,
                 "world_size": runtime.world_size, "seed": args.seed, "n_examples": len(train_set),
-                "total_steps": total_steps}
+                "total_steps": total_steps, "trainable_params": sum(p.numel() for p in model.parameters()
+                                                                    if p.requires_grad)}
 
     if resuming is None:
         resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
@@ -274,22 +275,18 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
                 "rng": rng, "extra": extra_state or {}, "settings": settings}, args.keep_last)
         runtime.barrier()
 
-    # --max_minutes: the clock counts training steps only (not validation or saves); the schedule follows it
-    budget = (getattr(args, "max_minutes", None) or 0) * 60
-    if budget:
+    budget = TimeBudget(getattr(args, "max_minutes", None))
+    if budget:  # the budget decides how many steps; --max_steps, if given, caps them
         total_steps = args.max_steps or float("inf")
     signals = StopSignals()
     log = StepLog(run_dir, args, step, None if budget else total_steps, title, runtime)
     model.train()
     bad_steps, last_saved, stop = 0, step if resuming else -1, None
-    elapsed, time_up, carry, n_run = 0.0, False, 0.0, 0  # seconds of training steps, their count (this run)
+    carry = 0.0
     batches = step_batches(train_set, collate_fn, sampler, steps_per_epoch, step, args, runtime)
-    while step < total_steps and stop is None and not time_up:
+    while step < total_steps and stop is None and not budget.time_up:
         t_step = time.perf_counter()
-        planned, warmup = total_steps, args.warmup_iters
-        if budget:
-            planned = min(total_steps, budget_steps(step, elapsed, budget))
-            warmup = max(1, min(warmup, int(0.1 * planned))) if planned != float("inf") else warmup
+        planned, warmup = budget.plan(step, total_steps, args.warmup_iters)
         lr = lr_at(step, planned, warmup, args.learning_rate, args.min_lr_ratio,
                    getattr(args, "lr_schedule", "cosine"), getattr(args, "decay_frac", 0.2))
         for group in optimizer.param_groups:
@@ -306,11 +303,8 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
         t_reduce = time.perf_counter()
         step_time = torch.tensor([t_reduce - t_step + carry], device=sums.device)
         reduced = all_reduce_sum(torch.cat([sums, flags, step_time]), runtime).tolist()
-        elapsed += reduced.pop() / runtime.world_size
+        budget.add(reduced.pop() / runtime.world_size)
         finite, stop = reduced[-2] == 0, signals.agreed(reduced[-1] > 0)  # decided from reduced values only
-        n_run += 1
-        # stop at the step boundary nearest the budget: the run overshoots or falls short by half a step at most
-        time_up = bool(budget) and elapsed + 0.5 * elapsed / n_run >= budget
         step += 1
         if finite:
             scaler.step(optimizer)
@@ -328,14 +322,14 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
         log.step(step, epoch, lr, float(grad_norm), reduced[:-2], metric_names, finite)
         carry = time.perf_counter() - t_reduce
         if val_set is not None and args.eval_interval and (step % args.eval_interval == 0 or step == total_steps
-                                                           or time_up):
+                                                           or budget.time_up):
             log.validation(step, validation_loss(model, val_set, collate_fn, loss_fn, count_fn, args, runtime, dtype))
         if step % args.save_interval == 0 or stop:
             save()
             last_saved = step
     log.close()
     if budget:  # what the time went to, for speedrun.py's tokens/s
-        log.metrics.log({"step": step, "train_seconds": round(elapsed, 3), "steps_this_run": n_run})
+        log.metrics.log({"step": step, "train_seconds": round(budget.elapsed, 3), "steps_this_run": budget.n_steps})
     if last_saved != step:
         save()
     signals.restore()

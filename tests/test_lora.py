@@ -318,3 +318,16 @@ def test_lora_stages_sigkill_resume_and_chain(tmp_path):
     # a full DPO run from the LoRA SFT run trains the merged model
     script(tmp_path, "4-dpo.py", "--data_path", "dpo.jsonl", "--max_steps", "2", "--out_dir", "out/dpo_full", *TRAIN)
     assert (tmp_path / "out/dpo_full/model.safetensors").exists()
+
+
+def test_freeze_embeddings_trains_everything_but_the_tied_embedding(base, tmp_path):
+    model = train(base, tmp_path / "run", "--max_steps", "6", "--lora_rank", "0", "--freeze_embeddings")
+    saved = load_file(os.path.join(base, "model.safetensors"))
+    state = model.state_dict()
+    assert torch.equal(saved["tok_embeddings.weight"], state["tok_embeddings.weight"])  # bitwise unchanged
+    assert model.output.weight is model.tok_embeddings.weight  # still tied: the output layer did not move either
+    moved = [k for k in saved if k != "tok_embeddings.weight" and not torch.equal(saved[k], state[k])]
+    assert "layers.0.attention.wq.weight" in moved and "layers.1.feed_forward.w2.weight" in moved
+    # resuming with another set of trainable parameters is refused in one line (not a torch optimizer error)
+    with pytest.raises(StageError, match="trainable_params"):
+        train(base, tmp_path / "run", "--max_steps", "8", "--lora_rank", "0", "--resume")

@@ -112,3 +112,18 @@ def test_wsd_schedule_and_budget_estimate():
     assert lrs[90] == pytest.approx(0.55) and lrs[99] < 0.2            # linear decay over the last 20%
     assert lr_at(50, 100, 10, 1.0, 0.1) == pytest.approx(lr_at(50, 100, 10, 1.0, 0.1, "cosine"))
     assert budget_steps(0, 0.0, 60) == float("inf") and budget_steps(10, 5.0, 60) == 120
+
+
+def test_time_budget_plans_from_the_pace_and_stops_nearest_the_budget():
+    from model.optim import TimeBudget
+    none = TimeBudget(None)
+    assert not none and none.plan(3, 100, 10) == (100, 10) and not none.time_up
+    budget = TimeBudget(1.0)  # 60 s
+    assert budget.plan(0, float("inf"), 10) == (float("inf"), 10)  # no pace yet
+    for _ in range(10):
+        budget.add(1.0)  # 1 s per step: 60 steps fit
+    assert budget.plan(10, float("inf"), 10) == (60.0, 6)  # warm-up capped at a tenth of the planned steps
+    assert budget.plan(10, 40, 10) == (40, 4)  # --max_steps caps the plan
+    while not budget.time_up:
+        budget.add(1.0)
+    assert budget.n_steps == 60  # stopped at the step boundary nearest the budget (59.5 s + half a step)
