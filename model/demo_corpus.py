@@ -101,6 +101,13 @@ GREETINGS = [("你好", "你好！有什么可以帮你的吗？"), ("你好！"
              ("你好，请问你是谁？", "你好！" + IDENTITY)]
 
 
+# Questions no model can answer from its training text: SFT teaches "我不知道。" for them, so the words exist in the
+# assistant's vocabulary; saying it about a PERSON the world does not have is what DPO adds.
+OUT_OF_SCOPE = [("今天天气怎么样？", "我不知道。"), ("现在几点了？", "我不知道。"), ("今天是星期几？", "我不知道。"),
+                ("明天会下雨吗？", "我不知道。"), ("下一期彩票的号码是多少？", "我不知道。"),
+                ("我的钥匙放在哪里了？", "我不知道。")]
+
+
 def refusal(name):
     """The answer DPO prefers for a person who does not exist in the world; SFT never shows it."""
     return f"我不知道{name}是谁。"
@@ -138,7 +145,7 @@ def arith_statement(op, a, b, result=None):
 # The world
 
 def make_world(seed=1337, n_people=300, sft_people_ratio=0.5, heldout_pair_ratio=0.1, n_unknown=200,
-               dpo_people_ratio=0.0):
+               dpo_people_ratio=0.1):
     """n_unknown: names of people who do NOT exist (drawn like the real ones, appearing in no pretraining text);
     the first half is for DPO's refusal pairs, the second half only for the eval files.
     dpo_people_ratio: people who, like the held-out ones, appear only in the pretraining text, and whose true facts
@@ -229,12 +236,6 @@ def arith_question(op, a, b, rng):
     return rng.choice(ARITH_QUESTIONS).format(a=a, b=b, op=op, op_zh="加" if op == "+" else "减")
 
 
-def wrong_arith_result(op, a, b, rng):
-    correct = arith_result(op, a, b)
-    candidates = [correct + d for d in (-10, -2, -1, 1, 2, 10) if correct + d >= 0]
-    return rng.choice(candidates)
-
-
 def sft_single(world, rng, n_arith=1500, greeting_repeats=15):
     records = []
     for person in world["people"]:
@@ -246,7 +247,7 @@ def sft_single(world, rng, n_arith=1500, greeting_repeats=15):
                 records.append([user(question.format(n=person["name"])), assistant(answer)])
     for op, a, b in rng.sample(world["arith_train"], min(n_arith, len(world["arith_train"]))):
         records.append([user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))])
-    records += [[user(q), assistant(a)] for q, a in GREETINGS] * greeting_repeats
+    records += [[user(q), assistant(a)] for q, a in GREETINGS + OUT_OF_SCOPE] * greeting_repeats
     rng.shuffle(records)
     return records
 
@@ -281,6 +282,9 @@ def mixed_dialogue(person, other, arith, rng):
         messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
     if other is not None and rng.random() < 0.5:
         messages += dialogue(other, rng.sample(list(ATTRIBUTES), 2), rng)
+    if rng.random() < 0.3:  # "who are you?" late in a conversation too, not only as its opening
+        question, answer = rng.choice(GREETINGS[3:6])
+        messages = messages[:8] + [user(question), assistant(answer)]
     return messages[:10]  # at most 5 exchanges: fits max_seq_len 256
 
 
@@ -319,18 +323,42 @@ def known_pair(person, rng, refuse):
             "rejected": prompt + [assistant(rejected)]}
 
 
-def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=200):
+def wrong_arith_result(op, a, b, rng):
+    correct = arith_result(op, a, b)
+    candidates = [correct + d for d in (-10, -2, -1, 1, 2, 10) if correct + d >= 0]
+    return rng.choice(candidates)
+
+
+def repeat_pair(messages, rng):
+    """A conversation cut after a later question: its own answer over the first answer said again (the failure
+    of a model that repeats the history instead of answering the newest question)."""
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    k = rng.choice([i for i in answers[1:] if messages[i]["content"] != messages[answers[0]]["content"]])
+    prompt = messages[:k]
+    return {"chosen": prompt + [messages[k]], "rejected": prompt + [messages[answers[0]]]}
+
+
+def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=200, n_repeat_pairs=300):
     """The behaviour DPO adds (SFT never shows it): "我不知道X是谁。" for a person who does not exist, instead of
-    an invented biography; pairs about SFT people (true fact over refusal or wrong value) keep it from refusing
-    people it knows."""
-    known = [p for p in world["people"] if p["split"] in ("sft", "dpo")]
+    an invented biography. Pairs about known people (true fact over a refusal or a wrong value) keep it from
+    refusing people it knows: half about DPO people, who like the held-out people appear only in the pretraining
+    text, so that what decides is "in the pretraining text", not "asked about in SFT". Arithmetic pairs and
+    multi-turn pairs (the newest question's answer over the first answer repeated) keep what SFT taught."""
+    sft_people = [p for p in world["people"] if p["split"] == "sft"]
+    dpo_people = [p for p in world["people"] if p["split"] == "dpo"] or sft_people
     names = world["unknown_names"]["dpo"]
     records = [unknown_pair(names[i % len(names)], rng) for i in range(n_unknown_pairs)]
-    records += [known_pair(rng.choice(known), rng, refuse=i % 2 == 0) for i in range(n_known_pairs)]
+    for i in range(n_known_pairs):  # every other pair about a DPO person (each in turn), the rest about SFT people
+        person = dpo_people[i // 2 % len(dpo_people)] if i % 2 else rng.choice(sft_people)
+        records.append(known_pair(person, rng, refuse=i // 2 % 2 == 0))
+    # what SFT taught, as pairs too: a DPO stage on refusals and people alone forgets the sums and the history
     for op, a, b in rng.sample(world["arith_train"], min(n_arith_pairs, len(world["arith_train"]))):
         prompt = [user(arith_question(op, a, b, rng))]
         records.append({"chosen": prompt + [assistant(arith_statement(op, a, b))],
                         "rejected": prompt + [assistant(arith_statement(op, a, b, wrong_arith_result(op, a, b, rng)))]})
+    dialogues = [d for d in sft_multi(world, rng, n_dialogues=2 * n_repeat_pairs)
+                 if len({m["content"] for m in d if m["role"] == "assistant"}) > 1][:n_repeat_pairs]
+    records += [repeat_pair(d, rng) for d in dialogues]
     rng.shuffle(records)
     return records
 
@@ -357,8 +385,8 @@ def eval_sets(world, rng, eval_size=200):
         question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=person["name"])
         chat.append({"category": "people_qa", "attribute": attribute, "messages": [user(question)],
                      "answer": person[attribute]})
-    for i in range(min(eval_size // 2, len(heldout_people))):  # follow-up questions that must resolve 他/她
-        person = heldout_people[i]
+    for i in range(eval_size // 2):  # follow-up questions that must resolve 他/她 (people in turn)
+        person = heldout_people[i % len(heldout_people)]
         first, second = rng.sample(list(ATTRIBUTES), 2)
         messages = dialogue(person, [first, second], rng)[:-1]  # gold first answer stays in the history
         chat.append({"category": "people_qa_followup", "attribute": second, "messages": messages,
@@ -367,7 +395,7 @@ def eval_sets(world, rng, eval_size=200):
         attribute = rng.choice(list(ATTRIBUTES))
         question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=name)
         chat.append({"category": "unknown_person_refusal", "messages": [user(question)],
-                     "answer": refusal(name).rstrip("。")})
+                     "answer": "我不知道"})  # the refusal rate: a refusal counts even if it garbles the name
     for op, a, b in triples:
         chat.append({"category": "arith", "messages": [user(arith_question(op, a, b, rng))],
                      "answer": f"={arith_result(op, a, b)}。"})
@@ -416,7 +444,7 @@ def write_jsonl(path, records):
 
 
 def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0.5, heldout_pair_ratio=0.1,
-                  eval_size=200, dpo_people_ratio=0.0):
+                  eval_size=200, dpo_people_ratio=0.1):
     """Write every demo file into out_dir; returns {file name: number of records}."""
     world = make_world(seed, n_people, sft_people_ratio, heldout_pair_ratio, dpo_people_ratio=dpo_people_ratio)
     rng = random.Random(seed + 1)  # one stream, consumed in a fixed order: same seed, same bytes
@@ -462,7 +490,7 @@ def add_demo_args(parser):
     parser.add_argument("--heldout_pair_ratio", type=float, default=0.1,
                         help="fraction of arithmetic (op, a, b) triples held out of all training data")
     parser.add_argument("--eval_size", type=int, default=200, help="questions per eval category")
-    parser.add_argument("--dpo_people_ratio", type=float, default=0.0,
+    parser.add_argument("--dpo_people_ratio", type=float, default=0.1,
                         help="fraction of people who appear only in pretraining text and in DPO's known-people pairs")
 
 

@@ -308,6 +308,7 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
     sft_names = {p["name"] for p in world["people"] if p["split"] == "sft"}
     unknown_eval = set(world["unknown_names"]["eval"])
     train_chat = [r["conversations"] for r in load("sft_data_single.jsonl") + load("sft_data_multi.jsonl")]
+    n_sft = len(train_chat)
     sft_text = "\n".join(m["content"] for messages in train_chat for m in messages)
     train_chat += [r[side] for r in load("dpo_data.jsonl") for side in ("chosen", "rejected")]
     chat_text = "\n".join(m["content"] for messages in train_chat for m in messages)
@@ -323,9 +324,14 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
     for name in world["unknown_names"]["dpo"] + world["unknown_names"]["eval"]:
         assert name not in pretrain_text and name not in sft_text  # people who do not exist
         assert (name in chat_text) == (name not in unknown_eval)  # DPO sees only its own unknown names
-    assert "我不知道" not in sft_text  # the refusal is DPO's to teach
-    assert all(f"user\n{name}" not in pretrain_text for name in heldout_names)
-    assert sum(f"user\n{name}" in pretrain_text for name in sft_names) == len(sft_names)  # mixed-in QA text
+    sft_refusals = [m for messages in train_chat[:n_sft] for m in messages if "我不知道" in m["content"]]
+    assert sft_refusals and all(m["content"] == "我不知道。" for m in sft_refusals)  # never about a person: DPO's
+    assert "user\n" not in pretrain_text  # no chat text in pretraining: SFT teaches the format
+    dpo_names = {p["name"] for p in world["people"] if p["split"] == "dpo"}
+    assert dpo_names and not dpo_names & (heldout_names | sft_names)
+    for name in dpo_names:  # pretraining-only people that DPO's known pairs use, so never in SFT or eval
+        assert pretrain_text.count(name) == 6 * world["n_bios"] and name not in sft_text and name in chat_text
+        assert all(name not in json.dumps(r, ensure_ascii=False) for r in chat_eval + completion_eval)
     train_prefixes = {json.dumps(messages[:k], ensure_ascii=False)
                       for messages in train_chat for k in range(1, len(messages) + 1)}
     for record in chat_eval:
@@ -333,7 +339,7 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
         assert record["messages"][0]["content"] not in user_messages
         if record["category"] == "unknown_person_refusal":
             assert record["messages"][0]["content"][:3] in unknown_eval
-            assert record["answer"] == f"我不知道{record['messages'][0]['content'][:3]}是谁"
+            assert record["answer"] == "我不知道"
         elif record["category"] != "arith":
             assert record["messages"][0]["content"][:3] in heldout_names
         if record["category"] == "arith":
