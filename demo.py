@@ -19,7 +19,8 @@ The demo world (model/demo_corpus.py) holds facts about fictional people; some p
 the others only appear in the pretraining text. Answering questions about those held-out people, and doing
 arithmetic on number pairs that appear nowhere in training, is only possible if pretraining stored the facts
 and the rules and SFT taught the model to use them. DPO adds one behaviour SFT never shows: "我不知道X是谁。"
-for people who do not exist (measured on names DPO never saw), without refusing the people it knows.
+for people who do not exist (measured on names DPO never saw); the report shows what it costs on the people it
+knows (held-out people QA before and after DPO).
 """
 import argparse
 import json
@@ -36,14 +37,15 @@ FULL = dict(
           "--dpo_people_ratio", "0.2"],
     model=["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "256"],
     pretrain=["--max_steps", "600", "--batch_size", "16", "--learning_rate", "3e-3", "--warmup_iters", "30"],
-    # embeddings frozen in every fine-tuning stage: trained, the (tied) output layer learns the 45 SFT people's
-    # names as likely answers to any question, and people never asked about in SFT get an SFT person's name
+    # embeddings frozen in the SFT stages: trained, the (tied) output layer learns the 48 SFT people's names as
+    # likely answers to any question, and people never asked about in SFT get an SFT person's name (docs/demo.md:
+    # held-out people QA 52% -> 81% on the same pretrained model)
     sft_single=["--max_steps", "200", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "10",
                 "--freeze_embeddings"],
     sft_multi=["--max_steps", "80", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "5",
                "--freeze_embeddings"],
-    # the chosen refusal is an answer the SFT model never gives: plain DPO pushes chosen and rejected down together
-    # and greedy output falls apart; the NLL term on the chosen answer (RPO) keeps it likely (docs/demo.md)
+    # the refusal about a person is an answer the SFT model never gives: plain DPO pushes chosen and rejected down
+    # together and greedy output falls apart; the NLL term on the chosen answer (RPO) makes it likely (docs/demo.md)
     dpo=["--max_steps", "80", "--batch_size", "32", "--learning_rate", "5e-4", "--warmup_iters", "5",
          "--beta", "0.05", "--nll_weight", "1.0"],
     eval_limit=None,

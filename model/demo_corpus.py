@@ -52,6 +52,7 @@ import random
 # The world's vocabulary. Fictional universities and employers so the world cannot leak from real knowledge.
 
 SURNAMES = list("王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘蒋蔡杜叶程苏魏吕丁任沈姚卢姜崔钟谭陆汪范石廖贾夏韦方白邹孟熊秦邱江尹薛段雷侯龙史陶黎贺顾毛郝龚邵严武戴莫孔汤")
+PEOPLE_SURNAMES, UNKNOWN_SURNAMES = SURNAMES[:60], SURNAMES[60:]  # people who exist / who do not
 GIVEN_FIRST = list("子雨思欣梓浩宇俊佳晨嘉诗明文志建晓春立天若泽慧家永少")
 GIVEN_SECOND = list("涵轩琪怡然豪杰婷华峰伟强磊洋勇军敏静丽芳娜玲鹏辉红霞")
 
@@ -146,22 +147,26 @@ def arith_statement(op, a, b, result=None):
 
 def make_world(seed=1337, n_people=300, sft_people_ratio=0.5, heldout_pair_ratio=0.1, n_unknown=200,
                dpo_people_ratio=0.1):
-    """n_unknown: names of people who do NOT exist (drawn like the real ones, appearing in no pretraining text);
-    the first half is for DPO's refusal pairs, the second half only for the eval files.
+    """n_unknown: names of people who do NOT exist (appearing in no pretraining text); the first half is for DPO's
+    refusal pairs, the second half only for the eval files. Their surnames are ones no real person has
+    (UNKNOWN_SURNAMES): a model this small, in a DPO stage of two minutes, does not learn to tell a new combination
+    of familiar characters from a name it read in pretraining (docs/demo.md), but it can notice a surname it
+    never read as anyone's.
     dpo_people_ratio: people who, like the held-out ones, appear only in the pretraining text, and whose true facts
     DPO prefers over a refusal: they teach DPO where "known" ends (in the pretraining text or not), not where SFT
     ends. Split per person: "sft", "dpo" or "heldout" (eval only)."""
     rng = random.Random(seed)
-    max_names = len(SURNAMES) * len(GIVEN_FIRST) * len(GIVEN_SECOND)
+    max_names = len(PEOPLE_SURNAMES) * len(GIVEN_FIRST) * len(GIVEN_SECOND)
     assert 2 <= n_people <= max_names // 4, f"n_people must be in 2..{max_names // 4}"
-    names, seen = [], set()
-    while len(names) < n_people + n_unknown:  # all names have 3 characters, so unique names are also prefix-free
-        name = rng.choice(SURNAMES) + rng.choice(GIVEN_FIRST) + rng.choice(GIVEN_SECOND)
+    names, unknown, seen = [], [], set()
+    while len(names) < n_people or len(unknown) < n_unknown:  # 3 characters each: unique names are prefix-free
+        real = len(names) < n_people
+        name = rng.choice(PEOPLE_SURNAMES if real else UNKNOWN_SURNAMES) + rng.choice(GIVEN_FIRST) + \
+            rng.choice(GIVEN_SECOND)
         if name not in seen:
             seen.add(name)
-            names.append(name)
-    check_substring_free(names)
-    names, unknown = names[:n_people], names[n_people:]
+            (names if real else unknown).append(name)
+    check_substring_free(names + unknown)
     people = []
     for name in names:
         person = {"name": name, "gender": rng.choice(["男", "女"])}
@@ -342,7 +347,7 @@ def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=
     """The behaviour DPO adds (SFT never shows it): "我不知道X是谁。" for a person who does not exist, instead of
     an invented biography. Pairs about known people (true fact over a refusal or a wrong value) keep it from
     refusing people it knows: half about DPO people, who like the held-out people appear only in the pretraining
-    text, so that what decides is "in the pretraining text", not "asked about in SFT". Arithmetic pairs and
+    text, so that what decides is "in the pretraining text", not "asked about in SFT". Arithmetic, greeting and
     multi-turn pairs (the newest question's answer over the first answer repeated) keep what SFT taught."""
     sft_people = [p for p in world["people"] if p["split"] == "sft"]
     dpo_people = [p for p in world["people"] if p["split"] == "dpo"] or sft_people
@@ -356,6 +361,8 @@ def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=
         prompt = [user(arith_question(op, a, b, rng))]
         records.append({"chosen": prompt + [assistant(arith_statement(op, a, b))],
                         "rejected": prompt + [assistant(arith_statement(op, a, b, wrong_arith_result(op, a, b, rng)))]})
+    for question, answer in GREETINGS * 10:  # "你是谁？" is not a person to refuse
+        records.append({"chosen": [user(question), assistant(answer)], "rejected": [user(question), assistant("我不知道。")]})
     dialogues = [d for d in sft_multi(world, rng, n_dialogues=2 * n_repeat_pairs)
                  if len({m["content"] for m in d if m["role"] == "assistant"}) > 1][:n_repeat_pairs]
     records += [repeat_pair(d, rng) for d in dialogues]

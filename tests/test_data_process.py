@@ -327,6 +327,8 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
     sft_refusals = [m for messages in train_chat[:n_sft] for m in messages if "我不知道" in m["content"]]
     assert sft_refusals and all(m["content"] == "我不知道。" for m in sft_refusals)  # never about a person: DPO's
     assert "user\n" not in pretrain_text  # no chat text in pretraining: SFT teaches the format
+    unknown_surnames = {name[0] for name in world["unknown_names"]["dpo"] + world["unknown_names"]["eval"]}
+    assert not unknown_surnames & {p["name"][0] for p in world["people"]}  # a surname no real person has
     dpo_names = {p["name"] for p in world["people"] if p["split"] == "dpo"}
     assert dpo_names and not dpo_names & (heldout_names | sft_names)
     for name in dpo_names:  # pretraining-only people that DPO's known pairs use, so never in SFT or eval

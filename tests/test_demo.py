@@ -28,9 +28,8 @@ QUICK_CEILINGS = {
     ("pretrain_chat", "arith"): 0.10,  # no chat format before SFT
     ("sft_multi", "unknown_person_refusal"): 0.10,  # no refusal before DPO
 }
-# Known not to hold yet (docs/demo.md): DPO does not teach the refusal (0% -> 0% measured) and costs known-people
-# accuracy (42.7% -> 34.5%); the final model garbles the greeting and the quick model's arithmetic is weak.
-DPO_NOT_WORKING = "DPO refusal not learned yet: unknown_person_refusal 0% -> 0% in the measured runs (docs/demo.md)"
+DPO_REFUSAL_FLOOR = None  # TBD
+DPO_PEOPLE_QA_MAX_DROP = None  # TBD
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +66,16 @@ def test_quick_demo_every_stage_adds_its_behaviour(quick_demo):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=DPO_NOT_WORKING, strict=False)
-def test_quick_demo_dpo_teaches_refusal_without_forgetting(quick_demo):
+def test_quick_demo_dpo_teaches_refusal(quick_demo):
+    """DPO adds the refusal (absent after SFT: QUICK_CEILINGS), and prefers the right answer on held-out pairs."""
     with open(quick_demo / "out/demo/scores.json", encoding="utf-8") as f:
         scores = json.load(f)
     failures = []
     refusal = scores["dpo"]["per_category"]["unknown_person_refusal"][2]
-    if refusal < 0.5:
-        failures.append(f"dpo/unknown_person_refusal: {refusal:.1%} < 50%")
-    # DPO must not buy its refusals with the known people: at most 5 points lost (quick eval: 110 questions)
+    if refusal < DPO_REFUSAL_FLOOR:
+        failures.append(f"dpo/unknown_person_refusal: {refusal:.1%} < {DPO_REFUSAL_FLOOR:.0%}")
     before, after = (scores[s]["per_category"]["people_qa"][2] for s in ("sft_multi", "dpo"))
-    if after < before - 0.05:
+    if after < before - DPO_PEOPLE_QA_MAX_DROP:
         failures.append(f"dpo/people_qa fell from {before:.1%} to {after:.1%}")
     pairs = scores["dpo_heldout_pairs"]
     if pairs["reward_accuracy"] < 0.6 or pairs["reward_margin"] <= 0:
