@@ -46,7 +46,7 @@ FULL = dict(
                "--freeze_embeddings"],
     # the refusal about a person is an answer the SFT model never gives: plain DPO pushes chosen and rejected down
     # together and greedy output falls apart; the NLL term on the chosen answer (RPO) makes it likely (docs/demo.md)
-    dpo=["--max_steps", "80", "--batch_size", "32", "--learning_rate", "5e-4", "--warmup_iters", "5",
+    dpo=["--max_steps", "80", "--batch_size", "32", "--learning_rate", "2e-4", "--warmup_iters", "5",
          "--beta", "0.05", "--nll_weight", "1.0"],
     eval_limit=None,
 )
