@@ -89,8 +89,8 @@ def test_quick_demo_dpo_teaches_refusal(quick_demo):
 @pytest.mark.slow
 def test_quick_demo_model_answers_each_question_of_a_conversation(quick_demo):
     """A scripted `2-eval.py --interactive` session (greedy, history kept): each people question gets an answer
-    about its own person, not an earlier answer again; 他/她 means the person of the previous question; "你好，你是谁？"
-    gets the assistant's identity, not a refusal. (Whether the facts and sums are right is what the eval categories measure;
+    about its own person, not an earlier answer again; 他/她 means the person of the previous question (two people
+    of different genders); "你好，你是谁？" gets the assistant's identity, not a refusal. (Whether the facts and sums are right is what the eval categories measure;
     docs/demo.md has this session's transcript on the full demo model.)"""
     with open(quick_demo / "dataset/demo/world.json", encoding="utf-8") as f:
         world = json.load(f)
@@ -98,14 +98,16 @@ def test_quick_demo_model_answers_each_question_of_a_conversation(quick_demo):
     a = sft_people[0]
     b = next(p for p in sft_people if p["gender"] != a["gender"])
     he_she = lambda p: "他" if p["gender"] == "男" else "她"  # noqa: E731
-    # None: asked, but not checked on the quick model. Measured on it: "35加47是多少？" -> "36+47=83。", "你叫什么名字？"
-    # late in the session -> the previous person's hobby (the full demo model gets all but that one, docs/demo.md)
+    # The person each answer is about is checked, not the fact (the categories measure facts). None: asked, not
+    # checked on the quick model. Measured on it in three runs: the sums wrong ("35+48=83。"), "你叫什么名字？" late
+    # in the session answered with the previous person, a follow-up sometimes about the right person's other
+    # attribute; the full demo model gets all but the late identity question right (docs/demo.md).
     session = [("你好，你是谁？", "nano-LLM"),
                ("35加47是多少？", None),
-               (f"{a['name']}在哪里工作？", f"{a['name']}的工作单位是"),
-               (f"{he_she(a)}有什么爱好？", f"{a['name']}的爱好是"),
-               (f"{b['name']}是哪里人？", f"{b['name']}出生于"),
-               (f"{he_she(b)}毕业于哪所大学？", f"{b['name']}毕业于"),
+               (f"{a['name']}在哪里工作？", a["name"]),
+               (f"{he_she(a)}有什么爱好？", a["name"]),
+               (f"{b['name']}是哪里人？", b["name"]),
+               (f"{he_she(b)}毕业于哪所大学？", b["name"]),
                ("你叫什么名字？", None),
                ("20加16是多少？", None)]
     result = subprocess.run(
