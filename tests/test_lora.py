@@ -274,20 +274,9 @@ def write_sft_data(path, n=64):
                                ensure_ascii=False) + "\n")
 
 
-def script(work, name, *args, check=True, **popen):
-    command = [sys.executable, os.path.join(ROOT, name), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    if popen:
-        return subprocess.Popen(command, cwd=work, env=env, **popen)
-    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.mark.slow
 def test_lora_stages_sigkill_resume_and_chain(tmp_path):
-    from tests.test_stages import wait_for_step
+    from tests.test_stages import stage as script, wait_for_step  # the stage-running helper, one place
     save_base(tmp_path / "out" / "pretrain_32")
     write_sft_data(tmp_path / "sft.jsonl")
     write_dpo_data(tmp_path / "dpo.jsonl", n=16)
