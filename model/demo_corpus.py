@@ -335,12 +335,15 @@ def wrong_arith_result(op, a, b, rng):
 
 
 def repeat_pair(messages, rng):
-    """A conversation cut after a later question: its own answer over the first answer said again (the failure
-    of a model that repeats the history instead of answering the newest question)."""
+    """A conversation cut after a later question: its own answer over an earlier answer said again, the first or
+    the previous one (the failures of a model that repeats the history instead of answering the newest
+    question; the second is what a late "你叫什么名字？" got before these pairs had it)."""
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    k = rng.choice([i for i in answers[1:] if messages[i]["content"] != messages[answers[0]]["content"]])
+    differs = lambda k: [j for j in answers if j < k and messages[j]["content"] != messages[k]["content"]]  # noqa: E731
+    k = rng.choice([i for i in answers[1:] if differs(i)])
+    earlier = differs(k)
     prompt = messages[:k]
-    return {"chosen": prompt + [messages[k]], "rejected": prompt + [messages[answers[0]]]}
+    return {"chosen": prompt + [messages[k]], "rejected": prompt + [messages[rng.choice([earlier[0], earlier[-1]])]]}
 
 
 def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=200, n_repeat_pairs=300):
@@ -348,7 +351,7 @@ def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=
     an invented biography. Pairs about known people (true fact over a refusal or a wrong value) keep it from
     refusing people it knows: half about DPO people, who like the held-out people appear only in the pretraining
     text, so that what decides is "in the pretraining text", not "asked about in SFT". Arithmetic, greeting and
-    multi-turn pairs (the newest question's answer over the first answer repeated) keep what SFT taught."""
+    multi-turn pairs (the newest question's answer over an earlier answer repeated) keep what SFT taught."""
     sft_people = [p for p in world["people"] if p["split"] == "sft"]
     dpo_people = [p for p in world["people"] if p["split"] == "dpo"] or sft_people
     names = world["unknown_names"]["dpo"]

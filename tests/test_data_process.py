@@ -380,6 +380,23 @@ def test_demo_multi_turn_pronouns_refer_to_the_previous_exchange(demo_dir):
     assert {(1, False), (1, True), (2, False)} <= topics
 
 
+def test_demo_dpo_history_pairs_reject_the_first_and_the_previous_answer_repeated(demo_dir):
+    """DPO's multi-turn pairs: the newest question's own answer is chosen; an earlier answer said again is
+    rejected, sometimes the first one and sometimes the one just before (a late "你叫什么名字？" used to get the
+    previous topic's answer)."""
+    kinds = set()
+    for pair in read_jsonl(os.path.join(demo_dir, "dpo_data.jsonl")):
+        chosen, rejected = pair["chosen"], pair["rejected"]
+        if len(chosen) < 4:
+            continue
+        history = [m["content"] for m in chosen[:-1] if m["role"] == "assistant"]
+        assert rejected[:-1] == chosen[:-1] and chosen[-2]["role"] == "user"
+        assert rejected[-1]["content"] != chosen[-1]["content"] and rejected[-1]["content"] in history
+        kinds.add(("first" if rejected[-1]["content"] == history[0] else "")
+                  + ("previous" if rejected[-1]["content"] == history[-1] else ""))
+    assert {"first", "previous"} <= kinds
+
+
 def test_demo_gold_answers_are_unambiguous_substrings(demo_dir):
     """Scoring is "gold answer in the generated line": no gold may hide inside another candidate answer."""
     values = [v for spec in demo_corpus.ATTRIBUTES.values() for v in spec["values"]]
