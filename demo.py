@@ -274,7 +274,7 @@ def write_report(out, plan, runs, results, times, total, peak_rss=None):
               "that appear in no training file. Correct = the gold answer appears in the first line of the greedy "
               "output. `pretrain (chat)` is the pretrained model asked the chat questions.", "",
               "| model | category | correct | accuracy |", "|---|---|---|---|"]
-    for key in [k for k in ("pretrain", "pretrain_chat", *runs) if k in results and k != "dpo_heldout_pairs"]:
+    for key in [k for k in dict.fromkeys(("pretrain", "pretrain_chat", *runs)) if k in results]:  # each model once
         for category, (correct, n, accuracy) in sorted(results[key]["per_category"].items()):
             lines.append(f"| {key.replace('_chat', ' (chat)')} | {category} | {correct}/{n} | {accuracy:.1%} |")
     pairs = results["dpo_heldout_pairs"]

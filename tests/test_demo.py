@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import demo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (stage, category) -> minimum accuracy. Measured with `python demo.py --quick` (docs/demo.md; 2 CPU cores, 300 eval
@@ -32,6 +34,18 @@ QUICK_CEILINGS = {
 # accuracy 77% (with the full plan: 0% -> 98%, 64% -> 56%, 100%).
 DPO_REFUSAL_FLOOR = 0.6
 DPO_PEOPLE_QA_MAX_DROP = 0.10
+
+
+def test_report_lists_each_models_accuracy_once(tmp_path):
+    """The accuracy table has one row per (model, category): the pretrained model used to be listed twice."""
+    runs = {name: str(tmp_path / name) for name in ("pretrain", "sft_single", "sft_multi", "dpo")}
+    chat = {"per_category": {"people_qa": (1, 2, 0.5), "unknown_person_refusal": (0, 2, 0.0)}}
+    results = {"pretrain": {"per_category": {"completion_fact": (3, 4, 0.75)}}, "pretrain_chat": chat,
+               "sft_single": chat, "sft_multi": chat, "dpo": chat, "samples": [],
+               "dpo_heldout_pairs": {"n": 2, "path": "dpo_eval.jsonl", "reward_accuracy": 1.0, "reward_margin": 0.5}}
+    report = open(demo.write_report(str(tmp_path), demo.FULL, runs, results, {}, 60.0), encoding="utf-8").read()
+    rows = [line for line in report.splitlines() if line.count("|") == 5 and "%" in line]
+    assert len(rows) == len(set(rows)) == 1 + 2 * 4, "\n".join(rows)
 
 
 @pytest.fixture(scope="module")
