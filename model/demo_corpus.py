@@ -109,6 +109,17 @@ OUT_OF_SCOPE = [("今天天气怎么样？", "我不知道。"), ("现在几点�
                 ("我的钥匙放在哪里了？", "我不知道。")]
 
 
+# Everyday sentences in the pretraining text, with the words the assistant says in SFT and DPO (我, 你好, 不知道, 谁,
+# nano-LLM, 模型...) but no one's name and no chat format. Without them those characters never occur in
+# pretraining, their (tied) embeddings stay random, frozen through SFT, and DPO's "我不知道X是谁。" came out
+# garbled ("我知知道道…") from the better-trained model (docs/demo.md).
+EVERYDAY_TEXT = ["nano-LLM是一个从零开始训练的小语言模型。", "有一个小语言模型叫nano-LLM，它是从零开始训练的。",
+                 "你好！有什么可以帮你的吗？", "我不知道今天是星期几。", "谁也不知道明天会不会下雨。",
+                 "他不知道现在几点了。", "她问：你是谁？我说：我是你的同学。", "这是谁的钥匙？我不知道。",
+                 "我们都不知道下一期彩票的号码是多少。", "你知道那个人是谁吗？我也不知道。",
+                 "老师问大家：这道题的答案是什么？", "你可以帮我一个忙吗？可以！"]
+
+
 def refusal(name):
     """The answer DPO prefers for a person who does not exist in the world; SFT never shows it."""
     return f"我不知道{name}是谁。"
@@ -218,6 +229,7 @@ def biographies(person, n_bios, rng):
 
 def pretrain_documents(world, n_bios, rng, equations_per_doc=16):
     docs = [bio for person in world["people"] for bio in biographies(person, n_bios, rng)]
+    docs += ["".join(rng.sample(EVERYDAY_TEXT, len(EVERYDAY_TEXT))) for _ in range(n_bios)]
     train = list(world["arith_train"])
     rng.shuffle(train)
     for i in range(0, len(train), equations_per_doc):

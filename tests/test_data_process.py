@@ -380,6 +380,19 @@ def test_demo_multi_turn_pronouns_refer_to_the_previous_exchange(demo_dir):
     assert {(1, False), (1, True), (2, False)} <= topics
 
 
+def test_demo_pretraining_text_has_every_character_the_assistant_says(demo_dir):
+    """Every character of an SFT or DPO answer occurs in the pretraining text (only the surnames of the people who
+    do not exist may be new), so no answer relies on an embedding that pretraining never trained."""
+    world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
+    pretrain_chars = set("".join(r["text"] for r in read_jsonl(os.path.join(demo_dir, "pretrain_data.jsonl"))))
+    answers = [m["content"] for name in ("sft_data_single.jsonl", "sft_data_multi.jsonl")
+               for r in read_jsonl(os.path.join(demo_dir, name)) for m in r["conversations"] if m["role"] == "assistant"]
+    answers += [r[side][-1]["content"] for r in read_jsonl(os.path.join(demo_dir, "dpo_data.jsonl"))
+                for side in ("chosen", "rejected")]
+    unknown_surnames = {name[0] for names in world["unknown_names"].values() for name in names}
+    assert set("".join(answers)) - pretrain_chars <= unknown_surnames
+
+
 def test_demo_dpo_history_pairs_reject_the_first_and_the_previous_answer_repeated(demo_dir):
     """DPO's multi-turn pairs: the newest question's own answer is chosen; an earlier answer said again is
     rejected, sometimes the first one and sometimes the one just before (a late "你叫什么名字？" used to get the
