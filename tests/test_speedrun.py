@@ -96,6 +96,9 @@ def test_tiny_run_learns_and_leaves_a_loadable_run_dir(tiny_corpus, tmp_path, mo
     # a normal run directory: weights, config and tokenizer, as 0-eval_pretrain.py loads them
     trained = Transformer.from_pretrained(str(out_dir))
     assert os.path.isfile(out_dir / "tokenizer.json")
+    # the tokenizer was trained on the corpus: its words merged (it once trained on the file's path: bytes only)
+    vocab = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    assert len(vocab) > 259 and trained.config.vocab_size == len(vocab)
     torch.manual_seed(0)
     untrained = Transformer(LMConfig.from_pretrained(str(out_dir)))
     val_tokens = np.memmap(data_dir / "train.val.bin", dtype=np.uint16, mode="r")
