@@ -39,7 +39,7 @@ FULL = dict(
     # batch 8: twice the steps of batch 16 for ~1.15x the time; 100 people (not 120) and 1600 steps leave a margin
     # for how much the stored facts vary from run to run (held-out facts completed 75-96%, docs/demo.md)
     pretrain=["--max_steps", "1600", "--batch_size", "8", "--learning_rate", "3e-3", "--warmup_iters", "60"],
-    # embeddings frozen in the SFT stages: trained, the (tied) output layer learns the 48 SFT people's names as
+    # embeddings frozen in the SFT stages: trained, the (tied) output layer learns the SFT people's names as
     # likely answers to any question, and people never asked about in SFT get an SFT person's name (docs/demo.md:
     # held-out people QA 52% -> 81% on the same pretrained model)
     sft_single=["--max_steps", "200", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "10",
