@@ -358,12 +358,14 @@ def repeat_pair(messages, rng):
     return {"chosen": prompt + [messages[k]], "rejected": prompt + [messages[rng.choice([earlier[0], earlier[-1]])]]}
 
 
-def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=200, n_repeat_pairs=300):
+def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=200, n_repeat_pairs=300,
+              n_identity_pairs=100):
     """The behaviour DPO adds (SFT never shows it): "我不知道X是谁。" for a person who does not exist, instead of
     an invented biography. Pairs about known people (true fact over a refusal or a wrong value) keep it from
     refusing people it knows: half about DPO people, who like the held-out people appear only in the pretraining
     text, so that what decides is "in the pretraining text", not "asked about in SFT". Arithmetic, greeting and
-    multi-turn pairs (the newest question's answer over an earlier answer repeated) keep what SFT taught."""
+    multi-turn pairs (the newest question's answer over an earlier answer repeated; the identity, asked late, over a
+    refusal or the previous answer) keep what SFT taught."""
     sft_people = [p for p in world["people"] if p["split"] == "sft"]
     dpo_people = [p for p in world["people"] if p["split"] == "dpo"] or sft_people
     names = world["unknown_names"]["dpo"]
@@ -381,6 +383,13 @@ def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=
     dialogues = [d for d in sft_multi(world, rng, n_dialogues=2 * n_repeat_pairs)
                  if len({m["content"] for m in d if m["role"] == "assistant"}) > 1][:n_repeat_pairs]
     records += [repeat_pair(d, rng) for d in dialogues]
+    # "你叫什么名字？" late in a conversation: the identity, not a refusal of someone (once the refusal was learnt, a
+    # late identity question got "我不知道<some name>是谁。") nor the previous answer again
+    for i, d in enumerate(dialogues[:n_identity_pairs]):
+        question, answer = rng.choice(GREETINGS[3:6])
+        prompt = d[:2 * rng.randint(1, len(d) // 2 - 1)] + [user(question)]  # at most as long as a dialogue
+        wrong = prompt[-2]["content"] if i % 2 and prompt[-2]["content"] != answer else refusal(names[i % len(names)])
+        records.append({"chosen": prompt + [assistant(answer)], "rejected": prompt + [assistant(wrong)]})
     rng.shuffle(records)
     return records
 

@@ -393,21 +393,28 @@ def test_demo_pretraining_text_has_every_character_the_assistant_says(demo_dir):
     assert set("".join(answers)) - pretrain_chars <= unknown_surnames
 
 
-def test_demo_dpo_history_pairs_reject_the_first_and_the_previous_answer_repeated(demo_dir):
-    """DPO's multi-turn pairs: the newest question's own answer is chosen; an earlier answer said again is
-    rejected, sometimes the first one and sometimes the one just before (a late "你叫什么名字？" used to get the
-    previous topic's answer)."""
-    kinds = set()
+def test_demo_dpo_history_pairs_reject_an_earlier_answer_or_a_refusal_of_the_identity_question(demo_dir):
+    """DPO's multi-turn pairs: the newest question's own answer is chosen; rejected is an earlier answer said
+    again, sometimes the first one and sometimes the one just before (a late "你叫什么名字？" used to get the
+    previous topic's answer), or, for "who are you" asked late, a refusal (once DPO taught refusals, a late
+    identity question got "我不知道<a name>是谁。")."""
+    kinds, late_identity = set(), 0
     for pair in read_jsonl(os.path.join(demo_dir, "dpo_data.jsonl")):
         chosen, rejected = pair["chosen"], pair["rejected"]
         if len(chosen) < 4:
             continue
         history = [m["content"] for m in chosen[:-1] if m["role"] == "assistant"]
         assert rejected[:-1] == chosen[:-1] and chosen[-2]["role"] == "user"
-        assert rejected[-1]["content"] != chosen[-1]["content"] and rejected[-1]["content"] in history
-        kinds.add(("first" if rejected[-1]["content"] == history[0] else "")
-                  + ("previous" if rejected[-1]["content"] == history[-1] else ""))
-    assert {"first", "previous"} <= kinds
+        assert rejected[-1]["content"] != chosen[-1]["content"]
+        late_identity += demo_corpus.IDENTITY in chosen[-1]["content"]
+        if rejected[-1]["content"] in history:
+            kinds.add(("first" if rejected[-1]["content"] == history[0] else "")
+                      + ("previous" if rejected[-1]["content"] == history[-1] else ""))
+        else:
+            assert demo_corpus.IDENTITY in chosen[-1]["content"]
+            assert re.fullmatch(r"我不知道.{3}是谁。", rejected[-1]["content"])
+            kinds.add("refusal")
+    assert {"first", "previous", "refusal"} <= kinds and late_identity >= 100
 
 
 def test_demo_gold_answers_are_unambiguous_substrings(demo_dir):
