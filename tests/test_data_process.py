@@ -380,6 +380,27 @@ def test_demo_multi_turn_pronouns_refer_to_the_previous_exchange(demo_dir):
     assert {(1, False), (1, True), (2, False)} <= topics
 
 
+def test_demo_users_who_say_their_name_get_it_copied_back(demo_dir):
+    """"我叫X。" is answered starting with X, and a later "我叫什么名字？" with X again, for X drawn from the whole
+    name space: names no SFT answer memorises, so the model learns to copy a name from the conversation (the
+    first words of any answer about a held-out person) rather than to continue a surname with an SFT name."""
+    world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
+    known = {p["name"] for p in world["people"]} | {n for names in world["unknown_names"].values() for n in names}
+    names, recalls = set(), 0
+    for file_name in ("sft_data_single.jsonl", "sft_data_multi.jsonl"):
+        for record in read_jsonl(os.path.join(demo_dir, file_name)):
+            messages, told = record["conversations"], None
+            for question, answer in zip(messages[::2], messages[1::2]):
+                if match := re.fullmatch(r"我叫(.{3})。", question["content"]):
+                    told = match.group(1)
+                    assert answer["content"].startswith(told + "，") and told not in known
+                    names.add(told)
+                elif question["content"] == "我叫什么名字？":
+                    assert told and answer["content"] == f"你叫{told}。"
+                    recalls += 1
+    assert len(names) >= 300 and recalls >= 30  # many different names: copying is the only way to get them right
+
+
 def test_demo_pretraining_text_has_every_character_the_assistant_says(demo_dir):
     """Every character of an SFT or DPO answer occurs in the pretraining text (only the surnames of the people who
     do not exist may be new), so no answer relies on an embedding that pretraining never trained."""
