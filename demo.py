@@ -13,7 +13,8 @@ Steps (each one is the command a user would type, run as a subprocess):
 and writes out/demo/report.md: config, wall time per stage, final losses, one line per stage saying what it
 measurably added, loss curves, held-out accuracy of every stage's model (pretrain completion of held-out facts;
 chat QA about people never seen in SFT, 他/她 follow-ups, refusals for people who do not exist, arithmetic on
-held-out pairs), DPO's reward accuracy on held-out preference pairs, and sample chats.
+held-out pairs, alone and after another exchange), DPO's reward accuracy on held-out preference pairs, and sample
+chats.
 
 The demo world (model/demo_corpus.py) holds facts about fictional people; some people are asked about in SFT,
 the others only appear in the pretraining text. Answering questions about those held-out people, and doing
@@ -225,7 +226,8 @@ def stage_card(results):
         f"{acc('pretrain', 'arith_completion')} (chance: ~7% / ~0%)",
         f"- **SFT single** (chat format, pretrained → SFT): {moved('people_qa', 'pretrain_chat', 'sft_single')}, "
         f"{moved('arith', 'pretrain_chat', 'sft_single')}",
-        f"- **SFT multi** (他/她 follow-ups): {moved('people_qa_followup', 'sft_single', 'sft_multi')}",
+        f"- **SFT multi** (他/她 follow-ups, a new question later in a conversation): "
+        f"{moved('people_qa_followup', 'sft_single', 'sft_multi')}, {moved('arith_multiturn', 'sft_single', 'sft_multi')}",
         f"- **DPO**: {moved('unknown_person_refusal', 'sft_multi', 'dpo')}, known people "
         f"{moved('people_qa', 'sft_multi', 'dpo')}; held-out pairs: reward accuracy {pairs['reward_accuracy']:.0%}, "
         f"margin {pairs['reward_margin']:.2f}",

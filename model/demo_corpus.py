@@ -29,7 +29,7 @@ Who appears where
   refusal for known people: SFT people and the "DPO people" (`dpo_people_ratio`), who like the held-out people
   appear only in the pretraining text, so that "known" means "in the pretraining text", not "asked about in SFT".
 - eval files: questions about the "held-out people" (their facts are ONLY in the pretraining text), about the
-  eval unknown names, and held-out arithmetic triples. So eval measures knowledge extraction and arithmetic
+  eval unknown names, and held-out arithmetic triples (also asked after another exchange: arith_multiturn). So eval measures knowledge extraction and arithmetic
   generalisation, not recall of a memorised answer.
 
 Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
@@ -303,11 +303,12 @@ def dialogue(person, attributes, rng):
 
 
 def mixed_dialogue(world, person, other, rng):
-    """2-5 exchanges that change topic the way a user does: maybe a greeting, the user's name or a sum first, then
-    questions about a person (named, then 1-2 follow-ups with 他/她), then maybe a sum, and maybe a second person
-    of the same gender, named, with a follow-up. 他/她 always means the person of the previous exchange. Every
-    answer depends on its own question, so the model learns to answer the newest question, not to repeat the
-    history; a user who gave their name may ask for it at the end."""
+    """1-5 exchanges that change topic the way a user does: maybe a greeting or the user's name, maybe a sum, then
+    questions about a person (named, then 0-2 follow-ups with 他/她), then maybe a sum, and maybe a second person
+    of the same gender, named, with a follow-up. 他/她 always means the person of the previous exchange. A sum
+    comes after any kind of exchange, and a follow-up does not always come after a person (when it did, the next
+    sum got an answer about the person). Every answer depends on its own question, so the model learns to answer
+    the newest question, not to repeat the history; a user who gave their name may ask for it at the end."""
     messages, name = [], None
     if rng.random() < 0.3:
         question, answer = rng.choice(GREETINGS)
@@ -315,12 +316,12 @@ def mixed_dialogue(world, person, other, rng):
     elif rng.random() < 0.4:  # the user says their name first, and may ask for it again at the end
         name = stranger_name(world, rng)
         messages += introduction(name)
-    elif rng.random() < 0.3:
+    if rng.random() < 0.4:
         op, a, b = rng.choice(world["arith_train"])
         messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
-    attributes = rng.sample(list(ATTRIBUTES), rng.randint(2, 3))
+    attributes = rng.sample(list(ATTRIBUTES), rng.randint(1, 3))
     messages += dialogue(person, attributes, rng)
-    if rng.random() < 0.3:
+    if rng.random() < 0.5:
         op, a, b = rng.choice(world["arith_train"])
         messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
     if other is not None and rng.random() < 0.5:
@@ -456,6 +457,13 @@ def eval_sets(world, rng, eval_size=200):
                      "answer": "我不知道"})  # the refusal rate: a refusal counts even if it garbles the name
     for op, a, b in triples:
         chat.append({"category": "arith", "messages": [user(arith_question(op, a, b, rng))],
+                     "answer": f"={arith_result(op, a, b)}。"})
+    for i, (op, a, b) in enumerate(triples[:eval_size // 2]):  # the same sums later in a conversation, after a
+        # greeting or a question about someone: the newest question must be answered, not the topic carried on
+        person = heldout_people[i % len(heldout_people)]
+        history = [user("你好，你是谁？"), assistant("你好！" + IDENTITY)] if i % 2 else \
+            person_turn(person, rng.choice(list(ATTRIBUTES)), rng)
+        chat.append({"category": "arith_multiturn", "messages": history + [user(arith_question(op, a, b, rng))],
                      "answer": f"={arith_result(op, a, b)}。"})
 
     completion = []

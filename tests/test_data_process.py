@@ -316,7 +316,8 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
     user_messages = {m["content"] for messages in train_chat for m in messages if m["role"] == "user"}
 
     chat_eval, completion_eval = load("eval_chat.jsonl"), load("eval_pretrain.jsonl")
-    assert {r["category"] for r in chat_eval} == {"people_qa", "people_qa_followup", "arith", "unknown_person_refusal"}
+    assert {r["category"] for r in chat_eval} == {"people_qa", "people_qa_followup", "arith", "arith_multiturn",
+                                                  "unknown_person_refusal"}
     assert {r["category"] for r in completion_eval} == {"completion_fact", "arith_completion"}
     for name in heldout_names:
         assert name not in chat_text  # held-out people never appear in SFT or DPO ...
@@ -334,22 +335,24 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
     for name in dpo_names:  # pretraining-only people that DPO's known pairs use, so never in SFT or eval
         assert pretrain_text.count(name) == 6 * world["n_bios"] and name not in sft_text and name in chat_text
         assert all(name not in json.dumps(r, ensure_ascii=False) for r in chat_eval + completion_eval)
+    people = {p["name"]: p for p in world["people"]}
     train_prefixes = {json.dumps(messages[:k], ensure_ascii=False)
                       for messages in train_chat for k in range(1, len(messages) + 1)}
     for record in chat_eval:
         assert json.dumps(record["messages"], ensure_ascii=False) not in train_prefixes
+        if record["category"].startswith("arith"):  # a held-out sum, maybe after a greeting or a held-out person
+            expression = re.search(r"(\d+)(?:\+|-|加|减)(\d+)", record["messages"][-1]["content"]).group(0)
+            assert expression.replace("加", "+").replace("减", "-") not in pretrain_text + chat_text
+            assert {m["content"][:3] for m in record["messages"]} & set(people) <= heldout_names
+            continue
         assert record["messages"][0]["content"] not in user_messages
         if record["category"] == "unknown_person_refusal":
             assert record["messages"][0]["content"][:3] in unknown_eval
             assert record["answer"] == "我不知道"
-        elif record["category"] != "arith":
+        else:
             assert record["messages"][0]["content"][:3] in heldout_names
-        if record["category"] == "arith":
-            expression = re.search(r"(\d+)(?:\+|-|加|减)(\d+)", record["messages"][-1]["content"]).group(0)
-            assert expression.replace("加", "+").replace("减", "-") not in pretrain_text + chat_text
     for pair in load("dpo_eval.jsonl"):  # held-out preference pairs: only eval names and held-out people
         assert pair["chosen"][0]["content"][:3] in unknown_eval | heldout_names
-    people = {p["name"]: p for p in world["people"]}
     for record in completion_eval:
         if record["category"] == "completion_fact":
             name = record["prompt"][:3]
@@ -442,7 +445,7 @@ def test_demo_gold_answers_are_unambiguous_substrings(demo_dir):
     """Scoring is "gold answer in the generated line": no gold may hide inside another candidate answer."""
     values = [v for spec in demo_corpus.ATTRIBUTES.values() for v in spec["values"]]
     for record in read_jsonl(os.path.join(demo_dir, "eval_chat.jsonl")):
-        if record["category"] not in ("arith", "unknown_person_refusal"):
+        if record["category"] not in ("arith", "arith_multiturn", "unknown_person_refusal"):
             assert sum(record["answer"] in v for v in values) == 1
     assert "1988年1月" not in values  # would hide inside 1988年11月
 
