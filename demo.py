@@ -53,11 +53,11 @@ FULL = dict(
          "--beta", "0.05", "--nll_weight", "1.0"],
     eval_limit=None,
 )
-# What the end-to-end test runs: the same world and model, fewer steps, 300 eval records. Single-turn SFT keeps its
-# 200 steps: at 125 the model had not learned to copy a sum's numbers into its answer (chat sums 2-12%, docs/demo.md).
+# What the end-to-end test runs: the same world, model, SFT and DPO, half the pretraining, 300 eval records. With
+# fewer SFT steps the quick model had not learned to copy a sum's numbers into its answer (125 single-turn steps:
+# chat sums 2-12%) and lost the person of a follow-up in the scripted session (40 multi-turn steps; docs/demo.md).
 QUICK = {**FULL,
          "pretrain": ["--max_steps", "800", *FULL["pretrain"][2:]],
-         "sft_multi": ["--max_steps", "40", *FULL["sft_multi"][2:]],
          "eval_limit": 300}
 # The demo world uses ~340 distinct characters: a 1024-token vocabulary holds each as one token and makes the
 # output layer 6x cheaper than the default 6400.
