@@ -23,13 +23,12 @@ The world
 Who appears where
 - pretraining text: every biography of every person, every training arithmetic triple.
 - SFT single / multi and DPO: questions about the "SFT people" only (a subset), training triples only;
-  greetings, "你是谁？" and users who say their name ("我叫X。", X none of the world's people) in SFT;
-  multi-turn dialogues change topic (sum, second person) as users do.
+  greetings and "你是谁？" in SFT; multi-turn dialogues change topic (sum, second person) as users do.
 - DPO only: refusal pairs for the DPO unknown names (the one behaviour SFT never shows), and true facts over a
   refusal for known people: SFT people and the "DPO people" (`dpo_people_ratio`), who like the held-out people
   appear only in the pretraining text, so that "known" means "in the pretraining text", not "asked about in SFT".
 - eval files: questions about the "held-out people" (their facts are ONLY in the pretraining text), about the
-  eval unknown names, and held-out arithmetic triples (also asked after another exchange: arith_multiturn). So eval measures knowledge extraction and arithmetic
+  eval unknown names, and held-out arithmetic triples. So eval measures knowledge extraction and arithmetic
   generalisation, not recall of a memorised answer.
 
 Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
@@ -254,29 +253,8 @@ def arith_question(op, a, b, rng):
     return rng.choice(ARITH_QUESTIONS).format(a=a, b=b, op=op, op_zh="加" if op == "+" else "减")
 
 
-# Users who say their name: the assistant starts its answer with that name and, asked later, says it again. The
-# names are drawn from the whole name space (none is a person of the world), so the only way to get them
-# right is to copy them from the conversation: the skill an answer about a person needs for its first words.
-# Without it, the most common wrong answer in every chat stage began with the right surname and went on with an
-# SFT person's given name (罗永静 -> 罗泽涵): SFT answers had taught 40 names as likely continuations (docs/demo.md).
-def stranger_name(world, rng):
-    taken = {p["name"] for p in world["people"]}
-    while True:
-        name = rng.choice(PEOPLE_SURNAMES) + rng.choice(GIVEN_FIRST) + rng.choice(GIVEN_SECOND)
-        if name not in taken:
-            return name
-
-
-def introduction(name):
-    return [user(f"我叫{name}。"), assistant(f"{name}，你好！有什么可以帮你的吗？")]
-
-
-def name_recall(name):
-    return [user("我叫什么名字？"), assistant(f"你叫{name}。")]
-
-
-def sft_single(world, rng, n_arith=1500, greeting_repeats=15, n_introductions=300):
-    records = [introduction(stranger_name(world, rng)) for _ in range(n_introductions)]
+def sft_single(world, rng, n_arith=1500, greeting_repeats=15):
+    records = []
     for person in world["people"]:
         if person["split"] != "sft":
             continue
@@ -302,35 +280,28 @@ def dialogue(person, attributes, rng):
     return [m for i, attribute in enumerate(attributes) for m in person_turn(person, attribute, rng, i > 0)]
 
 
-def mixed_dialogue(world, person, other, rng):
-    """1-5 exchanges that change topic the way a user does: maybe a greeting or the user's name, maybe a sum, then
-    questions about a person (named, then 0-2 follow-ups with 他/她), then maybe a sum, and maybe a second person
-    of the same gender, named, with a follow-up. 他/她 always means the person of the previous exchange. A sum
-    comes after any kind of exchange, and a follow-up does not always come after a person (when it did, the next
-    sum got an answer about the person). Every answer depends on its own question, so the model learns to answer
-    the newest question, not to repeat the history; a user who gave their name may ask for it at the end."""
-    messages, name = [], None
+def mixed_dialogue(person, other, arith, rng):
+    """2-5 exchanges that change topic the way a user does: maybe a greeting or a sum first, then questions about
+    a person (named, then 1-2 follow-ups with 他/她), then maybe a sum, and maybe a second person of the same
+    gender, named, with a follow-up. 他/她 always means the person of the previous exchange. Every answer
+    depends on its own question, so the model learns to answer the newest question, not to repeat the history."""
+    messages = []
     if rng.random() < 0.3:
         question, answer = rng.choice(GREETINGS)
         messages += [user(question), assistant(answer)]
-    elif rng.random() < 0.4:  # the user says their name first, and may ask for it again at the end
-        name = stranger_name(world, rng)
-        messages += introduction(name)
-    if rng.random() < 0.4:
-        op, a, b = rng.choice(world["arith_train"])
+    elif rng.random() < 0.3:
+        op, a, b = rng.choice(arith)
         messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
-    attributes = rng.sample(list(ATTRIBUTES), rng.randint(1, 3))
+    attributes = rng.sample(list(ATTRIBUTES), rng.randint(2, 3))
     messages += dialogue(person, attributes, rng)
-    if rng.random() < 0.5:
-        op, a, b = rng.choice(world["arith_train"])
+    if rng.random() < 0.3:
+        op, a, b = rng.choice(arith)
         messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
     if other is not None and rng.random() < 0.5:
         messages += dialogue(other, rng.sample(list(ATTRIBUTES), 2), rng)
     if rng.random() < 0.3:  # "who are you?" late in a conversation too, not only as its opening
         question, answer = rng.choice(GREETINGS[3:6])
         messages = messages[:8] + [user(question), assistant(answer)]
-    elif name and rng.random() < 0.5:
-        messages = messages[:8] + name_recall(name)
     return messages[:10]  # at most 5 exchanges: fits max_seq_len 256
 
 
@@ -340,7 +311,8 @@ def sft_multi(world, rng, n_dialogues=600):
     for i in range(n_dialogues):
         person = sft_people[i % len(sft_people)]
         same_gender = [p for p in sft_people if p["gender"] == person["gender"] and p is not person]
-        records.append(mixed_dialogue(world, person, rng.choice(same_gender) if same_gender else None, rng))
+        records.append(mixed_dialogue(person, rng.choice(same_gender) if same_gender else None,
+                                      world["arith_train"], rng))
     rng.shuffle(records)
     return records
 
@@ -387,7 +359,7 @@ def repeat_pair(messages, rng):
 
 
 def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=200, n_repeat_pairs=300,
-              n_identity_pairs=100, n_followup_pairs=200):
+              n_identity_pairs=100):
     """The behaviour DPO adds (SFT never shows it): "我不知道X是谁。" for a person who does not exist, instead of
     an invented biography. Pairs about known people (true fact over a refusal or a wrong value) keep it from
     refusing people it knows: half about DPO people, who like the held-out people appear only in the pretraining
@@ -457,13 +429,6 @@ def eval_sets(world, rng, eval_size=200):
                      "answer": "我不知道"})  # the refusal rate: a refusal counts even if it garbles the name
     for op, a, b in triples:
         chat.append({"category": "arith", "messages": [user(arith_question(op, a, b, rng))],
-                     "answer": f"={arith_result(op, a, b)}。"})
-    for i, (op, a, b) in enumerate(triples[:eval_size // 2]):  # the same sums later in a conversation, after a
-        # greeting or a question about someone: the newest question must be answered, not the topic carried on
-        person = heldout_people[i % len(heldout_people)]
-        history = [user("你好，你是谁？"), assistant("你好！" + IDENTITY)] if i % 2 else \
-            person_turn(person, rng.choice(list(ATTRIBUTES)), rng)
-        chat.append({"category": "arith_multiturn", "messages": history + [user(arith_question(op, a, b, rng))],
                      "answer": f"={arith_result(op, a, b)}。"})
 
     completion = []
