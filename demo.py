@@ -45,7 +45,7 @@ FULL = dict(
     # held-out people QA 52% -> 81% on the same pretrained model)
     sft_single=["--max_steps", "200", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "10",
                 "--freeze_embeddings"],
-    sft_multi=["--max_steps", "80", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "5",
+    sft_multi=["--max_steps", "120", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "5",
                "--freeze_embeddings"],
     # the refusal about a person is an answer the SFT model never gives: plain DPO pushes chosen and rejected down
     # together and greedy output falls apart; the NLL term on the chosen answer (RPO) makes it likely (docs/demo.md)
@@ -53,11 +53,13 @@ FULL = dict(
          "--beta", "0.05", "--nll_weight", "1.0"],
     eval_limit=None,
 )
-# What the end-to-end test runs: the same world, model, SFT and DPO, half the pretraining, 300 eval records. With
-# fewer SFT steps the quick model had not learned to copy a sum's numbers into its answer (125 single-turn steps:
-# chat sums 2-12%) and lost the person of a follow-up in the scripted session (40 multi-turn steps; docs/demo.md).
+# What the end-to-end test runs: the same world, model and SFT, half the pretraining, DPO at half the rate, 300 eval
+# records. With fewer SFT steps the quick model had not learned to copy a sum's numbers into its answer (125
+# single-turn steps: chat sums 2-12%); DPO at the full plan's rate took the half-pretrained model's greeting apart
+# ("你叫-LLM，…") and answered a follow-up with the identity in the scripted session (docs/demo.md).
 QUICK = {**FULL,
          "pretrain": ["--max_steps", "800", *FULL["pretrain"][2:]],
+         "dpo": [*FULL["dpo"][:4], "--learning_rate", "1e-4", *FULL["dpo"][6:]],
          "eval_limit": 300}
 # The demo world uses ~340 distinct characters: a 1024-token vocabulary holds each as one token and makes the
 # output layer 6x cheaper than the default 6400.

@@ -154,6 +154,13 @@ def arith_statement(op, a, b, result=None):
     return f"{a}{op}{b}={arith_result(op, a, b) if result is None else result}。"
 
 
+# "73加45等于118。" in the pretraining text: with only "73+45=118。" there, 加 and 减 never occurred in
+# pretraining, their embeddings stayed alike and frozen through SFT, and "X加Y是多少？" / "X减Y是多少？" got the
+# other operation a third of the time (every wrong answer to those questions was a swapped sign; docs/demo.md).
+def arith_in_words(op, a, b):
+    return f"{a}{'加' if op == '+' else '减'}{b}等于{arith_result(op, a, b)}。"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The world
 
@@ -233,8 +240,9 @@ def pretrain_documents(world, n_bios, rng, equations_per_doc=16):
     docs += ["".join(rng.sample(EVERYDAY_TEXT, len(EVERYDAY_TEXT))) for _ in range(n_bios)]
     train = list(world["arith_train"])
     rng.shuffle(train)
-    for i in range(0, len(train), equations_per_doc):
-        docs.append("\n".join(arith_statement(*t) for t in train[i:i + equations_per_doc]))
+    for i in range(0, len(train), equations_per_doc):  # a quarter of them in words, the way a question puts them
+        docs.append("\n".join(arith_statement(*t) if rng.random() < 0.75 else arith_in_words(*t)
+                              for t in train[i:i + equations_per_doc]))
     rng.shuffle(docs)
     return docs
 
@@ -302,13 +310,20 @@ def dialogue(person, attributes, rng):
     return [m for i, attribute in enumerate(attributes) for m in person_turn(person, attribute, rng, i > 0)]
 
 
+def arith_turn(world, rng):
+    op, a, b = rng.choice(world["arith_train"])
+    return [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
+
+
 def mixed_dialogue(world, person, other, rng):
-    """1-5 exchanges that change topic the way a user does: maybe a greeting or the user's name, maybe a sum, then
-    questions about a person (named, then 0-2 follow-ups with 他/她), then maybe a sum, and maybe a second person
-    of the same gender, named, with a follow-up. 他/她 always means the person of the previous exchange. A sum
-    comes after any kind of exchange, and a follow-up does not always come after a person (when it did, the next
-    sum got an answer about the person). Every answer depends on its own question, so the model learns to answer
-    the newest question, not to repeat the history; a user who gave their name may ask for it at the end."""
+    """2-7 exchanges that change topic the way a user does: maybe a greeting or the user's name, maybe a sum, then
+    questions about a person (named, then 1-2 follow-ups with 他/她), maybe a sum, and maybe a second person of the
+    same gender, named, with a follow-up. 他/她 always means the person of the previous exchange, and a follow-up
+    comes after every first question about a person. A sum comes after any kind of exchange, also right after the
+    first question about someone (who is then named again): when sums came only after follow-ups, a sum asked
+    right after a person got an answer about the person. Every answer depends on its own question, so the model
+    learns to answer the newest question, not to repeat the history; a user who gave their name may ask for it
+    at the end."""
     messages, name = [], None
     if rng.random() < 0.3:
         question, answer = rng.choice(GREETINGS)
@@ -317,21 +332,27 @@ def mixed_dialogue(world, person, other, rng):
         name = stranger_name(world, rng)
         messages += introduction(name)
     if rng.random() < 0.4:
-        op, a, b = rng.choice(world["arith_train"])
-        messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
-    attributes = rng.sample(list(ATTRIBUTES), rng.randint(1, 3))
-    messages += dialogue(person, attributes, rng)
-    if rng.random() < 0.5:
-        op, a, b = rng.choice(world["arith_train"])
-        messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
+        messages += arith_turn(world, rng)
+    attributes = rng.sample(list(ATTRIBUTES), rng.randint(2, 3))
+    if rng.random() < 0.3:  # named, a sum, named again, a follow-up
+        attributes = rng.sample(list(ATTRIBUTES), 3)
+        messages += person_turn(person, attributes[0], rng) + arith_turn(world, rng)
+        messages += dialogue(person, attributes[1:], rng)
+    else:
+        messages += dialogue(person, attributes, rng)
+        if rng.random() < 0.5:
+            messages += arith_turn(world, rng)
     if other is not None and rng.random() < 0.5:
         messages += dialogue(other, rng.sample(list(ATTRIBUTES), 2), rng)
     if rng.random() < 0.3:  # "who are you?" late in a conversation too, not only as its opening
         question, answer = rng.choice(GREETINGS[3:6])
-        messages = messages[:8] + [user(question), assistant(answer)]
+        messages = messages[:12] + [user(question), assistant(answer)]
     elif name and rng.random() < 0.5:
-        messages = messages[:8] + name_recall(name)
-    return messages[:10]  # at most 5 exchanges: fits max_seq_len 256
+        messages = messages[:12] + name_recall(name)
+    # At most 7 exchanges: up to 252 tokens with the demo's tokenizer, inside max_seq_len 256, and as long as a chat
+    # gets (2-eval.py --interactive keeps what fits in 256 - 40 tokens). Cut at 5, the 6th and 7th question of the
+    # scripted session (a follow-up about the second person, "你叫什么名字？") got an earlier answer (docs/demo.md).
+    return messages[:14]
 
 
 def sft_multi(world, rng, n_dialogues=600):
@@ -387,7 +408,7 @@ def repeat_pair(messages, rng):
 
 
 def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=200, n_repeat_pairs=300,
-              n_identity_pairs=100, n_followup_pairs=200):
+              n_identity_pairs=100):
     """The behaviour DPO adds (SFT never shows it): "我不知道X是谁。" for a person who does not exist, instead of
     an invented biography. Pairs about known people (true fact over a refusal or a wrong value) keep it from
     refusing people it knows: half about DPO people, who like the held-out people appear only in the pretraining

@@ -342,7 +342,8 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
         assert json.dumps(record["messages"], ensure_ascii=False) not in train_prefixes
         if record["category"].startswith("arith"):  # a held-out sum, maybe after a greeting or a held-out person
             expression = re.search(r"(\d+)(?:\+|-|加|减)(\d+)", record["messages"][-1]["content"]).group(0)
-            assert expression.replace("加", "+").replace("减", "-") not in pretrain_text + chat_text
+            for written in (expression.replace("加", "+").replace("减", "-"), expression.replace("+", "加").replace("-", "减")):
+                assert written not in pretrain_text + chat_text
             assert {m["content"][:3] for m in record["messages"]} & set(people) <= heldout_names
             continue
         assert record["messages"][0]["content"] not in user_messages
@@ -366,21 +367,40 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
 
 def test_demo_multi_turn_pronouns_refer_to_the_previous_exchange(demo_dir):
     """Multi-turn SFT dialogues change topic (greetings, sums, a second person); a 他/她 question always follows an
-    exchange about a person of that gender, and its answer names that person."""
+    exchange about a person of that gender, and its answer names that person. The first question about someone is
+    followed by a follow-up or a sum (nothing else), and sums come after every kind of exchange: a model whose data
+    had sums only after follow-ups answered a sum asked right after a person with the person."""
     world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
     gender = {p["name"]: p["gender"] for p in world["people"]}
-    topics = set()
+    topics, before_sum, after_named = set(), set(), set()
+
+    def kind(question, answer):
+        if question[0] in "他她":
+            return "follow-up"
+        if answer[:3] in gender:
+            return "named"
+        return "sum" if "=" in answer else "introduction" if question.startswith("我叫") else "greeting"
+
     for record in read_jsonl(os.path.join(demo_dir, "sft_data_multi.jsonl")):
         messages = record["conversations"]
         names_in_dialogue = {m["content"][:3] for m in messages if m["content"][:3] in gender}
         topics.add((len(names_in_dialogue), any("=" in m["content"] for m in messages)))
+        kinds = [kind(messages[k]["content"], messages[k + 1]["content"]) for k in range(0, len(messages), 2)]
         for k in range(2, len(messages), 2):
             question, answer, previous = messages[k]["content"], messages[k + 1]["content"], messages[k - 1]["content"]
             if question[0] in "他她":
                 assert previous[:3] in gender and answer[:3] == previous[:3]
                 assert question[0] == ("他" if gender[previous[:3]] == "男" else "她")
+            if kinds[k // 2] == "sum":
+                before_sum.add(kinds[k // 2 - 1])
+            if kinds[k // 2 - 1] == "named":
+                after_named.add(kinds[k // 2])
         assert len({gender[n] for n in names_in_dialogue}) <= 1  # 他/她 is never ambiguous by gender
     assert {(1, False), (1, True), (2, False)} <= topics
+    assert before_sum == {"greeting", "introduction", "named", "follow-up"}
+    # never a second person right after the first question about someone (a late "你是谁？" / "我叫什么名字？" may end
+    # a dialogue cut to 5 exchanges)
+    assert after_named == {"follow-up", "sum", "greeting", "introduction"}
 
 
 def test_demo_users_who_say_their_name_get_it_copied_back(demo_dir):
@@ -404,9 +424,10 @@ def test_demo_users_who_say_their_name_get_it_copied_back(demo_dir):
     assert len(names) >= 300 and recalls >= 30  # many different names: copying is the only way to get them right
 
 
-def test_demo_pretraining_text_has_every_character_the_assistant_says(demo_dir):
+def test_demo_pretraining_text_has_every_character_the_assistant_says_and_the_words_of_a_sum(demo_dir):
     """Every character of an SFT or DPO answer occurs in the pretraining text (only the surnames of the people who
-    do not exist may be new), so no answer relies on an embedding that pretraining never trained."""
+    do not exist may be new), so no answer relies on an embedding that pretraining never trained; so does every
+    character of an arithmetic question: with 加 and 减 untrained (and frozen in SFT), the two were confused."""
     world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
     pretrain_chars = set("".join(r["text"] for r in read_jsonl(os.path.join(demo_dir, "pretrain_data.jsonl"))))
     answers = [m["content"] for name in ("sft_data_single.jsonl", "sft_data_multi.jsonl")
@@ -415,6 +436,9 @@ def test_demo_pretraining_text_has_every_character_the_assistant_says(demo_dir):
                 for side in ("chosen", "rejected")]
     unknown_surnames = {name[0] for names in world["unknown_names"].values() for name in names}
     assert set("".join(answers)) - pretrain_chars <= unknown_surnames
+    sum_words = {template.format(a="", b="", op=op, op_zh=op_zh) for template in demo_corpus.ARITH_QUESTIONS
+                 for op, op_zh in (("+", "加"), ("-", "减"))}
+    assert set("".join(sum_words)) <= pretrain_chars
 
 
 def test_demo_dpo_history_pairs_reject_an_earlier_answer_or_a_refusal_of_the_identity_question(demo_dir):
