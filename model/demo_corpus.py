@@ -36,7 +36,7 @@ Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
     tokenizer_train.jsonl  {"text"}   pretraining text + SFT/DPO chat text + GB2312 charset lines (tokenizer coverage)
     pretrain_data.jsonl    {"text"}   biographies and arithmetic blocks, shuffled
     sft_data_single.jsonl  {"conversations": [{"role","content"}, ...]}  one user/assistant exchange
-    sft_data_multi.jsonl   same, 2-5 exchanges, follow-ups refer back with 他/她 to the previous exchange's person
+    sft_data_multi.jsonl   same, 2-7 exchanges, follow-ups refer back with 他/她 to the previous exchange's person
     dpo_data.jsonl         {"chosen": [msgs], "rejected": [msgs]}  same prompt, last assistant turn differs
     dpo_eval.jsonl         same format, held-out pairs (eval unknown names, held-out people): DPO reward accuracy
     eval_chat.jsonl        {"category", "messages", "answer", ...}  chat checks (2-eval.py --eval_file)
