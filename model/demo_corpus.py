@@ -23,19 +23,20 @@ The world
 Who appears where
 - pretraining text: every biography of every person, every training arithmetic triple.
 - SFT single / multi and DPO: questions about the "SFT people" only (a subset), training triples only;
-  greetings and "你是谁？" in SFT; multi-turn dialogues change topic (sum, second person) as users do.
+  greetings, "你是谁？" and users who say their name ("我叫X。", X none of the world's people) in SFT;
+  multi-turn dialogues change topic (sum, second person) as users do.
 - DPO only: refusal pairs for the DPO unknown names (the one behaviour SFT never shows), and true facts over a
   refusal for known people: SFT people and the "DPO people" (`dpo_people_ratio`), who like the held-out people
   appear only in the pretraining text, so that "known" means "in the pretraining text", not "asked about in SFT".
 - eval files: questions about the "held-out people" (their facts are ONLY in the pretraining text), about the
-  eval unknown names, and held-out arithmetic triples. So eval measures knowledge extraction and arithmetic
+  eval unknown names, and held-out arithmetic triples (also asked after another exchange: arith_multiturn). So eval measures knowledge extraction and arithmetic
   generalisation, not recall of a memorised answer.
 
 Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
     tokenizer_train.jsonl  {"text"}   pretraining text + SFT/DPO chat text + GB2312 charset lines (tokenizer coverage)
     pretrain_data.jsonl    {"text"}   biographies and arithmetic blocks, shuffled
     sft_data_single.jsonl  {"conversations": [{"role","content"}, ...]}  one user/assistant exchange
-    sft_data_multi.jsonl   same, 2-5 exchanges, follow-ups refer back with 他/她 to the previous exchange's person
+    sft_data_multi.jsonl   same, 2-7 exchanges, follow-ups refer back with 他/她 to the previous exchange's person
     dpo_data.jsonl         {"chosen": [msgs], "rejected": [msgs]}  same prompt, last assistant turn differs
     dpo_eval.jsonl         same format, held-out pairs (eval unknown names, held-out people): DPO reward accuracy
     eval_chat.jsonl        {"category", "messages", "answer", ...}  chat checks (2-eval.py --eval_file)
@@ -153,6 +154,13 @@ def arith_statement(op, a, b, result=None):
     return f"{a}{op}{b}={arith_result(op, a, b) if result is None else result}。"
 
 
+# "73加45等于118。" in the pretraining text: with only "73+45=118。" there, 加 and 减 never occurred in
+# pretraining, their embeddings stayed alike and frozen through SFT, and "X加Y是多少？" / "X减Y是多少？" got the
+# other operation a third of the time (every wrong answer to those questions was a swapped sign; docs/demo.md).
+def arith_in_words(op, a, b):
+    return f"{a}{'加' if op == '+' else '减'}{b}等于{arith_result(op, a, b)}。"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The world
 
@@ -232,8 +240,9 @@ def pretrain_documents(world, n_bios, rng, equations_per_doc=16):
     docs += ["".join(rng.sample(EVERYDAY_TEXT, len(EVERYDAY_TEXT))) for _ in range(n_bios)]
     train = list(world["arith_train"])
     rng.shuffle(train)
-    for i in range(0, len(train), equations_per_doc):
-        docs.append("\n".join(arith_statement(*t) for t in train[i:i + equations_per_doc]))
+    for i in range(0, len(train), equations_per_doc):  # a quarter of them in words, the way a question puts them
+        docs.append("\n".join(arith_statement(*t) if rng.random() < 0.75 else arith_in_words(*t)
+                              for t in train[i:i + equations_per_doc]))
     rng.shuffle(docs)
     return docs
 
@@ -253,8 +262,29 @@ def arith_question(op, a, b, rng):
     return rng.choice(ARITH_QUESTIONS).format(a=a, b=b, op=op, op_zh="加" if op == "+" else "减")
 
 
-def sft_single(world, rng, n_arith=1500, greeting_repeats=15):
-    records = []
+# Users who say their name: the assistant starts its answer with that name and, asked later, says it again. The
+# names are drawn from the whole name space (none is a person of the world), so the only way to get them
+# right is to copy them from the conversation: the skill an answer about a person needs for its first words.
+# Without it, the most common wrong answer in every chat stage began with the right surname and went on with an
+# SFT person's given name (罗永静 -> 罗泽涵): SFT answers had taught 40 names as likely continuations (docs/demo.md).
+def stranger_name(world, rng):
+    taken = {p["name"] for p in world["people"]}
+    while True:
+        name = rng.choice(PEOPLE_SURNAMES) + rng.choice(GIVEN_FIRST) + rng.choice(GIVEN_SECOND)
+        if name not in taken:
+            return name
+
+
+def introduction(name):
+    return [user(f"我叫{name}。"), assistant(f"{name}，你好！有什么可以帮你的吗？")]
+
+
+def name_recall(name):
+    return [user("我叫什么名字？"), assistant(f"你叫{name}。")]
+
+
+def sft_single(world, rng, n_arith=1500, greeting_repeats=15, n_introductions=300):
+    records = [introduction(stranger_name(world, rng)) for _ in range(n_introductions)]
     for person in world["people"]:
         if person["split"] != "sft":
             continue
@@ -280,29 +310,49 @@ def dialogue(person, attributes, rng):
     return [m for i, attribute in enumerate(attributes) for m in person_turn(person, attribute, rng, i > 0)]
 
 
-def mixed_dialogue(person, other, arith, rng):
-    """2-5 exchanges that change topic the way a user does: maybe a greeting or a sum first, then questions about
-    a person (named, then 1-2 follow-ups with 他/她), then maybe a sum, and maybe a second person of the same
-    gender, named, with a follow-up. 他/她 always means the person of the previous exchange. Every answer
-    depends on its own question, so the model learns to answer the newest question, not to repeat the history."""
-    messages = []
+def arith_turn(world, rng):
+    op, a, b = rng.choice(world["arith_train"])
+    return [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
+
+
+def mixed_dialogue(world, person, other, rng):
+    """2-7 exchanges that change topic the way a user does: maybe a greeting or the user's name, maybe a sum, then
+    questions about a person (named, then 1-2 follow-ups with 他/她), maybe a sum, and maybe a second person of the
+    same gender, named, with a follow-up. 他/她 always means the person of the previous exchange, and a follow-up
+    comes after every first question about a person. A sum comes after any kind of exchange, also right after the
+    first question about someone (who is then named again): when sums came only after follow-ups, a sum asked
+    right after a person got an answer about the person. Every answer depends on its own question, so the model
+    learns to answer the newest question, not to repeat the history; a user who gave their name may ask for it
+    at the end."""
+    messages, name = [], None
     if rng.random() < 0.3:
         question, answer = rng.choice(GREETINGS)
         messages += [user(question), assistant(answer)]
-    elif rng.random() < 0.3:
-        op, a, b = rng.choice(arith)
-        messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
+    elif rng.random() < 0.4:  # the user says their name first, and may ask for it again at the end
+        name = stranger_name(world, rng)
+        messages += introduction(name)
+    if rng.random() < 0.4:
+        messages += arith_turn(world, rng)
     attributes = rng.sample(list(ATTRIBUTES), rng.randint(2, 3))
-    messages += dialogue(person, attributes, rng)
-    if rng.random() < 0.3:
-        op, a, b = rng.choice(arith)
-        messages += [user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))]
+    if rng.random() < 0.3:  # named, a sum, named again, a follow-up
+        attributes = rng.sample(list(ATTRIBUTES), 3)
+        messages += person_turn(person, attributes[0], rng) + arith_turn(world, rng)
+        messages += dialogue(person, attributes[1:], rng)
+    else:
+        messages += dialogue(person, attributes, rng)
+        if rng.random() < 0.5:
+            messages += arith_turn(world, rng)
     if other is not None and rng.random() < 0.5:
         messages += dialogue(other, rng.sample(list(ATTRIBUTES), 2), rng)
     if rng.random() < 0.3:  # "who are you?" late in a conversation too, not only as its opening
         question, answer = rng.choice(GREETINGS[3:6])
-        messages = messages[:8] + [user(question), assistant(answer)]
-    return messages[:10]  # at most 5 exchanges: fits max_seq_len 256
+        messages = messages[:12] + [user(question), assistant(answer)]
+    elif name and rng.random() < 0.5:
+        messages = messages[:12] + name_recall(name)
+    # At most 7 exchanges: up to 252 tokens with the demo's tokenizer, inside max_seq_len 256, and as long as a chat
+    # gets (2-eval.py --interactive keeps what fits in 256 - 40 tokens). Cut at 5, the 6th and 7th question of the
+    # scripted session (a follow-up about the second person, "你叫什么名字？") got an earlier answer (docs/demo.md).
+    return messages[:14]
 
 
 def sft_multi(world, rng, n_dialogues=600):
@@ -311,8 +361,7 @@ def sft_multi(world, rng, n_dialogues=600):
     for i in range(n_dialogues):
         person = sft_people[i % len(sft_people)]
         same_gender = [p for p in sft_people if p["gender"] == person["gender"] and p is not person]
-        records.append(mixed_dialogue(person, rng.choice(same_gender) if same_gender else None,
-                                      world["arith_train"], rng))
+        records.append(mixed_dialogue(world, person, rng.choice(same_gender) if same_gender else None, rng))
     rng.shuffle(records)
     return records
 
@@ -429,6 +478,13 @@ def eval_sets(world, rng, eval_size=200):
                      "answer": "我不知道"})  # the refusal rate: a refusal counts even if it garbles the name
     for op, a, b in triples:
         chat.append({"category": "arith", "messages": [user(arith_question(op, a, b, rng))],
+                     "answer": f"={arith_result(op, a, b)}。"})
+    for i, (op, a, b) in enumerate(triples[:eval_size // 2]):  # the same sums later in a conversation, after a
+        # greeting or a question about someone: the newest question must be answered, not the topic carried on
+        person = heldout_people[i % len(heldout_people)]
+        history = [user("你好，你是谁？"), assistant("你好！" + IDENTITY)] if i % 2 else \
+            person_turn(person, rng.choice(list(ATTRIBUTES)), rng)
+        chat.append({"category": "arith_multiturn", "messages": history + [user(arith_question(op, a, b, rng))],
                      "answer": f"={arith_result(op, a, b)}。"})
 
     completion = []

@@ -316,7 +316,8 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
     user_messages = {m["content"] for messages in train_chat for m in messages if m["role"] == "user"}
 
     chat_eval, completion_eval = load("eval_chat.jsonl"), load("eval_pretrain.jsonl")
-    assert {r["category"] for r in chat_eval} == {"people_qa", "people_qa_followup", "arith", "unknown_person_refusal"}
+    assert {r["category"] for r in chat_eval} == {"people_qa", "people_qa_followup", "arith", "arith_multiturn",
+                                                  "unknown_person_refusal"}
     assert {r["category"] for r in completion_eval} == {"completion_fact", "arith_completion"}
     for name in heldout_names:
         assert name not in chat_text  # held-out people never appear in SFT or DPO ...
@@ -334,22 +335,25 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
     for name in dpo_names:  # pretraining-only people that DPO's known pairs use, so never in SFT or eval
         assert pretrain_text.count(name) == 6 * world["n_bios"] and name not in sft_text and name in chat_text
         assert all(name not in json.dumps(r, ensure_ascii=False) for r in chat_eval + completion_eval)
+    people = {p["name"]: p for p in world["people"]}
     train_prefixes = {json.dumps(messages[:k], ensure_ascii=False)
                       for messages in train_chat for k in range(1, len(messages) + 1)}
     for record in chat_eval:
         assert json.dumps(record["messages"], ensure_ascii=False) not in train_prefixes
+        if record["category"].startswith("arith"):  # a held-out sum, maybe after a greeting or a held-out person
+            expression = re.search(r"(\d+)(?:\+|-|加|减)(\d+)", record["messages"][-1]["content"]).group(0)
+            for written in (expression.replace("加", "+").replace("减", "-"), expression.replace("+", "加").replace("-", "减")):
+                assert written not in pretrain_text + chat_text
+            assert {m["content"][:3] for m in record["messages"]} & set(people) <= heldout_names
+            continue
         assert record["messages"][0]["content"] not in user_messages
         if record["category"] == "unknown_person_refusal":
             assert record["messages"][0]["content"][:3] in unknown_eval
             assert record["answer"] == "我不知道"
-        elif record["category"] != "arith":
+        else:
             assert record["messages"][0]["content"][:3] in heldout_names
-        if record["category"] == "arith":
-            expression = re.search(r"(\d+)(?:\+|-|加|减)(\d+)", record["messages"][-1]["content"]).group(0)
-            assert expression.replace("加", "+").replace("减", "-") not in pretrain_text + chat_text
     for pair in load("dpo_eval.jsonl"):  # held-out preference pairs: only eval names and held-out people
         assert pair["chosen"][0]["content"][:3] in unknown_eval | heldout_names
-    people = {p["name"]: p for p in world["people"]}
     for record in completion_eval:
         if record["category"] == "completion_fact":
             name = record["prompt"][:3]
@@ -363,26 +367,67 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
 
 def test_demo_multi_turn_pronouns_refer_to_the_previous_exchange(demo_dir):
     """Multi-turn SFT dialogues change topic (greetings, sums, a second person); a 他/她 question always follows an
-    exchange about a person of that gender, and its answer names that person."""
+    exchange about a person of that gender, and its answer names that person. The first question about someone is
+    followed by a follow-up or a sum (nothing else), and sums come after every kind of exchange: a model whose data
+    had sums only after follow-ups answered a sum asked right after a person with the person."""
     world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
     gender = {p["name"]: p["gender"] for p in world["people"]}
-    topics = set()
+    topics, before_sum, after_named = set(), set(), set()
+
+    def kind(question, answer):
+        if question[0] in "他她":
+            return "follow-up"
+        if answer[:3] in gender:
+            return "named"
+        return "sum" if "=" in answer else "introduction" if question.startswith("我叫") else "greeting"
+
     for record in read_jsonl(os.path.join(demo_dir, "sft_data_multi.jsonl")):
         messages = record["conversations"]
         names_in_dialogue = {m["content"][:3] for m in messages if m["content"][:3] in gender}
         topics.add((len(names_in_dialogue), any("=" in m["content"] for m in messages)))
+        kinds = [kind(messages[k]["content"], messages[k + 1]["content"]) for k in range(0, len(messages), 2)]
         for k in range(2, len(messages), 2):
             question, answer, previous = messages[k]["content"], messages[k + 1]["content"], messages[k - 1]["content"]
             if question[0] in "他她":
                 assert previous[:3] in gender and answer[:3] == previous[:3]
                 assert question[0] == ("他" if gender[previous[:3]] == "男" else "她")
+            if kinds[k // 2] == "sum":
+                before_sum.add(kinds[k // 2 - 1])
+            if kinds[k // 2 - 1] == "named":
+                after_named.add(kinds[k // 2])
         assert len({gender[n] for n in names_in_dialogue}) <= 1  # 他/她 is never ambiguous by gender
     assert {(1, False), (1, True), (2, False)} <= topics
+    assert before_sum == {"greeting", "introduction", "named", "follow-up"}
+    # never a second person right after the first question about someone (a late "你是谁？" / "我叫什么名字？" may end
+    # a dialogue cut to 5 exchanges)
+    assert after_named == {"follow-up", "sum", "greeting", "introduction"}
 
 
-def test_demo_pretraining_text_has_every_character_the_assistant_says(demo_dir):
+def test_demo_users_who_say_their_name_get_it_copied_back(demo_dir):
+    """"我叫X。" is answered starting with X, and a later "我叫什么名字？" with X again, for X drawn from the whole
+    name space: names no SFT answer memorises, so the model learns to copy a name from the conversation (the
+    first words of any answer about a held-out person) rather than to continue a surname with an SFT name."""
+    world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
+    known = {p["name"] for p in world["people"]} | {n for names in world["unknown_names"].values() for n in names}
+    names, recalls = set(), 0
+    for file_name in ("sft_data_single.jsonl", "sft_data_multi.jsonl"):
+        for record in read_jsonl(os.path.join(demo_dir, file_name)):
+            messages, told = record["conversations"], None
+            for question, answer in zip(messages[::2], messages[1::2]):
+                if match := re.fullmatch(r"我叫(.{3})。", question["content"]):
+                    told = match.group(1)
+                    assert answer["content"].startswith(told + "，") and told not in known
+                    names.add(told)
+                elif question["content"] == "我叫什么名字？":
+                    assert told and answer["content"] == f"你叫{told}。"
+                    recalls += 1
+    assert len(names) >= 300 and recalls >= 30  # many different names: copying is the only way to get them right
+
+
+def test_demo_pretraining_text_has_every_character_the_assistant_says_and_the_words_of_a_sum(demo_dir):
     """Every character of an SFT or DPO answer occurs in the pretraining text (only the surnames of the people who
-    do not exist may be new), so no answer relies on an embedding that pretraining never trained."""
+    do not exist may be new), so no answer relies on an embedding that pretraining never trained; so does every
+    character of an arithmetic question: with 加 and 减 untrained (and frozen in SFT), the two were confused."""
     world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
     pretrain_chars = set("".join(r["text"] for r in read_jsonl(os.path.join(demo_dir, "pretrain_data.jsonl"))))
     answers = [m["content"] for name in ("sft_data_single.jsonl", "sft_data_multi.jsonl")
@@ -391,6 +436,9 @@ def test_demo_pretraining_text_has_every_character_the_assistant_says(demo_dir):
                 for side in ("chosen", "rejected")]
     unknown_surnames = {name[0] for names in world["unknown_names"].values() for name in names}
     assert set("".join(answers)) - pretrain_chars <= unknown_surnames
+    sum_words = {template.format(a="", b="", op=op, op_zh=op_zh) for template in demo_corpus.ARITH_QUESTIONS
+                 for op, op_zh in (("+", "加"), ("-", "减"))}
+    assert set("".join(sum_words)) <= pretrain_chars
 
 
 def test_demo_dpo_history_pairs_reject_an_earlier_answer_or_a_refusal_of_the_identity_question(demo_dir):
@@ -421,7 +469,7 @@ def test_demo_gold_answers_are_unambiguous_substrings(demo_dir):
     """Scoring is "gold answer in the generated line": no gold may hide inside another candidate answer."""
     values = [v for spec in demo_corpus.ATTRIBUTES.values() for v in spec["values"]]
     for record in read_jsonl(os.path.join(demo_dir, "eval_chat.jsonl")):
-        if record["category"] not in ("arith", "unknown_person_refusal"):
+        if record["category"] not in ("arith", "arith_multiturn", "unknown_person_refusal"):
             assert sum(record["answer"] in v for v in values) == 1
     assert "1988年1月" not in values  # would hide inside 1988年11月
 

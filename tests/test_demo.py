@@ -10,15 +10,17 @@ import subprocess
 import sys
 
 import pytest
+from transformers import AutoTokenizer
 
 import demo
+from model.dataset import ChatEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (stage, category) -> minimum accuracy. Measured with `python demo.py --quick` (docs/demo.md; 2 CPU cores, 300 eval
-# records): pretrain completion_fact 63.3%, sft_single people_qa 54%, sft_single arith 25%, sft_multi
-# people_qa_followup 38% (50 questions). Arithmetic varies most between runs (earlier quick runs: 53%, 84%; the
-# pretrained model's held-out sums 2-55%), so its bound only asks that SFT made sums answerable at all. Chance is
+# records; quick8): pretrain completion_fact 76.7%, sft_single people_qa 55.8%, sft_single arith 25.6%, sft_multi
+# people_qa_followup 60.5% (43 questions). Arithmetic varies most between runs (earlier quick runs: 53%, 73%, 84%;
+# the pretrained model's held-out sums 2-77%), so its bound only asks that SFT made sums answerable at all. Chance is
 # ~5-8% for the people questions (12-20 possible values), ~0% for an exact arithmetic result and for the refusal.
 QUICK_THRESHOLDS = {
     ("pretrain", "completion_fact"): 0.30,
@@ -28,13 +30,13 @@ QUICK_THRESHOLDS = {
 }
 # (stage, category) -> maximum accuracy: the behaviour the next stage adds is absent or rare before it. The chat
 # format: 0% before SFT. The refusal before DPO: SFT's out-of-scope answer "我不知道。" is also given to some
-# unfamiliar names (sft_multi: 14% in the quick run, 0-18% in full runs; docs/demo.md).
+# unfamiliar names (sft_multi: 0% in quick8, 0-26% in full runs; docs/demo.md).
 QUICK_CEILINGS = {
     ("pretrain_chat", "arith"): 0.10,  # no chat format before SFT
     ("sft_multi", "unknown_person_refusal"): 0.40,
 }
-# DPO, measured in the same quick run: refusal 14% -> 96%, held-out people QA 58% -> 54%, held-out pairs reward
-# accuracy 71% (with the full plan: 18% -> 90%, 74.5% -> 63%, 75%).
+# DPO, measured in the same quick run: refusal 0% -> 86%, held-out people QA 51% -> 49%, held-out pairs reward
+# accuracy 71% (with the full plan, final6: 9% -> 94%, 79.5% -> 74%, 72%).
 DPO_REFUSAL_FLOOR = 0.6
 DPO_REFUSAL_GAIN = 0.4  # points DPO adds to the refusal rate, at least
 DPO_PEOPLE_QA_MAX_DROP = 0.10
@@ -64,6 +66,17 @@ def quick_demo(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_quick_demo_dialogues_fit_the_context(quick_demo):
+    """Every multi-turn SFT dialogue fits the model's context whole (truncation would cut the last, latest answers:
+    the ones a long chat needs), and the longest is close to it (as long as a chat kept by --interactive)."""
+    with open(quick_demo / "out/demo/sft_multi/config.json", encoding="utf-8") as f:
+        max_seq_len = json.load(f)["max_seq_len"]
+    encoder = ChatEncoder(AutoTokenizer.from_pretrained(str(quick_demo / "out/demo/tokenizer")), 10 ** 6)
+    with open(quick_demo / "dataset/demo/sft_data_multi.jsonl", encoding="utf-8") as f:
+        lengths = [len(ids) for ids, _ in encoder.encode_many([json.loads(line)["conversations"] for line in f])]
+    assert max_seq_len * 0.8 < max(lengths) <= max_seq_len
+
+
 def test_quick_demo_every_stage_adds_its_behaviour(quick_demo):
     with open(quick_demo / "out/demo/scores.json", encoding="utf-8") as f:
         scores = json.load(f)
@@ -108,27 +121,28 @@ def test_quick_demo_dpo_teaches_refusal(quick_demo):
 def test_quick_demo_model_answers_each_question_of_a_conversation(quick_demo):
     """A scripted `2-eval.py --interactive` session (greedy, history kept): each people question gets an answer
     about its own person, not an earlier answer again; 他/她 means the person of the previous question (two people
-    of different genders); "你好，你是谁？" and, late in the session, "你叫什么名字？" get the assistant's identity,
-    not a refusal or the previous answer. (Whether the facts and sums are right is what the eval categories
-    measure; docs/demo.md has this session's transcript on the full demo model.)"""
+    of different genders); each sum gets a sum, not an earlier answer again; "你好，你是谁？" and, late in the
+    session, "你叫什么名字？" get the assistant's identity, not a refusal or the previous answer. (Whether the facts
+    and sums are right is what the eval categories measure, arith_multiturn for sums after another exchange;
+    docs/demo.md has this session's transcripts on full demo models.)"""
     with open(quick_demo / "dataset/demo/world.json", encoding="utf-8") as f:
         world = json.load(f)
     sft_people = [p for p in world["people"] if p["split"] == "sft"]
     a = sft_people[0]
     b = next(p for p in sft_people if p["gender"] != a["gender"])
     he_she = lambda p: "他" if p["gender"] == "男" else "她"  # noqa: E731
-    # The person each answer is about is checked, not the fact (the categories measure facts). None: asked, not
-    # checked: the sums vary from run to run (the last quick model got 35+47 right and 20+16 wrong). The late
-    # identity question got the previous person, then (once DPO taught refusals) "我不知道江建勇是谁。", until
-    # DPO's late-identity pairs; the last quick model answers all but 20+16 right (docs/demo.md).
+    # The person each answer is about is checked, not the fact (the categories measure facts); for a sum, that it
+    # is a sum ("="), not whether it is right. The late identity question got the previous person, then (once DPO
+    # taught refusals) "我不知道江建勇是谁。", until DPO's late-identity pairs; a model whose multi-turn data had no
+    # sum after a greeting answered the last sum with the identity again (docs/demo.md).
     session = [("你好，你是谁？", "nano-LLM"),
-               ("35加47是多少？", None),
+               ("35加47是多少？", "="),
                (f"{a['name']}在哪里工作？", a["name"]),
                (f"{he_she(a)}有什么爱好？", a["name"]),
                (f"{b['name']}是哪里人？", b["name"]),
                (f"{he_she(b)}毕业于哪所大学？", b["name"]),
                ("你叫什么名字？", "nano-LLM"),
-               ("20加16是多少？", None)]
+               ("20加16是多少？", "=")]
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "2-eval.py"), "--interactive", "--checkpoint", "out/demo/dpo",
          "--temperature", "0", "--max_new_tokens", "40", "--device", "cpu"],
@@ -138,8 +152,8 @@ def test_quick_demo_model_answers_each_question_of_a_conversation(quick_demo):
     answers = [piece.split("\n", 1)[0] for piece in result.stdout.split("🤖: ")[1:]]
     transcript = "\n".join(f"{q} -> {answer}" for (q, _), answer in zip(session, answers))
     assert len(answers) == len(session), result.stdout
-    # a people answer must name its person and not be an earlier answer said again (which names the person too)
+    # a people answer must name its person and a sum be a sum, and neither an earlier answer said again (which may
+    # name the person too); only the identity is the same answer twice
     wrong = [f"{q} -> {answer} (expected {want!r}, a new answer)" for i, ((q, want), answer)
-             in enumerate(zip(session, answers)) if want is not None
-             and (want not in answer or want in (a["name"], b["name"]) and answer in answers[:i])]
+             in enumerate(zip(session, answers)) if want not in answer or want != "nano-LLM" and answer in answers[:i]]
     assert not wrong, "\n".join(wrong) + "\n\nwhole session:\n" + transcript
