@@ -229,7 +229,8 @@ def stage_card(results):
         f"- **SFT single** (chat format, pretrained → SFT): {moved('people_qa', 'pretrain_chat', 'sft_single')}, "
         f"{moved('arith', 'pretrain_chat', 'sft_single')}",
         f"- **SFT multi** (他/她 follow-ups, a new question later in a conversation): "
-        f"{moved('people_qa_followup', 'sft_single', 'sft_multi')}, {moved('arith_multiturn', 'sft_single', 'sft_multi')}",
+        f"{moved('people_qa_followup', 'sft_single', 'sft_multi')}, "
+        f"{moved('arith_multiturn', 'sft_single', 'sft_multi')}",
         f"- **DPO**: {moved('unknown_person_refusal', 'sft_multi', 'dpo')}, known people "
         f"{moved('people_qa', 'sft_multi', 'dpo')}; held-out pairs: reward accuracy {pairs['reward_accuracy']:.0%}, "
         f"margin {pairs['reward_margin']:.2f}",

@@ -29,8 +29,8 @@ Who appears where
   refusal for known people: SFT people and the "DPO people" (`dpo_people_ratio`), who like the held-out people
   appear only in the pretraining text, so that "known" means "in the pretraining text", not "asked about in SFT".
 - eval files: questions about the "held-out people" (their facts are ONLY in the pretraining text), about the
-  eval unknown names, and held-out arithmetic triples (also asked after another exchange: arith_multiturn). So eval measures knowledge extraction and arithmetic
-  generalisation, not recall of a memorised answer.
+  eval unknown names, and held-out arithmetic triples (also asked after another exchange: arith_multiturn). So
+  eval measures knowledge extraction and arithmetic generalisation, not recall of a memorised answer.
 
 Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
     tokenizer_train.jsonl  {"text"}   pretraining text + SFT/DPO chat text + GB2312 charset lines (tokenizer coverage)

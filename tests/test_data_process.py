@@ -342,7 +342,8 @@ def test_demo_eval_is_held_out_of_sft_and_dpo(demo_dir):
         assert json.dumps(record["messages"], ensure_ascii=False) not in train_prefixes
         if record["category"].startswith("arith"):  # a held-out sum, maybe after a greeting or a held-out person
             expression = re.search(r"(\d+)(?:\+|-|加|减)(\d+)", record["messages"][-1]["content"]).group(0)
-            for written in (expression.replace("加", "+").replace("减", "-"), expression.replace("+", "加").replace("-", "减")):
+            in_symbols = expression.replace("加", "+").replace("减", "-")
+            for written in (in_symbols, in_symbols.replace("+", "加").replace("-", "减")):  # pretraining has both
                 assert written not in pretrain_text + chat_text
             assert {m["content"][:3] for m in record["messages"]} & set(people) <= heldout_names
             continue
@@ -399,7 +400,7 @@ def test_demo_multi_turn_pronouns_refer_to_the_previous_exchange(demo_dir):
     assert {(1, False), (1, True), (2, False)} <= topics
     assert before_sum == {"greeting", "introduction", "named", "follow-up"}
     # never a second person right after the first question about someone (a late "你是谁？" / "我叫什么名字？" may end
-    # a dialogue cut to 5 exchanges)
+    # a dialogue cut to 7 exchanges)
     assert after_named == {"follow-up", "sum", "greeting", "introduction"}
 
 

@@ -77,6 +77,7 @@ def test_quick_demo_dialogues_fit_the_context(quick_demo):
     assert max_seq_len * 0.8 < max(lengths) <= max_seq_len
 
 
+@pytest.mark.slow
 def test_quick_demo_every_stage_adds_its_behaviour(quick_demo):
     with open(quick_demo / "out/demo/scores.json", encoding="utf-8") as f:
         scores = json.load(f)
