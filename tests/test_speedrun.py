@@ -86,7 +86,7 @@ def test_tiny_run_learns_and_leaves_a_loadable_run_dir(tiny_corpus, tmp_path, mo
         "--device", "cpu", "--dtype", "float32"])
     threads = torch.get_num_threads()
     try:
-        speedrun.main()  # the speedrun recipe: Muon, one thread
+        speedrun.main()  # the speedrun recipe: Muon
     finally:
         torch.set_num_threads(threads)
     result = json.loads((out_dir / "speedrun.json").read_text(encoding="utf-8"))
