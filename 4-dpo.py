@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import checkpoint, lora, trainer
-from model.dataset import DPODataset
+from model.dataset import DPODataset, PretrainDataset
 from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
 
 
@@ -51,21 +51,29 @@ def policy_logps(model, batch):
 
 class WithReference(torch.utils.data.Dataset):
     """A DPO dataset whose items also carry the cached reference log-probs, read from the run's saved state
-    (filled before training, or by the trainer from the checkpoint on --resume)."""
+    (filled before training, or by the trainer from the checkpoint on --resume), and, with --ptx_data, one row of
+    pretraining text each (pair i always gets the same row, so a resumed run sees the same rows)."""
 
-    def __init__(self, dataset, state: dict):
-        self.dataset, self.state = dataset, state
+    def __init__(self, dataset, state: dict, ptx=None, seed=0):
+        self.dataset, self.state, self.ptx = dataset, state, ptx
+        if ptx is not None:
+            generator = torch.Generator().manual_seed(seed)
+            self.ptx_rows = torch.randint(len(ptx), (len(dataset),), generator=generator).tolist()
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        return self.dataset[i], self.state["reference_logps"][i]
+        ptx = self.ptx[self.ptx_rows[i]] if self.ptx is not None else None
+        return self.dataset[i], self.state["reference_logps"][i], ptx
 
     def collate(self, items):
-        batch = self.dataset.collate([item for item, _ in items])
-        reference = torch.stack([ref for _, ref in items])
+        batch = self.dataset.collate([item for item, _, _ in items])
+        reference = torch.stack([ref for _, ref, _ in items])
         batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference[:, 0], reference[:, 1]
+        if self.ptx is not None:
+            batch["ptx_input_ids"] = torch.stack([ptx["input_ids"] for _, _, ptx in items])
+            batch["ptx_labels"] = torch.stack([ptx["shift_labels"] for _, _, ptx in items])
         return batch
 
 
@@ -94,7 +102,7 @@ def reference_logps(model, dataset, args, runtime, dtype):
     return reference.float().cpu()
 
 
-def make_dpo_loss(beta, nll_weight=0.0):
+def make_dpo_loss(beta, nll_weight=0.0, ptx_weight=0.0):
     def dpo_loss(model, batch):
         """Summed over the batch's pairs (the trainer divides by the pairs of the whole step)."""
         chosen, rejected = policy_logps(model, batch)
@@ -104,8 +112,14 @@ def make_dpo_loss(beta, nll_weight=0.0):
         if nll_weight:  # + the chosen answer's mean per-token NLL (RPO): see --nll_weight
             n_tokens = (batch["chosen_labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
             loss = loss + nll_weight * (-chosen / n_tokens).sum()
+        metrics = {}
+        if ptx_weight:  # + the next-token loss on one pretraining row per pair: see --ptx_data
+            logits = model(input_ids=batch["ptx_input_ids"]).logits
+            ptx = F.cross_entropy(logits.float().transpose(1, 2), batch["ptx_labels"], reduction="none").mean(dim=1)
+            loss = loss + ptx_weight * ptx.sum()
+            metrics["ptx_loss"] = ptx.detach().sum()
         margin = (chosen_reward - rejected_reward).detach()
-        return loss, {"reward_accuracy": (margin > 0).float().sum(), "reward_margin": margin.sum()}
+        return loss, {"reward_accuracy": (margin > 0).float().sum(), "reward_margin": margin.sum(), **metrics}
     return dpo_loss
 
 
@@ -125,6 +139,12 @@ def main():
                         help="add this times the chosen answer's per-token NLL to the loss (RPO, Pang et al. 2024). "
                         "DPO alone only widens the chosen-rejected gap; when the chosen answer is one the SFT model "
                         "never says, the gap grows by pushing both down and greedy output degrades (0 = plain DPO)")
+    parser.add_argument("--ptx_data", default=None,
+                        help="packed pretraining tokens (data_process.py pretrain's .bin): each pair also carries one "
+                        "row of it, and --ptx_weight times its next-token loss is added (InstructGPT's PPO-ptx). It "
+                        "anchors what pretraining stored and DPO never asks about")
+    parser.add_argument("--ptx_weight", type=float, default=1.0, help="weight of the --ptx_data loss")
+    parser.add_argument("--ptx_seq_len", type=int, default=64, help="length of a --ptx_data row (tokens)")
     trainer.add_training_args(parser, batch_size=8, learning_rate=5e-6, warmup_iters=10, save_interval=200,
                               eval_interval=0)
     trainer.add_model_args(parser)
@@ -154,9 +174,14 @@ def main():
         print(f"dpo: {len(dataset)} pairs from {args.data_path}, beta {args.beta}, starting from {init_dir} -> {run_dir}")
         checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
 
-    train_set = WithReference(dataset, extra_state)
+    ptx = None
     settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
-    trainer.fit(model, train_set, train_set.collate, make_dpo_loss(args.beta, args.nll_weight), args, runtime, run_dir,
+    if args.ptx_data:
+        ptx = PretrainDataset(args.ptx_data, args.ptx_seq_len, tokenizer_sha256=settings["tokenizer_sha256"])
+        settings["ptx_data"] = os.path.abspath(args.ptx_data)
+    train_set = WithReference(dataset, extra_state, ptx, args.seed)
+    loss_fn = make_dpo_loss(args.beta, args.nll_weight, args.ptx_weight if ptx is not None else 0.0)
+    trainer.fit(model, train_set, train_set.collate, loss_fn, args, runtime, run_dir,
                 title="dpo", extra_state=extra_state, count_fn=count_pairs, settings=settings, resuming=resuming)
 
 

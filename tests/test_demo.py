@@ -35,11 +35,12 @@ QUICK_CEILINGS = {
     ("pretrain_chat", "arith"): 0.10,  # no chat format before SFT
     ("sft_multi", "unknown_person_refusal"): 0.40,
 }
-# DPO, measured in the same quick run: refusal 0% -> 86%, held-out people QA 51% -> 49%, held-out pairs reward
-# accuracy 71% (with the full plan, final6: 9% -> 94%, 79.5% -> 74%, 72%).
+# DPO, measured in a quick run (quick9): refusal 0% -> 84%, held-out people QA 51% -> 55%, held-out pairs reward
+# accuracy 71% (with the full plan, final7: 9% -> 94%, 79.5% -> 81.5%, 71%). Before DPO replayed the pretraining
+# text (--ptx_data) it cost known people 2.4 points in the quick run and 1 to 10.5 in full runs (docs/demo.md).
 DPO_REFUSAL_FLOOR = 0.6
 DPO_REFUSAL_GAIN = 0.4  # points DPO adds to the refusal rate, at least
-DPO_PEOPLE_QA_MAX_DROP = 0.10
+DPO_PEOPLE_QA_MAX_DROP = 0.05
 
 
 def test_report_lists_each_models_accuracy_once(tmp_path):

@@ -1,12 +1,13 @@
-"""4-dpo.py's pieces in-process: the reference pass, the loss and its per-pair weighting."""
+"""4-dpo.py's pieces in-process: the reference pass, the loss and its per-pair weighting, the pretraining rows."""
 import importlib.util
 import json
 import os
 
 import torch
 
+import data_process
 from conftest import make_tiny_model
-from model.dataset import DPODataset
+from model.dataset import DPODataset, PretrainDataset
 from model.runtime import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,3 +66,29 @@ def test_dpo_loss_is_summed_per_pair_and_zero_margin_at_the_reference(tmp_path, 
     assert dpo.count_pairs(batch) == 6
     assert abs(loss.item() - 6 * torch.log(torch.tensor(2.0)).item()) < 1e-4
     assert abs(metrics["reward_margin"].item()) < 1e-4
+
+
+def test_ptx_rows_add_their_next_token_loss_and_stay_with_their_pair(tmp_path, tokenizer):
+    # --ptx_data: each pair carries one pretraining row, the same one every time it is drawn (a resumed run sees
+    # what the interrupted one would have), and the loss gains ptx_weight x that row's mean next-token loss
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"第{i}篇：张伟出生于杭州，喜欢下棋。"}, ensure_ascii=False) + "\n"
+                              for i in range(30)), encoding="utf-8")
+    data_process.main(["pretrain", "--data_path", str(corpus), "--num_workers", "1", "--val_ratio", "0"])
+    ptx = PretrainDataset(str(tmp_path / "corpus.bin"), 16)
+    dataset = DPODataset(pairs_file(tmp_path / "dpo.jsonl"), tokenizer, 64)
+    model = tiny_model()
+    reference = dpo.reference_logps(model, dataset, type("Args", (), {"batch_size": 4})(), RUNTIME, "float32")
+    train_set = dpo.WithReference(dataset, {"reference_logps": reference}, ptx, seed=0)
+    again = dpo.WithReference(dataset, {"reference_logps": reference}, ptx, seed=0)
+    assert train_set.ptx_rows == again.ptx_rows and len(set(train_set.ptx_rows)) > 1
+    batch = train_set.collate([train_set[i] for i in range(6)])
+    assert torch.equal(batch["ptx_input_ids"][2], ptx[train_set.ptx_rows[2]]["input_ids"])
+    plain, _ = dpo.make_dpo_loss(0.1)(model, batch)
+    mixed, metrics = dpo.make_dpo_loss(0.1, ptx_weight=0.5)(model, batch)
+    rows = torch.stack([ptx[r]["input_ids"] for r in train_set.ptx_rows[:6]])
+    labels = torch.stack([ptx[r]["shift_labels"] for r in train_set.ptx_rows[:6]])
+    row_losses = [torch.nn.functional.cross_entropy(model(input_ids=rows[k:k + 1]).logits[0], labels[k])
+                  for k in range(6)]
+    assert abs(metrics["ptx_loss"].item() - sum(row_losses).item()) < 1e-3
+    assert abs(mixed.item() - plain.item() - 0.5 * sum(row_losses).item()) < 1e-3

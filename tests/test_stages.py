@@ -72,12 +72,14 @@ def test_every_stage_learns_and_finds_the_previous_one(workdir):
     assert "starting from out/sft_single_32" in result.stdout
 
     result = stage(workdir, "4-dpo.py", "--data_path", "dataset/dpo_data.jsonl", "--max_steps", "30",
-                   "--batch_size", "16", "--learning_rate", "1e-3", "--beta", "0.5", *FAST)
+                   "--batch_size", "16", "--learning_rate", "1e-3", "--beta", "0.5", *FAST,
+                   "--ptx_data", "dataset/pretrain_data.bin", "--ptx_weight", "0.3")
     assert "starting from out/sft_multi_32" in result.stdout
     rows = [r for r in metrics(workdir / "out/dpo_32") if "reward_accuracy" in r]
     assert abs(rows[0]["reward_margin"]) < 1e-3  # policy == reference at the start: rewards are ~0
     assert sum(r["reward_accuracy"] for r in rows[-5:]) / 5 > 0.5
     assert sum(r["reward_margin"] for r in rows[-5:]) > 0
+    assert all(0 < r["ptx_loss"] < 10 for r in rows)  # the pretraining rows' loss is in the step and logged
     state = torch.load(workdir / "out/dpo_32/step_000030/training_state.pt", weights_only=True)
     assert state["extra"]["reference_logps"].shape[1] == 2  # the cached reference travels with the checkpoint
 
