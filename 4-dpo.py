@@ -13,6 +13,7 @@ Run as:
                                                        #   (else out/sft_single_*) -> out/dpo_<dim>
     torchrun --nproc_per_node N 4-dpo.py --beta 0.1
     python 4-dpo.py --lora_rank 16                     # LoRA DPO (from a full or a LoRA SFT run)
+    python 4-dpo.py --ptx_data dataset/pretrain_data.bin --ptx_weight 0.3   # + replay of the pretraining text
 """
 import argparse
 import os
@@ -162,6 +163,17 @@ def main():
     if not os.path.isfile(args.data_path):
         raise StageError(f"DPO data not found: {args.data_path} (make it with `python data_process.py dpo`)")
     dataset = DPODataset(args.data_path, tokenizer, model.config.max_seq_len)
+    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
+    ptx = None
+    if args.ptx_data:  # opened before the reference pass: a wrong file stops the run here, not minutes later
+        if not os.path.isfile(args.ptx_data):
+            raise StageError(f"--ptx_data not found: {args.ptx_data} (pretraining text packed by "
+                             f"`python data_process.py pretrain --data_path <file.jsonl>`)")
+        try:
+            ptx = PretrainDataset(args.ptx_data, args.ptx_seq_len, tokenizer_sha256=settings["tokenizer_sha256"])
+        except (FileNotFoundError, ValueError) as err:
+            raise StageError(f"--ptx_data: {err}") from None
+        settings["ptx_data"] = os.path.abspath(args.ptx_data)
 
     run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("dpo", model.config))
     # before the reference pass: a run directory that holds another run stops here, not minutes later
@@ -174,11 +186,6 @@ def main():
         print(f"dpo: {len(dataset)} pairs from {args.data_path}, beta {args.beta}, starting from {init_dir} -> {run_dir}")
         checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
 
-    ptx = None
-    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
-    if args.ptx_data:
-        ptx = PretrainDataset(args.ptx_data, args.ptx_seq_len, tokenizer_sha256=settings["tokenizer_sha256"])
-        settings["ptx_data"] = os.path.abspath(args.ptx_data)
     train_set = WithReference(dataset, extra_state, ptx, args.seed)
     loss_fn = make_dpo_loss(args.beta, args.nll_weight, args.ptx_weight if ptx is not None else 0.0)
     trainer.fit(model, train_set, train_set.collate, loss_fn, args, runtime, run_dir,

@@ -362,3 +362,14 @@ def test_pretraining_data_packed_with_another_tokenizer_is_refused(workdir, tmp_
     result = pretrain(workdir, "out/stale", "--max_steps", "1", "--tokenizer_dir", str(other), check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "tokenizer" in result.stderr.splitlines()[-1] and "data_process.py pretrain" in result.stderr
+
+
+def test_dpo_with_a_bad_ptx_file_is_one_line_before_any_work(workdir, base_checkpoint):
+    # the file is checked before the reference pass and before the run directory is made
+    for ptx, message in (("dataset/missing.bin", "--ptx_data not found: dataset/missing.bin"),
+                         ("dataset/pretrain_data.jsonl", "--ptx_data: dataset/pretrain_data.jsonl: packed token file")):
+        result = stage(workdir, "4-dpo.py", "--data_path", "dataset/dpo_data.jsonl", "--init_from", base_checkpoint,
+                       "--out_dir", "out/dpo_bad_ptx", "--ptx_data", ptx, "--max_steps", "1", *FAST, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: " + message), result.stderr
+        assert not (workdir / "out/dpo_bad_ptx").exists()
