@@ -145,7 +145,8 @@ def main():
                         "row of it, and --ptx_weight times its next-token loss is added (InstructGPT's PPO-ptx). It "
                         "anchors what pretraining stored and DPO never asks about")
     parser.add_argument("--ptx_weight", type=float, default=1.0, help="weight of the --ptx_data loss")
-    parser.add_argument("--ptx_seq_len", type=int, default=64, help="length of a --ptx_data row (tokens)")
+    parser.add_argument("--ptx_seq_len", type=int, default=64,
+                        help="length of a --ptx_data row in tokens (at most the model's max_seq_len)")
     trainer.add_training_args(parser, batch_size=8, learning_rate=5e-6, warmup_iters=10, save_interval=200,
                               eval_interval=0)
     trainer.add_model_args(parser)
@@ -169,10 +170,14 @@ def main():
         if not os.path.isfile(args.ptx_data):
             raise StageError(f"--ptx_data not found: {args.ptx_data} (pretraining text packed by "
                              f"`python data_process.py pretrain --data_path <file.jsonl>`)")
-        try:
-            ptx = PretrainDataset(args.ptx_data, args.ptx_seq_len, tokenizer_sha256=settings["tokenizer_sha256"])
+        try:  # rows no longer than the model's context
+            ptx = PretrainDataset(args.ptx_data, min(args.ptx_seq_len, model.config.max_seq_len),
+                                  tokenizer_sha256=settings["tokenizer_sha256"])
         except (FileNotFoundError, ValueError) as err:
             raise StageError(f"--ptx_data: {err}") from None
+        if ptx.vocab_size > model.config.vocab_size:
+            raise StageError(f"--ptx_data {args.ptx_data} was tokenized with a {ptx.vocab_size}-token vocabulary "
+                             f"but the model has vocab_size {model.config.vocab_size}")
         settings["ptx_data"] = os.path.abspath(args.ptx_data)
 
     run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("dpo", model.config))
