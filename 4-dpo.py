@@ -115,10 +115,12 @@ def make_dpo_loss(beta, nll_weight=0.0, ptx_weight=0.0):
             loss = loss + nll_weight * (-chosen / n_tokens).sum()
         metrics = {}
         if ptx_weight:  # + the next-token loss on one pretraining row per pair: see --ptx_data
-            logits = model(input_ids=batch["ptx_input_ids"]).logits
-            ptx = F.cross_entropy(logits.float().transpose(1, 2), batch["ptx_labels"], reduction="none").mean(dim=1)
-            loss = loss + ptx_weight * ptx.sum()
-            metrics["ptx_loss"] = ptx.detach().sum()
+            # the model's own loss (MoE balance loss included): the mean over equal-length rows, so x rows = the
+            # sum of the rows' means, weighted per pair like the rest of the loss
+            ptx = model(input_ids=batch["ptx_input_ids"], shift_labels=batch["ptx_labels"]).loss
+            ptx = ptx * batch["ptx_input_ids"].shape[0]
+            loss = loss + ptx_weight * ptx
+            metrics["ptx_loss"] = ptx.detach()
         margin = (chosen_reward - rejected_reward).detach()
         return loss, {"reward_accuracy": (margin > 0).float().sum(), "reward_margin": margin.sum(), **metrics}
     return dpo_loss
