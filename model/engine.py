@@ -88,6 +88,7 @@ class Engine:
         self.cache = SlotCache(model.config, max_batch, self.max_len, param.device, param.dtype)
         self.rows = []                          # active requests; rows[i] owns cache row i
         self.waiting = collections.deque()
+        self.n_prefilling = 0                   # taken from waiting, not yet in rows: they hold slots too
         self.wakeup = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -111,14 +112,15 @@ class Engine:
         # never past the context: the last token generated is not fed back, so prompt + new <= max_len fits
         request.max_new_tokens = max(1, min(request.max_new_tokens, self.max_len - len(request.prompt)))
         with self.wakeup:
-            if len(self.rows) + len(self.waiting) >= self.max_batch + self.max_queue:
+            if len(self.rows) + self.n_prefilling + len(self.waiting) >= self.max_batch + self.max_queue:
                 raise EngineFull(f"{self.max_batch} requests running and {self.max_queue} waiting")
             self.waiting.append(request)
             self.wakeup.notify()
 
     def load(self) -> dict:
-        return {"running": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                "max_queue": self.max_queue, "decode_steps": self.n_steps}
+        with self.wakeup:  # a request moves from prefilling to rows under this lock: never counted 0 or 2 times
+            return {"running": len(self.rows) + self.n_prefilling, "waiting": len(self.waiting),
+                    "max_batch": self.max_batch, "max_queue": self.max_queue, "decode_steps": self.n_steps}
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
@@ -132,12 +134,14 @@ class Engine:
                 admitted = []
                 while self.waiting and len(self.rows) + len(admitted) < self.max_batch:
                     admitted.append(self.waiting.popleft())
+                self.n_prefilling = len(admitted)
             try:
                 self._step(admitted)
             except Exception as err:  # e.g. out of memory: fail the requests in flight, keep serving
                 for request in self.rows + admitted:
                     self._finish(request, "error", err)
-                self.rows, self.cache.n, self.cache.end = [], 0, 0
+                with self.wakeup:
+                    self.rows, self.n_prefilling, self.cache.n, self.cache.end = [], 0, 0, 0
         for request in self.rows + list(self.waiting):
             self._finish(request, "cancelled")
 
@@ -147,13 +151,18 @@ class Engine:
             if self.rows[i].cancelled:
                 self._retire(i, "cancelled")
         for request in admitted:
+            goes_on = False
             if request.cancelled:
                 self._finish(request, "cancelled")
-                continue
-            try:
-                self._prefill(request)
-            except Exception as err:  # this request only (the cache is untouched until its copy at the end)
-                self._finish(request, "error", err)
+            else:
+                try:
+                    goes_on = self._prefill(request)
+                except Exception as err:  # this request only (the cache is untouched until its copy at the end)
+                    self._finish(request, "error", err)
+            with self.wakeup:  # its first token may be out already: it counts as running until this point
+                if goes_on:
+                    self.rows.append(request)
+                self.n_prefilling -= 1
         if not self.rows:
             return
         if self.cache.end == self.max_len:  # no column left for this step's tokens: drop the unused prefix
@@ -174,7 +183,8 @@ class Engine:
                 self._retire(i, reason)
 
     def _prefill(self, request):
-        """The prompt alone, as generate_stream runs it; its first token; then into a slot if it goes on."""
+        """The prompt alone, as generate_stream runs it; its first token; then, if it goes on, its keys and values
+        into the next free row. -> whether it goes on (the caller appends it to rows)."""
         prompt = torch.tensor([request.prompt], device=self.device)
         kv = KVCache(self.model.config, 1, len(request.prompt), self.cache.keys.device, self.cache.keys.dtype)
         logits = self.model(prompt, cache=kv, logits_to_keep=1).logits[:, -1]
@@ -182,14 +192,14 @@ class Engine:
         reason = self._done(request)
         if reason:
             self._finish(request, reason, request.error)
-            return
+            return False
         length = len(request.prompt)
         if length > self.cache.end:
             self._realign(length)
         row, end = len(self.rows), self.cache.end
         self.cache.keys[:, row, :, end - length:end] = kv.keys[:, 0]
         self.cache.values[:, row, :, end - length:end] = kv.values[:, 0]
-        self.rows.append(request)
+        return True
 
     def _emit(self, request, logits):
         """Sample the request's next token from its (1, vocab) logits, with its settings and its own RNG.

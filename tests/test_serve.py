@@ -494,6 +494,34 @@ def test_client_disconnect_frees_its_slot_and_a_full_server_answers_429(locked_s
     assert request(locked_server, "/v1/completions", {"prompt": "你好", "max_tokens": 2})[0] == 200
 
 
+def test_a_request_whose_first_token_is_out_counts_as_running_and_holds_its_slot():
+    """The first token leaves during the prompt's pass, before the request has a cache row: the CI race where a
+    client holding its first token saw `running` 1 of 2, and a third request could slip past max_queue 0."""
+    from model.engine import Engine, EngineFull, Request
+    torch.manual_seed(0)
+    engine = Engine(Transformer(LMConfig(**TINY, max_seq_len=64)).eval(), eos_token_id=-1, max_batch=1,
+                    max_queue=0).start()
+    seen, done = {}, threading.Event()
+
+    def on_first_token(token):
+        if "running" not in seen:  # the engine thread, between the first token and the row
+            seen["running"] = engine.load()["running"]
+            try:
+                engine.submit(Request([5, 6], max_new_tokens=2))
+                seen["second"] = "admitted"
+            except EngineFull:
+                seen["second"] = "refused"
+
+    try:
+        engine.submit(Request([1, 2, 3], max_new_tokens=4, on_token=on_first_token,
+                              on_done=lambda reason, error: done.set()))
+        assert done.wait(30)
+        assert seen == {"running": 1, "second": "refused"}
+        assert poll(lambda: engine.load()["running"] == 0 and engine.load()["waiting"] == 0)
+    finally:
+        engine.stop()
+
+
 def test_binding_another_address_without_a_key_warns(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("NANO_LLM_API_KEY", None)
