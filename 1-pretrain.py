@@ -17,7 +17,7 @@ import os
 import torch
 
 from model import LMConfig, Transformer, checkpoint, trainer
-from model.dataset import PretrainDataset
+from model.dataset import PretrainDataset, open_packed
 from model.runtime import StageError, init_runtime, run_stage
 
 
@@ -46,18 +46,12 @@ def main():
         model = Transformer(config)
     config = model.config
 
-    if not os.path.isfile(args.data_path):
-        raise StageError(f"pretraining data not found: {args.data_path} (make it with "
-                         f"`python data_process.py pretrain --data_path <your .jsonl>`)")
     seq_len = config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
     tokenizer_sha256 = checkpoint.tokenizer_sha256(tokenizer_dir)  # a file packed with another tokenizer is refused
-    train_set = PretrainDataset(args.data_path, seq_len, doc_mask=args.doc_mask, tokenizer_sha256=tokenizer_sha256)
-    if train_set.vocab_size > config.vocab_size:
-        raise StageError(f"{args.data_path} was tokenized with a {train_set.vocab_size}-token vocabulary "
-                         f"but the model has vocab_size {config.vocab_size}")
+    train_set = open_packed(args.data_path, seq_len, config.vocab_size, tokenizer_sha256, args.doc_mask)
     val_path = PretrainDataset.val_path(args.data_path)
-    val_set = PretrainDataset(val_path, seq_len, doc_mask=args.doc_mask, tokenizer_sha256=tokenizer_sha256) \
-        if os.path.isfile(val_path) else None
+    val_set = open_packed(val_path, seq_len, config.vocab_size, tokenizer_sha256, args.doc_mask,
+                          what="validation data") if os.path.isfile(val_path) else None
 
     run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("pretrain", config))
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)

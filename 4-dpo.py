@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import checkpoint, lora, trainer
-from model.dataset import DPODataset, PretrainDataset
+from model.dataset import DPODataset, open_packed
 from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
 
 
@@ -169,17 +169,8 @@ def main():
     settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
     ptx = None
     if args.ptx_data:  # opened before the reference pass: a wrong file stops the run here, not minutes later
-        if not os.path.isfile(args.ptx_data):
-            raise StageError(f"--ptx_data not found: {args.ptx_data} (pretraining text packed by "
-                             f"`python data_process.py pretrain --data_path <file.jsonl>`)")
-        try:  # rows no longer than the model's context
-            ptx = PretrainDataset(args.ptx_data, min(args.ptx_seq_len, model.config.max_seq_len),
-                                  tokenizer_sha256=settings["tokenizer_sha256"])
-        except (FileNotFoundError, ValueError) as err:
-            raise StageError(f"--ptx_data: {err}") from None
-        if ptx.vocab_size > model.config.vocab_size:
-            raise StageError(f"--ptx_data {args.ptx_data} was tokenized with a {ptx.vocab_size}-token vocabulary "
-                             f"but the model has vocab_size {model.config.vocab_size}")
+        ptx = open_packed(args.ptx_data, min(args.ptx_seq_len, model.config.max_seq_len),  # rows within the context
+                          model.config.vocab_size, settings["tokenizer_sha256"], what="--ptx_data")
         settings["ptx_data"] = os.path.abspath(args.ptx_data)
 
     run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("dpo", model.config))

@@ -2,6 +2,7 @@
 Datasets for the three training stages. Each item is a dict of tensors; a batch goes straight into model(**batch).
 
     PretrainDataset(path, max_seq_len, doc_mask=False, tokenizer_sha256=None)
+    open_packed(path, max_seq_len, vocab_size, tokenizer_sha256, ...)  # the same, checked for a stage
                                                           the packed token file from `data_process.py pretrain`;
                                                           with tokenizer_sha256 (= tokenizer_sha256(dir)) a file
                                                           packed with another tokenizer is a StageError
@@ -127,6 +128,22 @@ class PretrainDataset(Dataset):
             # </s> -> next document's <s> crosses a boundary the model is not allowed to look across
             item["shift_labels"][row[1:] == self.bos_id] = IGNORE
         return item
+
+
+def open_packed(path, max_seq_len, vocab_size, tokenizer_sha256, doc_mask=False, what="pretraining data"):
+    """A stage's packed token file, checked against its model before any work: a missing file, a torn write,
+    fewer tokens than one row, another tokenizer or a larger vocabulary is one StageError that names the file."""
+    if not os.path.isfile(path):
+        raise StageError(f"{what} not found: {path} (pretraining text packed by "
+                         f"`python data_process.py pretrain --data_path <file.jsonl>`)")
+    try:
+        dataset = PretrainDataset(path, max_seq_len, doc_mask=doc_mask, tokenizer_sha256=tokenizer_sha256)
+    except (FileNotFoundError, ValueError) as err:  # ValueError includes a meta file that is not JSON
+        raise StageError(f"{what}: {err}") from None
+    if dataset.vocab_size > vocab_size:
+        raise StageError(f"{what} {path} was tokenized with a {dataset.vocab_size}-token vocabulary but the model "
+                         f"has vocab_size {vocab_size}")
+    return dataset
 
 
 def check_packed_tokenizer(path, meta, sha256):

@@ -364,6 +364,24 @@ def test_pretraining_data_packed_with_another_tokenizer_is_refused(workdir, tmp_
     assert "tokenizer" in result.stderr.splitlines()[-1] and "data_process.py pretrain" in result.stderr
 
 
+def test_a_torn_packed_file_is_one_line_naming_it(workdir):
+    # a .bin cut short (an interrupted copy) no longer matches its meta: train or validation file alike, the
+    # stage stops with one line before the run directory is made, not with a traceback from the dataset
+    import shutil
+    dataset = workdir / "dataset"
+    for name in ("torn", "torn_val"):
+        for suffix in (".bin", ".meta.json", ".val.bin", ".val.meta.json"):
+            shutil.copy(dataset / f"pretrain_data{suffix}", dataset / f"{name}{suffix}")
+    for path, what in (("dataset/torn.bin", "pretraining data"), ("dataset/torn_val.val.bin", "validation data")):
+        with open(workdir / path, "r+b") as f:
+            f.truncate(os.path.getsize(workdir / path) - 2)  # one uint16 token short
+        data = path.replace(".val.bin", ".bin")
+        result = pretrain(workdir, "out/torn", "--data_path", data, "--max_steps", "1", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: {what}: {path}: holds "), result.stderr
+        assert not (workdir / "out/torn").exists()
+
+
 def test_dpo_with_a_bad_ptx_file_is_one_line_before_any_work(workdir, base_checkpoint):
     # the file is checked before the reference pass and before the run directory is made
     for ptx, message in (("dataset/missing.bin", "--ptx_data not found: dataset/missing.bin"),
