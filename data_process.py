@@ -43,10 +43,10 @@ from collections import Counter, deque
 import numpy as np
 from tqdm import tqdm
 
-from model.dataset import tokenizer_sha256
-from model.runtime import BadLines
+from model.errors import BadLines  # model.errors and model.data_formats, not torch: packing starts at once
 from model.data_formats import (BadRecord, Unreadable, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
-                                pretrain_text, publish, to_conversation, to_preference, zh_ratio)
+                                pretrain_text, publish, to_conversation, to_preference, tokenizer_sha256,
+                                zh_ratio)
 
 # the shipped tokenizer is part of the repo, so it is found wherever the script is run from
 DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "tokenizer")

@@ -24,7 +24,7 @@ import torch
 from . import lora
 from .LMConfig import LMConfig
 from .model import Transformer
-from .dataset import tokenizer_sha256  # noqa: F401  (the run's tokenizer identity, as packed files record it)
+from .data_formats import tokenizer_sha256  # noqa: F401  (the run's tokenizer identity, as packed files record it)
 from .runtime import DEFAULT_TOKENIZER_DIR, StageError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

@@ -49,19 +49,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data_formats import publish
-from .runtime import BadLines, StageError
+from .data_formats import publish, tokenizer_sha256  # noqa: F401  (model.dataset.tokenizer_sha256 as before)
+from .errors import BadLines, StageError
 
 IGNORE = -100
-
-
-def tokenizer_sha256(tokenizer_dir) -> str:
-    """sha256 of the tokenizer's tokenizer.json bytes: the identity recorded in packed files' meta.json."""
-    digest = hashlib.sha256()
-    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _warned_unchecked = set()  # packed files already warned about (no tokenizer_sha256 in their meta)

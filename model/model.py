@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import ModelOutput
 
@@ -483,3 +483,8 @@ def check_checkpoint(path: str):
                  f"built from config.json" for k in expected if k in found and found[k] != expected[k]]
     if problems:
         raise CheckpointMismatchError(f"checkpoint {path} does not match its config.json: " + "; ".join(problems))
+
+
+# `AutoModelForCausalLM.from_pretrained(checkpoint_dir)` builds this class once this module is imported
+AutoConfig.register(LMConfig.model_type, LMConfig, exist_ok=True)
+AutoModelForCausalLM.register(LMConfig, Transformer, exist_ok=True)

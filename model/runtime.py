@@ -6,24 +6,21 @@ inference side by side, and the one reporter of bad input lines.
     init_runtime(device)       pick cuda > mps > cpu, join the process group when launched by torchrun
     resolve_dtype / autocast   training precision (bf16 where it is fast, fp32 elsewhere)
     pick_device / pick_dtype   inference device and weight dtype (fp32 on CPUs: scores do not depend on the CPU)
-    BadLines                   count, report (`file:line: reason`) and summarise unusable input lines
+    StageError, BadLines       (from model/errors.py, which data-only scripts import without torch)
 """
 import os
 import signal
 import sys
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from .errors import BadLines, StageError  # noqa: F401  (stages import them from here too)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TOKENIZER_DIR = os.path.join(ROOT, "model", "tokenizer")
-
-
-class StageError(Exception):
-    """A problem the user can fix (bad path, mismatched shapes, ...): printed as one line, exit code 1."""
 
 
 def run_stage(main):
@@ -173,41 +170,3 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return getattr(torch, name)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# bad input lines
-
-class BadLines:
-    """Counts unusable input lines per kind and reports the first `report_limit` as `file:line: message`.
-    `total` is the number of lines read (set by the reader), for the bad ratio."""
-
-    def __init__(self, report_limit=20):
-        self.report_limit, self.kinds, self.total = report_limit, Counter(), 0
-
-    @property
-    def count(self):
-        return sum(self.kinds.values())
-
-    def add(self, path, line_no, message, kind="bad"):
-        self.kinds[kind] += 1
-        if self.count <= self.report_limit:
-            print(f"{path}:{line_no}: {message}", file=sys.stderr)
-
-    def summary(self) -> str:
-        ratio = self.count / max(1, self.total)
-        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.kinds.items()))
-        text = f"bad lines: {self.count} of {self.total} ({ratio:.2%}){': ' + kinds if kinds else ''}"
-        if self.count > self.report_limit:
-            text += f" (only the first {self.report_limit} were listed)"
-        return text
-
-    def verdict(self, max_bad_ratio):
-        """Print the summary; False when the bad fraction is over the limit."""
-        print(self.summary(), file=sys.stderr)
-        ratio = self.count / max(1, self.total)
-        if ratio > max_bad_ratio:
-            print(f"error: {ratio:.2%} bad lines exceeds --max_bad_ratio {max_bad_ratio:.2%}; nothing was written",
-                  file=sys.stderr)
-            return False
-        return True

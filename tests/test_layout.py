@@ -3,6 +3,8 @@ the bench scripts stand alone, and nothing points at files a user of the reposit
 import ast
 import glob
 import os
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,6 +59,24 @@ def test_evaluation_and_generation_do_not_depend_on_training():
         return seen
     for module in ("evaluate", "generate", "checkpoint", "runtime"):
         assert "trainer" not in reachable(module), module
+
+
+def test_data_process_starts_without_torch_and_the_model_still_loads_through_transformers(tmp_path):
+    # data_process.py (the demo's corpus and packing steps) imports neither torch nor transformers: seconds per run
+    probe = ("import runpy, sys; sys.argv = ['data_process.py', '--help']\n"
+             "try:\n    runpy.run_path('data_process.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+    # loading the classes on first use keeps what `from model import ...` gives, and transformers' Auto classes
+    load = ("import model.LMConfig, model.checkpoint\n"  # the submodule first: the name must still be the class
+            "from model import LMConfig, Transformer\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "Transformer(LMConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64)).save_pretrained(sys.argv[1])\n"
+            "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)")
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + load, str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split() == ["Transformer"], result.stdout + result.stderr
 
 
 def test_no_file_refers_to_a_design_document_users_do_not_have():
