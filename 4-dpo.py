@@ -37,8 +37,12 @@ def sequence_logps(model, input_ids, labels, attention_mask):
     return (token_logps * (targets != -100)).sum(dim=1)
 
 
-def policy_logps(model, batch):
-    """Chosen and rejected rows in one forward pass (one pass also keeps DDP to one graph per step)."""
+def policy_logps(model, batch, max_padding=0.25):
+    """Chosen and rejected log-probs of every pair. The 2n rows run as a few forward passes of rows of similar
+    length (longest first; a pass takes the next row while padding stays under max_padding of its tokens), not
+    as one pass padded to the longest row: the demo's batches, one long conversation among short questions, were
+    3.7x padding. Rows are right-padded and padding is masked, so the log-probs are those of one padded pass
+    (up to float rounding)."""
     n = batch["chosen_input_ids"].shape[0]
     width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
 
@@ -46,7 +50,19 @@ def policy_logps(model, batch):
         rows = [F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]), value=pad)
                 for side in ("chosen", "rejected")]
         return torch.cat(rows, dim=0)
-    logps = sequence_logps(model, stacked("input_ids", 0), stacked("labels", -100), stacked("attention_mask", 0))
+    input_ids, labels, attention_mask = stacked("input_ids", 0), stacked("labels", -100), stacked("attention_mask", 0)
+    lengths = attention_mask.sum(dim=1)
+    order = lengths.argsort(descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    pieces, start, tokens = [], 0, 0
+    for i, length in enumerate(sorted_lengths + [0]):  # the 0 closes the last pass
+        if i == len(sorted_lengths) or (i > start and
+                                        sorted_lengths[start] * (i - start + 1) > (1 + max_padding) * (tokens + length)):
+            rows, cut = order[start:i], sorted_lengths[start]
+            pieces.append(sequence_logps(model, input_ids[rows, :cut], labels[rows, :cut], attention_mask[rows, :cut]))
+            start, tokens = i, 0
+        tokens += length
+    logps = torch.cat(pieces)[order.argsort()]  # back to the batch's order
     return logps[:n], logps[n:]
 
 

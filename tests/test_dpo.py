@@ -92,3 +92,30 @@ def test_ptx_rows_add_their_next_token_loss_and_stay_with_their_pair(tmp_path, t
                   for k in range(6)]
     assert abs(metrics["ptx_loss"].item() - sum(row_losses).item()) < 1e-3
     assert abs(mixed.item() - plain.item() - 0.5 * sum(row_losses).item()) < 1e-3
+
+
+def test_rows_of_mixed_lengths_run_in_passes_of_similar_length_with_the_same_log_probs(tmp_path, tokenizer):
+    # one long conversation among short questions: one pass padded to it would be mostly padding
+    path = tmp_path / "mixed.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(12):
+            prompt = [{"role": "user", "content": ("很长的问题" * 8 if i == 3 else "") + f"{i}加{i}等于几？"}]
+            f.write(json.dumps({"chosen": prompt + [{"role": "assistant", "content": f"{i}加{i}等于{2 * i}。"}],
+                                "rejected": prompt + [{"role": "assistant", "content": "不知道" * (i % 4 + 1)}]},
+                               ensure_ascii=False) + "\n")
+    dataset = DPODataset(str(path), tokenizer, 128)
+    batch = dataset.collate([dataset[i] for i in range(12)])
+    model = make_tiny_model(vocab_size=6400, max_seq_len=128)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    chosen, rejected = dpo.policy_logps(model, batch)
+    hook.remove()
+    one_pass = dpo.policy_logps(model, batch, max_padding=float("inf"))  # everything padded to the longest row
+    assert torch.allclose(chosen, one_pass[0], atol=1e-4) and torch.allclose(rejected, one_pass[1], atol=1e-4)
+    real = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+    computed = sum(rows * width for rows, width in shapes)
+    assert sum(rows for rows, _ in shapes) == 24 and len(shapes) > 1
+    assert computed <= 1.25 * real < 24 * batch["chosen_input_ids"].shape[1]  # and one padded pass is more
+    chosen.sum().backward()  # every pass is in the graph
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

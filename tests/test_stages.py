@@ -220,6 +220,20 @@ def test_sft_two_processes_weigh_answers_like_one_process(workdir, base_checkpoi
         assert max((one[k] - weights[k]).abs().max().item() for k in one) < 1e-5, other
 
 
+@pytest.mark.slow
+def test_dpo_two_processes_train_like_one_process(workdir, base_checkpoint):
+    # each step runs several forward passes per process (rows grouped by length, then the pretraining replay)
+    # before one backward: DDP must still average the same gradient as one process with the whole batch
+    common = ["--data_path", "dataset/dpo_data.jsonl", "--init_from", base_checkpoint, "--max_steps", "3",
+              "--learning_rate", "1e-3", "--ptx_data", "dataset/pretrain_data.bin", "--ptx_weight", "0.3", *FAST]
+    stage(workdir, "4-dpo.py", *common, "--out_dir", "out/dpo_one", "--batch_size", "8")
+    stage(workdir, "4-dpo.py", *common, "--out_dir", "out/dpo_two", "--batch_size", "4", torchrun=2)
+    one = load_file(workdir / "out/dpo_one/model.safetensors")
+    two = load_file(workdir / "out/dpo_two/model.safetensors")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert max((one[k] - load_file(workdir / base_checkpoint / "model.safetensors")[k]).abs().max().item() for k in one) > 1e-4
+
+
 RACE_SCRIPT = """
 import os, signal, sys
 import torch
