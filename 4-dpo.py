@@ -30,11 +30,12 @@ from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run
 
 
 def sequence_logps(model, input_ids, labels, attention_mask):
-    """Sum of log p(token) over the labelled (response) tokens of each row."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    targets = labels[:, 1:]
+    """Sum of log p(token) over the labelled (response) tokens of each row, and the pass's MoE balance loss
+    (None without MoE, 0 outside training)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    logits, targets = out.logits[:, :-1], labels[:, 1:]
     token_logps = -F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-    return (token_logps * (targets != -100)).sum(dim=1)
+    return (token_logps * (targets != -100)).sum(dim=1), out.aux_loss
 
 
 def policy_logps(model, batch, max_padding=0.25):
@@ -42,7 +43,8 @@ def policy_logps(model, batch, max_padding=0.25):
     length (longest first; a pass takes the next row while padding stays under max_padding of its tokens), not
     as one pass padded to the longest row: the demo's batches, one long conversation among short questions, were
     3.7x padding. Rows are right-padded and padding is masked, so the log-probs are those of one padded pass
-    (up to float rounding)."""
+    (up to float rounding). -> (chosen, rejected, balance): balance is the MoE balance loss of the passes, each
+    weighted by its pairs (rows / 2), so it adds to a loss summed over pairs like the rest; 0 without MoE."""
     n = batch["chosen_input_ids"].shape[0]
     width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
 
@@ -54,16 +56,19 @@ def policy_logps(model, batch, max_padding=0.25):
     lengths = attention_mask.sum(dim=1)
     order = lengths.argsort(descending=True, stable=True)
     sorted_lengths = lengths[order].tolist()
-    pieces, start, tokens = [], 0, 0
+    pieces, balance, start, tokens = [], 0.0, 0, 0
     for i, length in enumerate(sorted_lengths + [0]):  # the 0 closes the last pass
         if i == len(sorted_lengths) or (i > start and
                                         sorted_lengths[start] * (i - start + 1) > (1 + max_padding) * (tokens + length)):
             rows, cut = order[start:i], sorted_lengths[start]
-            pieces.append(sequence_logps(model, input_ids[rows, :cut], labels[rows, :cut], attention_mask[rows, :cut]))
+            logps, aux = sequence_logps(model, input_ids[rows, :cut], labels[rows, :cut], attention_mask[rows, :cut])
+            pieces.append(logps)
+            if aux is not None:
+                balance = balance + aux * len(rows) / 2
             start, tokens = i, 0
         tokens += length
     logps = torch.cat(pieces)[order.argsort()]  # back to the batch's order
-    return logps[:n], logps[n:]
+    return logps[:n], logps[n:], balance
 
 
 class WithReference(torch.utils.data.Dataset):
@@ -107,7 +112,7 @@ def reference_logps(model, dataset, args, runtime, dtype):
     for batch in tqdm(loader, desc="reference log-probs", disable=not runtime.is_master):
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
         with autocast(runtime.device, dtype), lora.reference_mode(model):
-            chosen, rejected = policy_logps(model, batch)
+            chosen, rejected, _ = policy_logps(model, batch)
         rows = indices[done:done + len(chosen)]
         # float32 on the device, float64 only on the CPU: MPS has no float64
         reference[rows] = torch.stack([chosen, rejected], dim=1).float().cpu().double()
@@ -122,10 +127,10 @@ def reference_logps(model, dataset, args, runtime, dtype):
 def make_dpo_loss(beta, nll_weight=0.0, ptx_weight=0.0):
     def dpo_loss(model, batch):
         """Summed over the batch's pairs (the trainer divides by the pairs of the whole step)."""
-        chosen, rejected = policy_logps(model, batch)
+        chosen, rejected, balance = policy_logps(model, batch)  # balance: MoE's, 0 without it
         chosen_reward = beta * (chosen - batch["ref_chosen_logps"])
         rejected_reward = beta * (rejected - batch["ref_rejected_logps"])
-        loss = -F.logsigmoid(chosen_reward - rejected_reward).sum()
+        loss = -F.logsigmoid(chosen_reward - rejected_reward).sum() + balance
         if nll_weight:  # + the chosen answer's mean per-token NLL (RPO): see --nll_weight
             n_tokens = (batch["chosen_labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
             loss = loss + nll_weight * (-chosen / n_tokens).sum()

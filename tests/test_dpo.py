@@ -109,7 +109,7 @@ def test_rows_of_mixed_lengths_run_in_passes_of_similar_length_with_the_same_log
     shapes = []
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape),
                                            with_kwargs=True)
-    chosen, rejected = dpo.policy_logps(model, batch)
+    chosen, rejected, _ = dpo.policy_logps(model, batch)
     hook.remove()
     one_pass = dpo.policy_logps(model, batch, max_padding=float("inf"))  # everything padded to the longest row
     assert torch.allclose(chosen, one_pass[0], atol=1e-4) and torch.allclose(rejected, one_pass[1], atol=1e-4)
@@ -119,3 +119,20 @@ def test_rows_of_mixed_lengths_run_in_passes_of_similar_length_with_the_same_log
     assert computed <= 1.25 * real < 24 * batch["chosen_input_ids"].shape[1]  # and one padded pass is more
     chosen.sum().backward()  # every pass is in the graph
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_moe_balance_loss_rides_along_in_the_dpo_loss(tmp_path, tokenizer):
+    # the seed's DPO dropped MoE's balance loss (the policy pass had no labels); here each pass adds it, weighted
+    # by its pairs. The balance weight scales nothing else in the forward pass, so the difference is that term.
+    dataset = DPODataset(pairs_file(tmp_path / "dpo.jsonl"), tokenizer, 64)
+    losses = {}
+    for alpha in (0.0, 0.5):
+        model = make_tiny_model(vocab_size=6400, max_seq_len=64, use_moe=True, aux_loss_alpha=alpha)
+        reference = dpo.reference_logps(model, dataset, type("Args", (), {"batch_size": 4})(), RUNTIME, "float32")
+        train_set = dpo.WithReference(dataset, {"reference_logps": reference})
+        batch = train_set.collate([train_set[i] for i in range(6)])
+        losses[alpha] = dpo.make_dpo_loss(0.1)(model, batch)[0]
+        balance = dpo.policy_logps(model, batch)[2]
+    # the balance loss is about alpha (1 when the experts are used evenly) per pair: 6 pairs x 0.5 at least
+    assert losses[0.5].item() - losses[0.0].item() > 6 * 0.5 * 0.9
+    assert abs((losses[0.5] - losses[0.0]).item() - balance.item()) < 1e-4

@@ -251,7 +251,7 @@ def test_dpo_reference_with_lora_is_the_base(base, tmp_path, tokenizer):
     plain = Transformer.from_pretrained(base).eval()
     batch = dataset.collate([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
-        chosen, rejected = dpo.policy_logps(plain, batch)
+        chosen, rejected, _ = dpo.policy_logps(plain, batch)
     assert torch.allclose(reference, torch.stack([chosen, rejected], 1).float(), atol=1e-5)
     assert model.training  # reference_logps hands the model back in training mode
     with torch.no_grad():
