@@ -443,6 +443,26 @@ def dpo_pairs(world, rng, n_unknown_pairs=500, n_known_pairs=500, n_arith_pairs=
     return records
 
 
+def arith_after_pairs(world, dialogues, rng, n_pairs=150):
+    """Sums asked after one or two exchanges of an SFT dialogue: the right sum over a wrong one, half a wrong
+    result, half an operand copied wrong with its own result (`计算79+81。 -> 79+80=159。`, how a model that mixes
+    up the numbers of its context goes wrong). With single-turn sums alone, DPO let these go (docs/demo.md)."""
+    dialogues = [d for d in dialogues if len(d) >= 4]
+    heldout = {tuple(triple) for triple in world["arith_heldout"]}  # never written, not even as a wrong answer
+    records = []
+    for i in range(n_pairs):
+        op, a, b = rng.choice(world["arith_train"])
+        d = rng.choice(dialogues)
+        prompt = d[:2 * rng.randint(1, min(2, len(d) // 2 - 1))] + [user(arith_question(op, a, b, rng))]
+        b2 = b + rng.choice([-10, -1, 1, 10])
+        if i % 2 == 0 and b2 >= 0 and (op == "+" or a >= b2) and (op, a, b2) not in heldout:
+            wrong = arith_statement(op, a, b2)
+        else:
+            wrong = arith_statement(op, a, b, wrong_arith_result(op, a, b, rng))
+        records.append({"chosen": prompt + [assistant(arith_statement(op, a, b))], "rejected": prompt + [assistant(wrong)]})
+    return records
+
+
 def dpo_eval_pairs(world, rng):
     """Held-out preference pairs (people and names DPO never saw) for DPO's reward accuracy: a refusal over an
     invented answer for the eval's unknown names, the true fact over a refusal for the held-out people."""
@@ -545,6 +565,9 @@ def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0
     # refusal spelled in byte pieces (不知道 absent from the tokenizer text) is one DPO cannot teach in a few steps
     tokenizer_text = pretrain + [render_plain(m) for m in single + multi] + \
         [render_plain(pair[side]) for pair in dpo for side in ("chosen", "rejected")] + charset_lines()
+    # Own stream, after the tokenizer text: every other file, and the tokenizer, are what they were without these
+    # pairs (their text, SFT dialogues and sums, is in the tokenizer text already)
+    dpo += arith_after_pairs(world, multi, random.Random(seed + 2))
 
     files = {
         "tokenizer_train.jsonl": [{"text": t} for t in tokenizer_text],

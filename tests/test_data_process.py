@@ -446,7 +446,7 @@ def test_demo_dpo_history_pairs_reject_an_earlier_answer_or_a_refusal_of_the_ide
     """DPO's multi-turn pairs: the newest question's own answer is chosen; rejected is an earlier answer said
     again, sometimes the first one and sometimes the one just before (a late "你叫什么名字？" used to get the
     previous topic's answer), or, for "who are you" asked late, a refusal (once DPO taught refusals, a late
-    identity question got "我不知道<a name>是谁。")."""
+    identity question got "我不知道<a name>是谁。"); or a sum after an exchange, the right one over a wrong one."""
     kinds, late_identity = set(), 0
     for pair in read_jsonl(os.path.join(demo_dir, "dpo_data.jsonl")):
         chosen, rejected = pair["chosen"], pair["rejected"]
@@ -456,14 +456,19 @@ def test_demo_dpo_history_pairs_reject_an_earlier_answer_or_a_refusal_of_the_ide
         assert rejected[:-1] == chosen[:-1] and chosen[-2]["role"] == "user"
         assert rejected[-1]["content"] != chosen[-1]["content"]
         late_identity += demo_corpus.IDENTITY in chosen[-1]["content"]
+        sums = [re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)。", side[-1]["content"]) for side in (chosen, rejected)]
         if rejected[-1]["content"] in history:
             kinds.add(("first" if rejected[-1]["content"] == history[0] else "")
                       + ("previous" if rejected[-1]["content"] == history[-1] else ""))
+        elif all(sums):  # a sum after an exchange: the right one over a wrong result or a wrong operand
+            (a, op, b, result), (a2, op2, b2, _) = (m.groups() for m in sums)
+            assert (a, op) == (a2, op2) and int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            kinds.add("wrong result" if b2 == b else "wrong operand")
         else:
             assert demo_corpus.IDENTITY in chosen[-1]["content"]
             assert re.fullmatch(r"我不知道.{3}是谁。", rejected[-1]["content"])
             kinds.add("refusal")
-    assert {"first", "previous", "refusal"} <= kinds and late_identity >= 100
+    assert {"first", "previous", "refusal", "wrong result", "wrong operand"} <= kinds and late_identity >= 100
 
 
 def test_demo_gold_answers_are_unambiguous_substrings(demo_dir):
