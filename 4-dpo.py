@@ -56,17 +56,17 @@ def policy_logps(model, batch, max_padding=0.25):
     lengths = attention_mask.sum(dim=1)
     order = lengths.argsort(descending=True, stable=True)
     sorted_lengths = lengths[order].tolist()
-    pieces, balance, start, tokens = [], 0.0, 0, 0
-    for i, length in enumerate(sorted_lengths + [0]):  # the 0 closes the last pass
-        if i == len(sorted_lengths) or (i > start and
-                                        sorted_lengths[start] * (i - start + 1) > (1 + max_padding) * (tokens + length)):
-            rows, cut = order[start:i], sorted_lengths[start]
-            logps, aux = sequence_logps(model, input_ids[rows, :cut], labels[rows, :cut], attention_mask[rows, :cut])
-            pieces.append(logps)
-            if aux is not None:
-                balance = balance + aux * len(rows) / 2
-            start, tokens = i, 0
-        tokens += length
+    pieces, balance, start = [], 0.0, 0
+    while start < len(sorted_lengths):
+        cut, end, tokens = sorted_lengths[start], start + 1, sorted_lengths[start]  # cut: this pass's width
+        while end < len(sorted_lengths) and cut * (end - start + 1) <= (1 + max_padding) * (tokens + sorted_lengths[end]):
+            tokens, end = tokens + sorted_lengths[end], end + 1
+        rows = order[start:end]
+        logps, aux = sequence_logps(model, input_ids[rows, :cut], labels[rows, :cut], attention_mask[rows, :cut])
+        pieces.append(logps)
+        if aux is not None:
+            balance = balance + aux * len(rows) / 2
+        start = end
     logps = torch.cat(pieces)[order.argsort()]  # back to the batch's order
     return logps[:n], logps[n:], balance
 
