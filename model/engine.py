@@ -50,6 +50,7 @@ class Request:
         self.on_token, self.on_done = on_token or (lambda token: None), on_done or (lambda reason, error: None)
         self.ids = list(prompt)  # prompt + generated tokens (the repetition penalty reads them)
         self.n_generated, self.cancelled, self.hit_eos, self.error = 0, False, False, None
+        self.finished = False  # on_done was called: never twice, whichever path ends it
 
     def cancel(self):
         """Ask the engine to drop this request; its slot is free after the current step."""
@@ -138,7 +139,7 @@ class Engine:
             try:
                 self._step(admitted)
             except Exception as err:  # e.g. out of memory: fail the requests in flight, keep serving
-                for request in self.rows + admitted:
+                for request in self.rows + admitted:  # a request may be in both, or done: _finish tells it once
                     self._finish(request, "error", err)
                 with self.wakeup:
                     self.rows, self.n_prefilling, self.cache.n, self.cache.end = [], 0, 0, 0
@@ -254,6 +255,9 @@ class Engine:
         self.cache.end = new_end
 
     def _finish(self, request, reason, error=None):
+        if request.finished:  # a failed step ends everything in flight, some of which may be done already
+            return
+        request.finished = True
         try:
             request.on_done(reason, error)
         except Exception:  # a callback's failure must not stop the engine

@@ -5,6 +5,7 @@ the project's own generator.
 Two servers per module: `chat` (a tiny model trained to give a few answers, max_batch 16, no key) and `locked`
 (a tiny random model with a 1024-token context, max_batch 2, max_queue 0, an API key) for keys, disconnects and 429.
 """
+import collections
 import concurrent.futures
 import http.client
 import json
@@ -518,6 +519,39 @@ def test_a_request_whose_first_token_is_out_counts_as_running_and_holds_its_slot
         assert done.wait(30)
         assert seen == {"running": 1, "second": "refused"}
         assert poll(lambda: engine.load()["running"] == 0 and engine.load()["waiting"] == 0)
+    finally:
+        engine.stop()
+
+
+def test_a_failed_decode_step_ends_each_request_once_and_the_engine_keeps_serving():
+    """A step that fails after its requests were prefilled (say, out of memory in the batched pass) ends every
+    request in flight with "error" exactly once: a prefilled request is in both the step's admitted list and
+    rows, and used to be told twice; one already done at its first token is not told again."""
+    from model.engine import Engine, Request
+    torch.manual_seed(0)
+    model = Transformer(LMConfig(**TINY, max_seq_len=64)).eval()
+    forward, failures = model.forward, [1]
+
+    def forward_failing_once_in_a_decode_step(input_ids, *args, **kwargs):
+        if input_ids.shape[1] == 1 and failures:  # one token per row: the batched decode step
+            failures.pop()
+            raise RuntimeError("out of memory (simulated)")
+        return forward(input_ids, *args, **kwargs)
+
+    model.forward = forward_failing_once_in_a_decode_step
+    engine = Engine(model, eos_token_id=-1, max_batch=4, max_queue=4)
+    endings = collections.defaultdict(list)
+    for name, prompt, new in [("a", [1, 2, 3], 5), ("b", [4, 5], 5), ("done at its first token", [6, 7], 1)]:
+        engine.submit(Request(prompt, max_new_tokens=new, on_done=lambda reason, error, name=name:
+                              endings[name].append(reason)))
+    engine.start()  # all three are admitted in the first step
+    try:
+        assert poll(lambda: len(endings) == 3, timeout=30)
+        time.sleep(0.2)  # a second call would come right after the first
+        assert dict(endings) == {"a": ["error"], "b": ["error"], "done at its first token": ["length"]}
+        again = threading.Event()
+        engine.submit(Request([1, 2], max_new_tokens=3, on_done=lambda reason, error: again.set()))
+        assert again.wait(30) and engine.load()["running"] == 0
     finally:
         engine.stop()
 
