@@ -13,15 +13,20 @@ __all__ = ["LMConfig", "Transformer", "CheckpointMismatchError"]
 
 class _Package(types.ModuleType):
     # Properties, not a module __getattr__: importing the submodule model/LMConfig.py binds the package's name
-    # `LMConfig` to that submodule, and a property is what still answers with the class (the setter drops it).
+    # `LMConfig` to that submodule, and a property is what still answers with the class. The setter ignores that
+    # one binding only; anything else assigned (a user's patched class) is kept and answered from then on.
     @property
     def LMConfig(self):
+        if "_assigned_LMConfig" in self.__dict__:
+            return self.__dict__["_assigned_LMConfig"]
         from .LMConfig import LMConfig
         return LMConfig
 
     @LMConfig.setter
-    def LMConfig(self, submodule):
-        pass
+    def LMConfig(self, value):
+        if isinstance(value, types.ModuleType) and value.__name__ == __name__ + ".LMConfig":
+            return
+        self.__dict__["_assigned_LMConfig"] = value
 
     @property
     def Transformer(self):

@@ -79,6 +79,21 @@ def test_data_process_starts_without_torch_and_the_model_still_loads_through_tra
     assert result.returncode == 0 and result.stdout.split() == ["Transformer"], result.stdout + result.stderr
 
 
+def test_assigning_the_package_lmconfig_is_kept_not_silently_dropped():
+    # only the import system's binding of the submodule model/LMConfig.py is ignored; a user's own assignment
+    # (a patched config class, say) is what `model.LMConfig` then answers
+    probe = ("import sys, model, model.LMConfig\nsubmodule = sys.modules['model.LMConfig']\n"
+             "class Mine(model.LMConfig):\n    pass\n"
+             "print(model.LMConfig.__name__, model.LMConfig is not submodule)\n"
+             "model.LMConfig = Mine\n"
+             "print(model.LMConfig.__name__)\n"
+             "from model import LMConfig\n"
+             "print(LMConfig.__name__)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split() == ["LMConfig", "True", "Mine", "Mine"], \
+        result.stdout + result.stderr
+
+
 def test_no_file_refers_to_a_design_document_users_do_not_have():
     tracked = [p for p in glob.glob(os.path.join(ROOT, "**", "*"), recursive=True)
                if os.path.isfile(p) and p.endswith((".py", ".md", ".txt", ".ini", ".json", ".html"))
