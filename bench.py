@@ -24,6 +24,10 @@ Sections
             weights, same tokens (checked); at the default thread count and at 1 thread. "floor" is the time the
             bare weight matrices take for one token (all Linear layers on one vector): the memory-bandwidth bound.
     moe     step time of the MoE model / a dense model whose FFN has the same active parameters
+    alloc   (CPU) our training step (training dtype: bf16 where the CPU has fast bf16, else fp32) with glibc's
+            default malloc thresholds vs what the training stages run with (model.runtime.keep_freed_memory:
+            freed blocks kept for reuse, no fresh pages per step). The setting is process-wide, so each side runs
+            in its own process, --alloc_rounds times in turn; median step time per process, the ratio's median.
     data    share of useful tokens in pretraining and SFT batches of the demo corpus (dataset/demo, generated
             into a temporary directory if missing); peak RSS of a short 1-pretrain.py run over packed files of
             two sizes, both far larger than a batch: the difference shows whether memory grows with the data.
@@ -241,6 +245,47 @@ def bench_moe(args) -> dict:
             "moe_over_dense": ratio(times, "dense", "moe")}
 
 
+def alloc_child(args):
+    """One side of the alloc section (run as `bench.py --alloc_child default|keep`): median step seconds."""
+    from model.runtime import autocast, keep_freed_memory, resolve_dtype
+    if args.alloc_child == "keep" and not keep_freed_memory():
+        sys.exit("keep_freed_memory did not apply (not glibc)")
+    config = model_config(args)
+    torch.manual_seed(0)
+    model = Transformer(config).train()
+    optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), "cpu")
+    batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
+    dtype = resolve_dtype("auto", torch.device("cpu"))
+
+    def step():
+        with autocast(torch.device("cpu"), dtype):
+            loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = take_turns({"step": step}, args.steps, args.warmup)["step"]
+    print(json.dumps({"step_s": statistics.median(times), "dtype": dtype}))
+
+
+def bench_alloc(args) -> dict:
+    shape = [f"--{k}={getattr(args, k)}" for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len",
+                                                   "batch_size", "steps", "warmup", "prompt_len", "new_tokens")]
+    sides = {"default": [], "keep": []}
+    for _ in range(args.alloc_rounds):
+        for side, seconds in sides.items():
+            run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--alloc_child", side, *shape],
+                                 capture_output=True, text=True)
+            if run.returncode:
+                return {"skipped": (run.stderr.strip().splitlines() or ["failed"])[-1]}
+            child = json.loads(run.stdout.splitlines()[-1])
+            seconds.append(child["step_s"])
+    tokens = args.batch_size * args.seq_len
+    return {"dtype": child["dtype"], "tokens_per_step": tokens, "rounds": args.alloc_rounds,
+            "default_tok_s": tokens / statistics.median(sides["default"]),
+            "keep_tok_s": tokens / statistics.median(sides["keep"]), "keep_speedup": ratio(sides, "keep", "default")}
+
+
 def demo_corpus_dir(tmp: str) -> str:
     demo = os.path.join(ROOT, "dataset", "demo")
     needed = ("pretrain_data.bin", "pretrain_data.meta.json", "sft_data_single.jsonl", "sft_data_multi.jsonl")
@@ -417,6 +462,15 @@ def table(results: dict) -> str:
     if moe:
         lines += ["", f"MoE ({moe['experts']}) vs dense (hidden_dim {moe['dense_hidden_dim']}, same active params)",
                   f"  step: dense {moe['dense_step_s']:.2f} s, MoE {moe['moe_step_s']:.2f} s -> MoE/dense {moe['moe_over_dense']:.2f}"]
+    alloc = results.get("alloc")
+    if alloc and "skipped" in alloc:
+        lines += ["", f"malloc: skipped ({alloc['skipped']})"]
+    elif alloc:
+        lines += ["", f"training step under glibc malloc ({alloc['tokens_per_step']} tokens/step, {alloc['dtype']}, "
+                      f"{alloc['rounds']} processes per side)      tok/s  speed-up",
+                  f"  {'default thresholds (freed blocks go back to the kernel)':58s} {alloc['default_tok_s']:8.0f}      1.00",
+                  f"  {'keep_freed_memory (what the training stages run)':58s} {alloc['keep_tok_s']:8.0f} "
+                  f"{alloc['keep_speedup']:9.2f}"]
     data = results.get("data")
     if data:
         lines += ["", "useful tokens per batch (demo corpus)"]
@@ -586,7 +640,9 @@ def main():
                         help="records in the generated JSON array of the data section's reader timing")
     parser.add_argument("--reader_rounds", type=int, default=3, help="timed rounds of the JSON array reader timing")
     parser.add_argument("--moe", action="store_true", help="add the MoE section")
-    parser.add_argument("--only", default=None, help="comma-separated sections: peak,train,decode,moe,data")
+    parser.add_argument("--alloc_rounds", type=int, default=3, help="alloc: processes per side, in turn")
+    parser.add_argument("--alloc_child", choices=["default", "keep"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--only", default=None, help="comma-separated sections: peak,train,decode,moe,data,alloc,serve")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--save_json", default=None, help="also write the JSON to this file")
     parser.add_argument("--table_from", default=None, help="print the table of a JSON file saved earlier, and exit")
@@ -599,13 +655,15 @@ def main():
     if args.table_from:
         with open(args.table_from) as f:
             return print(table(json.load(f)))
+    if args.alloc_child:
+        return alloc_child(args)
     if args.gpu:  # its own process: the two scripts share no code but the model's
         gpu_cmd = [sys.executable, os.path.join(ROOT, "bench_gpu.py")] + (["--json"] if args.json else [])
         sys.exit(subprocess.run(gpu_cmd).returncode)
 
-    sections = args.only.split(",") if args.only else ["peak", "train", "decode", "data"] + (["moe"] if args.moe else []) \
-        + (["serve"] if args.serve else [])
-    unknown = set(sections) - {"peak", "train", "decode", "moe", "data", "serve"}
+    sections = args.only.split(",") if args.only else ["peak", "train", "decode", "alloc", "data"] + \
+        (["moe"] if args.moe else []) + (["serve"] if args.serve else [])
+    unknown = set(sections) - {"peak", "train", "decode", "moe", "alloc", "data", "serve"}
     if unknown:
         parser.error(f"unknown section(s) in --only: {', '.join(sorted(unknown))}")
     results = {"machine": machine(), "command": "python " + " ".join(sys.argv),
@@ -614,7 +672,8 @@ def main():
     if "peak" in sections or "train" in sections:
         results["peak"] = bench_peak(args)
     for name, fn in (("train", lambda: bench_train(args, results["peak"])), ("decode", lambda: bench_decode(args)),
-                     ("moe", lambda: bench_moe(args)), ("data", lambda: bench_data(args)),
+                     ("moe", lambda: bench_moe(args)), ("alloc", lambda: bench_alloc(args)),
+                     ("data", lambda: bench_data(args)),
                      ("serve", lambda: bench_serve(args))):
         if name in sections:
             results[name] = fn()

@@ -3,11 +3,13 @@ The runtime every script shares: user-facing errors, the device / DDP / precisio
 inference side by side, and the one reporter of bad input lines.
 
     run_stage(main)            a script's main(); a StageError becomes one line on stderr and exit code 1
-    init_runtime(device)       pick cuda > mps > cpu, join the process group when launched by torchrun
+    init_runtime(device)       pick cuda > mps > cpu, join the process group when launched by torchrun; on CPU,
+                               keep freed memory for reuse (keep_freed_memory)
     resolve_dtype / autocast   training precision (bf16 where it is fast, fp32 elsewhere)
     pick_device / pick_dtype   inference device and weight dtype (fp32 on CPUs: scores do not depend on the CPU)
     StageError, BadLines       (from model/errors.py, which data-only scripts import without torch)
 """
+import ctypes
 import os
 import signal
 import sys
@@ -72,6 +74,8 @@ def init_runtime(device_arg="auto") -> Runtime:
         else:
             device_arg = "cpu"
     device = torch.device(device_arg)
+    if device.type == "cpu":
+        keep_freed_memory()
     if ddp:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -87,6 +91,22 @@ def init_runtime(device_arg="auto") -> Runtime:
         else:
             dist.init_process_group(backend=backend)
     return Runtime(device, ddp, rank, local_rank, world_size)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default a block over 32 MiB is its own mmap and freed memory at the heap's top is trimmed, so a training
+    step's large CPU tensors (the logits: batch x seq x vocab floats, their gradient, autocast's copies) come back
+    as fresh pages every step, which the kernel faults in and zeroes one by one: a fifth to a third of a small
+    model's step (docs/performance.md). With fixed thresholds every block comes from the heap and is reused; the
+    process keeps its peak memory rather than shrinking between steps. -> whether it applied (glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): its malloc has its own policy
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 def cpu_has_fast_bf16() -> bool:

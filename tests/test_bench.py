@@ -14,10 +14,10 @@ pytestmark = pytest.mark.bench_smoke
 
 
 def test_bench_smoke_json_on_a_tiny_config():
-    cmd = [sys.executable, "bench.py", "--json", "--only", "train,decode,moe", "--dim", "64", "--n_layers", "2",
+    cmd = [sys.executable, "bench.py", "--json", "--only", "train,decode,moe,alloc", "--dim", "64", "--n_layers", "2",
            "--n_heads", "4", "--n_kv_heads", "2", "--vocab_size", "300", "--seq_len", "32", "--batch_size", "2",
            "--steps", "2", "--warmup", "1", "--new_tokens", "8", "--decode_rounds", "1", "--no-compile",
-           "--bf16", "off", "--peak_n", "256"]
+           "--bf16", "off", "--peak_n", "256", "--alloc_rounds", "1"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -31,6 +31,8 @@ def test_bench_smoke_json_on_a_tiny_config():
     assert decode["same_tokens"] is True
     assert decode["threads_1"]["ours"]["ratio_vs_hf"] > 0 and decode["threads_1"]["floor"]["tok_s"] > 0
     assert report["moe"]["moe_over_dense"] > 0 and report["moe"]["dense_hidden_dim"] == 3 * 192
+    alloc = report["alloc"]  # glibc here: both sides ran, each in its own process
+    assert alloc["default_tok_s"] > 0 and alloc["keep_tok_s"] > 0 and alloc["keep_speedup"] > 0
 
 
 def test_bench_smoke_gpu_mfu_script_runs_its_code_path_on_cpu():

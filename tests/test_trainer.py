@@ -270,3 +270,30 @@ def test_two_fresh_runs_with_one_seed_train_alike(tmp_path):
     run(tmp_path / "b", "--max_steps", "3", model=tiny_model(dropout=0.2))
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps") or os.uname().sysname != "Linux", reason="glibc malloc")
+def test_a_cpu_training_process_reuses_freed_memory_instead_of_fresh_pages():
+    """init_runtime on CPU keeps freed memory in the heap: a 64 MiB tensor (the speedrun's logits are 52 MiB)
+    is then not its own mmap, whose pages the kernel would fault in and zero again every step."""
+    import subprocess
+    import sys
+    probe = ("import ctypes, sys, torch\n"
+             "from model.runtime import init_runtime\n"
+             "class Info(ctypes.Structure):\n"
+             "    _fields_ = [(name, ctypes.c_size_t) for name in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',\n"
+             "                'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+             "mallinfo2 = ctypes.CDLL('libc.so.6').mallinfo2\n"
+             "mallinfo2.restype = Info\n"
+             "if sys.argv[1] == 'runtime':\n"
+             "    init_runtime('cpu')\n"
+             "before = mallinfo2().hblkhd\n"
+             "x = torch.empty(16 * 2**20)  # 64 MiB\n"
+             "print((mallinfo2().hblkhd - before) // 2**20)\n")
+    mapped = {}
+    for setup in ("plain", "runtime"):
+        result = subprocess.run([sys.executable, "-c", probe, setup], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert result.returncode == 0, result.stderr
+        mapped[setup] = int(result.stdout.split()[-1])
+    assert mapped == {"plain": 64, "runtime": 0}  # MiB in mmapped blocks after allocating it
