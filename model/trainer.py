@@ -98,11 +98,15 @@ def add_model_args(parser: argparse.ArgumentParser):
     ]:
         a(f"--{name}", type=kind, default=None, help=f"{text} (default: LMConfig.py / the init checkpoint)")
     a("--use_moe", action=argparse.BooleanOptionalAction, default=None, help="mixture-of-experts FFN")
+    a("--flash_attn", action=argparse.BooleanOptionalAction, default=None,
+      help="fused attention kernels (SDPA/flex); --no-flash_attn: softmax(QK^T)V written out, which trains faster "
+           "on CPU at short sequences (speedrun.py's recipe)")
 
 
 def model_overrides(args) -> dict:
     names = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len", "dropout",
-             "rope_theta", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "aux_loss_alpha", "use_moe"]
+             "rope_theta", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "aux_loss_alpha", "use_moe",
+             "flash_attn"]
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

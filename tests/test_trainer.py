@@ -297,3 +297,11 @@ def test_a_cpu_training_process_reuses_freed_memory_instead_of_fresh_pages():
         assert result.returncode == 0, result.stderr
         mapped[setup] = int(result.stdout.split()[-1])
     assert mapped == {"plain": 64, "runtime": 0}  # MiB in mmapped blocks after allocating it
+
+
+def test_attention_kind_is_a_stage_flag_and_left_alone_by_default():
+    parser = argparse.ArgumentParser()
+    trainer.add_model_args(parser)
+    assert trainer.model_overrides(parser.parse_args([])) == {}  # LMConfig.py / the checkpoint decides
+    assert trainer.model_overrides(parser.parse_args(["--no-flash_attn", "--dim", "64"])) == {"flash_attn": False,
+                                                                                                "dim": 64}
