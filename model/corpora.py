@@ -33,7 +33,7 @@ def untag(line):
     '/'; the PKU format's bracketed compounds lose their brackets and the compound's own tag)."""
     words = []
     for item in line.split():
-        word = item.rsplit("/", 1)[0] if "/" in item else item
+        word = item.rsplit("/", 1)[0]  # an item without a tag is itself
         if item.startswith("[") and len(word) > 1:
             word = word[1:]
         words.append(word)
