@@ -9,6 +9,7 @@ The seed's flow, with no code edits — run it twice:
                                                                   #   -> out/sft_multi_<dim>
     torchrun --nproc_per_node N 3-full_sft.py [...]               # N GPUs / processes
     python 3-full_sft.py --lora_rank 16 [...]                     # LoRA: train adapters on a frozen base
+    python 3-full_sft.py --ptx_data dataset/pretrain_data.bin     # + rows of the pretraining text mixed in
 
 The stage (sft_single or sft_multi) decides where the run starts from and where it goes. It comes from the data:
 sft_multi when any conversation has more than one user turn, else sft_single; it is printed, and --stage
@@ -21,7 +22,7 @@ import os
 from torch.utils.data import ConcatDataset
 
 from model import checkpoint, lora, trainer
-from model.dataset import SFTDataset
+from model.dataset import PretrainReplay, SFTDataset, open_packed
 from model.runtime import StageError, init_runtime, run_stage
 
 PREVIOUS = {"sft_single": "pretrain", "sft_multi": "sft_single"}
@@ -58,6 +59,12 @@ def main():
     parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                         help="pack several conversations into each row (positions restart per conversation, so "
                              "they cannot see each other): ~95%% real tokens per batch instead of ~75%% with padding")
+    parser.add_argument("--ptx_data", default=None,
+                        help="packed pretraining tokens (data_process.py pretrain's .bin): rows of it are mixed into "
+                        "the SFT rows, every token a target. SFT moves the model away from what pretraining stored; "
+                        "the replay keeps it (the demo's held-out people QA 81%% -> 92%%, docs/demo.md)")
+    parser.add_argument("--ptx_ratio", type=float, default=0.25,
+                        help="with --ptx_data: replayed pretraining rows per SFT row")
     trainer.add_training_args(parser, batch_size=16, learning_rate=1e-4, warmup_iters=20, save_interval=200,
                               eval_interval=200)
     trainer.add_model_args(parser)
@@ -88,17 +95,27 @@ def main():
             SFTDataset.prepare(path, tokenizer, seq_len)
     runtime.barrier()
     parts = [SFTDataset(path, tokenizer, seq_len, pack=args.pack) for path in args.data_path]
+    n_conversations = sum(len(p.offsets) for p in parts)
+    settings = {"data": [os.path.abspath(p) for p in args.data_path],
+                "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
+    if args.ptx_data:
+        if args.ptx_ratio <= 0:
+            raise StageError(f"--ptx_ratio must be positive with --ptx_data (got {args.ptx_ratio})")
+        packed = open_packed(args.ptx_data, seq_len, model.config.vocab_size, settings["tokenizer_sha256"],
+                             what="--ptx_data")
+        n_rows = max(1, round(args.ptx_ratio * sum(len(p) for p in parts)))
+        parts.append(PretrainReplay(packed, n_rows, args.seed, with_positions=args.pack))
+        settings.update(ptx_data=os.path.abspath(args.ptx_data), ptx_rows=n_rows)
     train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     val_set = SFTDataset(args.val_path, tokenizer, seq_len, pack=args.pack) if args.val_path else None
 
     run_dir = args.out_dir or os.path.join("out", checkpoint.run_name(stage, model.config))
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     if runtime.is_master:
-        print(f"{stage}: {sum(len(p.offsets) for p in parts)} conversations ({len(train_set)} rows) from "
-              f"{', '.join(args.data_path)}, starting from {init_dir} -> {run_dir}")
+        replay = f" + {len(parts[-1])} rows of {args.ptx_data}" if args.ptx_data else ""
+        print(f"{stage}: {n_conversations} conversations ({len(train_set)} rows) from "
+              f"{', '.join(args.data_path)}{replay}, starting from {init_dir} -> {run_dir}")
         checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
-    settings = {"data": [os.path.abspath(p) for p in args.data_path],
-                "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
     trainer.fit(model, train_set, parts[0].collate, trainer.lm_loss, args, runtime, run_dir, val_set=val_set,
                 title=stage, settings=settings, resuming=resuming)
 

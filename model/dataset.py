@@ -10,6 +10,8 @@ Datasets for the three training stages. Each item is a dict of tensors; a batch 
               + position_ids [T] when doc_mask=True (restart at 0 at every <s>: the model derives the document
               mask from the resets, so a token attends only within its document)
         batch with torch's default collate (all rows have the same length)
+    PretrainReplay(packed, n_rows, seed, with_positions)  n rows of a PretrainDataset, in SFTDataset's item format
+        (every token a label), to mix into SFT: 3-full_sft.py --ptx_data
     SFTDataset(path, tokenizer, max_seq_len, pack=False)  sft_data_*.jsonl (pack=True: a memmapped cache, prepare())
         item: input_ids [L], labels [L] (aligned with input_ids, the model shifts; -100 except the content and the
               closing </s> of EVERY assistant turn) + position_ids [L] when packed
@@ -135,6 +137,29 @@ def open_packed(path, max_seq_len, vocab_size, tokenizer_sha256, doc_mask=False,
         raise StageError(f"{what} {path} was tokenized with a {dataset.vocab_size}-token vocabulary but the model "
                          f"has vocab_size {vocab_size}")
     return dataset
+
+
+class PretrainReplay(Dataset):
+    """n_rows rows of a packed pretraining file, drawn once from seed (each row at most once while there are
+    enough), as SFTDataset items: input_ids, labels = input_ids (every token a target; the model shifts), and
+    position_ids 0..T-1 when the SFT rows are packed (a batch's items must all have them or none). Mixed into the
+    SFT rows, they keep SFT from moving the model away from what pretraining stored (docs/demo.md)."""
+
+    def __init__(self, packed: PretrainDataset, n_rows: int, seed: int, with_positions: bool):
+        generator = torch.Generator().manual_seed(seed)
+        passes = -(-n_rows // len(packed))
+        self.rows = torch.cat([torch.randperm(len(packed), generator=generator) for _ in range(passes)])[:n_rows].tolist()
+        self.packed, self.with_positions = packed, with_positions
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        ids = self.packed[self.rows[i]]["input_ids"]
+        item = {"input_ids": ids, "labels": ids.clone()}
+        if self.with_positions:
+            item["position_ids"] = torch.arange(len(ids))
+        return item
 
 
 def check_packed_tokenizer(path, meta, sha256):

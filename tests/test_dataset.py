@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import data_process
-from model.dataset import (DPODataset, PretrainDataset, SFTDataset, pretrain_useful_fraction, token_fractions)
+from model.dataset import (DPODataset, PretrainDataset, PretrainReplay, SFTDataset, pretrain_useful_fraction,
+                           token_fractions)
 
 IGNORE = -100
 
@@ -223,6 +224,27 @@ def test_sft_packing_keeps_conversations_apart(tmp_path, tokenizer):
     batch = packed.collate([packed[0], packed[len(packed) - 1]])
     assert batch["position_ids"].shape == batch["input_ids"].shape
     assert token_fractions(batch)["non_pad"] > 0.5
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_pretraining_rows_replayed_in_sft_are_fixed_distinct_and_batch_with_conversations(tmp_path, tokenizer, pack):
+    # 3-full_sft.py --ptx_data: rows of the packed pretraining text join the SFT rows, every token a target
+    path, _ = packed_file(tmp_path, TEXTS * 3)
+    rows = PretrainDataset(path, max_seq_len=16)
+    replay = PretrainReplay(rows, 5, seed=3, with_positions=pack)
+    assert replay.rows == PretrainReplay(rows, 5, seed=3, with_positions=pack).rows  # a resumed run sees the same
+    assert len(set(replay.rows)) == 5 and replay.rows != PretrainReplay(rows, 5, seed=4, with_positions=pack).rows
+    more = PretrainReplay(rows, len(rows) + 2, seed=3, with_positions=pack).rows  # more rows than the file has:
+    assert sorted(more[:len(rows)]) == list(range(len(rows))) and len(more) == len(rows) + 2  # each once, then again
+    item = replay[1]
+    assert item["input_ids"].tolist() == rows[replay.rows[1]]["input_ids"].tolist()
+    assert torch.equal(item["labels"], item["input_ids"])  # aligned, the model shifts: every next token a target
+    sft = SFTDataset(jsonl(tmp_path, "c.jsonl", [{"conversations": CONVERSATION}] * 4), tokenizer, 64, pack=pack)
+    assert set(item) == set(sft[0])  # the same keys, so one collate takes both
+    batch = sft.collate([sft[0], item])
+    assert batch["input_ids"].shape[0] == 2 and (batch["labels"][1, :16] == item["input_ids"]).all()
+    if pack:
+        assert batch["position_ids"][1, :16].tolist() == list(range(16))
 
 
 @pytest.mark.parametrize("pack", [False, True])

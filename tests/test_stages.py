@@ -396,12 +396,28 @@ def test_a_torn_packed_file_is_one_line_naming_it(workdir):
         assert not (workdir / "out/torn").exists()
 
 
-def test_dpo_with_a_bad_ptx_file_is_one_line_before_any_work(workdir, base_checkpoint):
-    # the file is checked before the reference pass and before the run directory is made
+@pytest.mark.parametrize("script, data", [("4-dpo.py", "dpo_data.jsonl"), ("3-full_sft.py", "sft_data_single.jsonl")])
+def test_a_bad_ptx_file_is_one_line_before_any_work(workdir, base_checkpoint, script, data):
+    # the file is checked before DPO's reference pass and before the run directory is made
     for ptx, message in (("dataset/missing.bin", "--ptx_data not found: dataset/missing.bin"),
                          ("dataset/pretrain_data.jsonl", "--ptx_data: dataset/pretrain_data.jsonl: packed token file")):
-        result = stage(workdir, "4-dpo.py", "--data_path", "dataset/dpo_data.jsonl", "--init_from", base_checkpoint,
-                       "--out_dir", "out/dpo_bad_ptx", "--ptx_data", ptx, "--max_steps", "1", *FAST, check=False)
+        result = stage(workdir, script, "--data_path", f"dataset/{data}", "--init_from", base_checkpoint,
+                       "--out_dir", "out/bad_ptx", "--ptx_data", ptx, "--max_steps", "1", *FAST, check=False)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("error: " + message), result.stderr
-        assert not (workdir / "out/dpo_bad_ptx").exists()
+        assert not (workdir / "out/bad_ptx").exists()
+
+
+@pytest.mark.parametrize("pack", ["--pack", "--no-pack"])
+def test_sft_mixes_in_rows_of_the_pretraining_text(workdir, base_checkpoint, pack):
+    out = f"out/sft_ptx{pack}"
+    plain = stage(workdir, "3-full_sft.py", "--data_path", "dataset/sft_data_single.jsonl", "--init_from",
+                  base_checkpoint, "--out_dir", out + "_plain", "--max_steps", "1", pack, *FAST)
+    result = stage(workdir, "3-full_sft.py", "--data_path", "dataset/sft_data_single.jsonl", "--init_from",
+                   base_checkpoint, "--out_dir", out, "--max_steps", "3", "--batch_size", "8", pack,
+                   "--ptx_data", "dataset/pretrain_data.bin", "--ptx_ratio", "0.5", *FAST)
+    sft_rows = int(plain.stdout.split(" rows) from")[0].rsplit("(", 1)[1])
+    assert f"({sft_rows + round(sft_rows / 2)} rows) from dataset/sft_data_single.jsonl + {round(sft_rows / 2)} " \
+           f"rows of dataset/pretrain_data.bin" in result.stdout, result.stdout
+    # a third of the rows are pretraining text: batches of 8 mix both kinds, which one collate must take
+    assert [r["step"] for r in metrics(workdir / out) if "loss" in r] == [1, 2, 3]
