@@ -22,6 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # people_qa_followup 60.5% (43 questions). Arithmetic varies most between runs (earlier quick runs: 53%, 73%, 84%;
 # the pretrained model's held-out sums 2-77%), so its bound only asks that SFT made sums answerable at all. Chance is
 # ~5-8% for the people questions (12-20 possible values), ~0% for an exact arithmetic result and for the refusal.
+# With the pretraining text replayed in single-turn SFT (quick10, a 2-core AMD EPYC): 90.0%, 91.9%, 18.6% (its
+# pretraining did not find the carry rule: held-out sums 4%), 83.7%; the bounds stay where they were.
 QUICK_THRESHOLDS = {
     ("pretrain", "completion_fact"): 0.30,
     ("sft_single", "people_qa"): 0.25,
@@ -36,7 +38,8 @@ QUICK_CEILINGS = {
     ("sft_multi", "unknown_person_refusal"): 0.40,
 }
 # DPO, measured in a quick run (quick9): refusal 0% -> 84%, held-out people QA 51% -> 55%, held-out pairs reward
-# accuracy 71% (with the full plan, final7: 9% -> 94%, 79.5% -> 81.5%, 71%). Before DPO replayed the pretraining
+# accuracy 71% (with the full plan, final7: 9% -> 94%, 79.5% -> 81.5%, 71%); quick10 (SFT replay, DPO's weight 1):
+# 2% -> 86%, 86.0% -> 87.2%, 71%. Before DPO replayed the pretraining
 # text (--ptx_data) it cost known people 2.4 points in the quick run and 1 to 10.5 in full runs (docs/demo.md).
 DPO_REFUSAL_FLOOR = 0.6
 DPO_REFUSAL_GAIN = 0.4  # points DPO adds to the refusal rate, at least
