@@ -44,8 +44,8 @@ FULL = dict(
     # likely answers to any question, and people never asked about in SFT get an SFT person's name (docs/demo.md:
     # held-out people QA 52% -> 81% on the same pretrained model)
     # + a quarter as many rows of the pretraining text as of conversations: SFT moved the model away from what
-    # pretraining stored, and the replay keeps it (held-out people QA 81% -> 92%, follow-ups after the multi-turn
-    # stage 76% -> 85%, docs/demo.md); in the multi-turn stage it cost sums asked after another exchange
+    # pretraining stored, and the replay keeps it (held-out people QA 81% -> 93.5%, follow-ups after the
+    # multi-turn stage 76% -> 82%, docs/demo.md); in the multi-turn stage it cost sums asked after another exchange
     sft_single=["--max_steps", "200", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "10",
                 "--freeze_embeddings", "--ptx_ratio", "0.25"],
     sft_multi=["--max_steps", "120", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "5",
