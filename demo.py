@@ -70,8 +70,10 @@ QUICK = {**FULL,
 # The demo world uses ~340 distinct characters: a 1024-token vocabulary holds each as one token and makes the
 # output layer 6x cheaper than the default 6400.
 VOCAB_SIZE = "1024"
-# --lora: rank 4 on every projection trains ~4% of this model's parameters; adapters take a ~5x higher rate
-LORA = dict(flags=["--lora_rank", "4"], learning_rate={"sft_single": "5e-3", "sft_multi": "2.5e-3", "dpo": "1e-4"})
+# --lora: rank 4 on every projection trains ~4% of this model's parameters; adapters take a 5-20x higher rate (on
+# the demo as it is now, the rates of the first LoRA runs, 5e-3 / 2.5e-3 / 1e-4, left the sums at 11-15% and the
+# refusal at 12%: docs/lora.md)
+LORA = dict(flags=["--lora_rank", "4"], learning_rate={"sft_single": "2e-2", "sft_multi": "5e-3", "dpo": "1e-3"})
 COMMON = ["--dtype", "auto", "--log_interval", "10", "--save_interval", "100000"]
 
 
