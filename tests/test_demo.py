@@ -39,8 +39,8 @@ QUICK_CEILINGS = {
 }
 # DPO, measured in a quick run (quick9): refusal 0% -> 84%, held-out people QA 51% -> 55%, held-out pairs reward
 # accuracy 71% (with the full plan, final7: 9% -> 94%, 79.5% -> 81.5%, 71%); quick10 (SFT replay, DPO's weight 1):
-# 2% -> 86%, 86.0% -> 87.2%, 71%. Before DPO replayed the pretraining
-# text (--ptx_data) it cost known people 2.4 points in the quick run and 1 to 10.5 in full runs (docs/demo.md).
+# 2% -> 86%, 86.0% -> 87.2%, 71%. Before DPO replayed the pretraining text (--ptx_data) it cost known people 2.4
+# points in the quick run and 1 to 10.5 in full runs (docs/demo.md).
 DPO_REFUSAL_FLOOR = 0.6
 DPO_REFUSAL_GAIN = 0.4  # points DPO adds to the refusal rate, at least
 DPO_PEOPLE_QA_MAX_DROP = 0.05
