@@ -18,7 +18,7 @@ written to <checkpoint>/<eval file name>.answers.jsonl (or --answers_out).
 import argparse
 import sys
 
-from model import evaluate, generate
+from model import chat, evaluate, generate
 
 PROMPTS = [  # minimind-style completions: general knowledge a pretrained Chinese model should continue sensibly
     "马克思主义基本原理",
@@ -35,7 +35,7 @@ PROMPTS = [  # minimind-style completions: general knowledge a pretrained Chines
 
 
 def continue_text(model, tokenizer, prompt, settings):
-    ids, max_new = evaluate.fit_context(evaluate.encode_completion(tokenizer, prompt), settings["max_new_tokens"],
+    ids, max_new = chat.fit_context(chat.encode_completion(tokenizer, prompt), settings["max_new_tokens"],
                                         model.config.max_seq_len)
     sampling = {k: v for k, v in settings.items() if k != "max_new_tokens"}
     print(prompt, end="", flush=True)

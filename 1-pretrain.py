@@ -16,9 +16,10 @@ import os
 
 import torch
 
-from model import LMConfig, Transformer, checkpoint, trainer
+from model import LMConfig, Transformer, chat, checkpoint, trainer
 from model.dataset import PretrainDataset, open_packed
-from model.runtime import StageError, init_runtime, run_stage
+from model.runtime import init_runtime, run_stage
+from model.errors import StageError
 
 
 def main():
@@ -41,13 +42,13 @@ def main():
         except ValueError as err:
             raise StageError(str(err)) from None
         tokenizer_dir = checkpoint.tokenizer_dir_for(args)
-        checkpoint.load_tokenizer(tokenizer_dir, config.vocab_size)
+        chat.load_tokenizer(tokenizer_dir, config.vocab_size)
         torch.manual_seed(args.seed)  # the same seed gives the same initial weights
         model = Transformer(config)
     config = model.config
 
     seq_len = config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
-    tokenizer_sha256 = checkpoint.tokenizer_sha256(tokenizer_dir)  # a file packed with another tokenizer is refused
+    tokenizer_sha256 = chat.tokenizer_sha256(tokenizer_dir)  # a file packed with another tokenizer is refused
     train_set = open_packed(args.data_path, seq_len, config.vocab_size, tokenizer_sha256, args.doc_mask)
     val_path = PretrainDataset.val_path(args.data_path)
     val_set = open_packed(val_path, seq_len, config.vocab_size, tokenizer_sha256, args.doc_mask,

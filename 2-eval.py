@@ -12,7 +12,7 @@ Run as:
 
 The checkpoint defaults to the newest of out/dpo_* > out/sft_multi_* > out/sft_single_* (the latest stage you ran).
 Prompts go through the tokenizer's chat template (`<s>{role}\\n{content}</s>\\n` per message, then `<s>assistant\\n`).
-Typed text stays text: a `<s>` or `</s>` in a question never becomes a control token (evaluate.encode_chat).
+Typed text stays text: a `<s>` or `</s>` in a question never becomes a control token (chat.encode_chat).
 Questions from the built-in list or --prompts are asked one by one, each on its own. In --interactive mode the
 conversation is kept: when it no longer fits in the model's context (max_seq_len minus --max_new_tokens) the
 oldest turns are dropped first. Commands: /reset forgets the conversation, /quit leaves.
@@ -23,7 +23,7 @@ user's): greedy answer, correct iff the gold answer is in its first line; every 
 import argparse
 import sys
 
-from model import evaluate, generate
+from model import chat, evaluate, generate
 
 PROMPTS = [  # minimind-style questions
     "你叫什么名字？",
@@ -42,7 +42,7 @@ PROMPTS = [  # minimind-style questions
 
 def reply(model, tokenizer, messages, settings):
     """Stream the assistant's answer to `messages` (already trimmed) and return its text."""
-    ids, max_new = evaluate.fit_context(evaluate.encode_chat(tokenizer, messages), settings["max_new_tokens"],
+    ids, max_new = chat.fit_context(chat.encode_chat(tokenizer, messages), settings["max_new_tokens"],
                                         model.config.max_seq_len)
     sampling = {k: v for k, v in settings.items() if k != "max_new_tokens"}
     pieces = []
@@ -54,7 +54,7 @@ def reply(model, tokenizer, messages, settings):
 
 
 def chat(model, tokenizer, settings, keep_history):
-    budget = evaluate.context_budget(model.config.max_seq_len, settings["max_new_tokens"])
+    budget = chat.context_budget(model.config.max_seq_len, settings["max_new_tokens"])
     print("chat with the model; /reset forgets the conversation, Ctrl-D or Ctrl-C quits", file=sys.stderr)
     history = []
     while True:
@@ -68,7 +68,7 @@ def chat(model, tokenizer, settings, keep_history):
             history = []
             print("(conversation cleared)")
             continue
-        messages = evaluate.trim_history(tokenizer, history + [{"role": "user", "content": question}], budget)
+        messages = chat.trim_history(tokenizer, history + [{"role": "user", "content": question}], budget)
         print("🤖: ", end="", flush=True)
         try:
             answer = reply(model, tokenizer, messages, settings)

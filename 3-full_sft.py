@@ -21,9 +21,10 @@ import os
 
 from torch.utils.data import ConcatDataset
 
-from model import checkpoint, lora, trainer
+from model import chat, checkpoint, lora, trainer
 from model.dataset import PretrainReplay, SFTDataset, open_packed
-from model.runtime import StageError, init_runtime, run_stage
+from model.runtime import init_runtime, run_stage
+from model.errors import StageError
 
 PREVIOUS = {"sft_single": "pretrain", "sft_multi": "sft_single"}
 
@@ -97,7 +98,7 @@ def main():
     parts = [SFTDataset(path, tokenizer, seq_len, pack=args.pack) for path in args.data_path]
     n_conversations = sum(len(p.offsets) for p in parts)
     settings = {"data": [os.path.abspath(p) for p in args.data_path],
-                "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
+                "tokenizer_sha256": chat.tokenizer_sha256(tokenizer_dir)}
     if args.ptx_data:
         if args.ptx_ratio <= 0:
             raise StageError(f"--ptx_ratio must be positive with --ptx_data (got {args.ptx_ratio})")

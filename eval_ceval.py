@@ -39,8 +39,8 @@ import sys
 
 import torch
 
-from model import evaluate, generate
-from model.runtime import BadLines, StageError
+from model import chat, evaluate, generate
+from model.errors import BadLines, StageError
 
 CHOICES = ("A", "B", "C", "D")
 REQUIRED = ("question", "a", "b", "c", "d", "answer")
@@ -143,13 +143,13 @@ def encode_prompt(tokenizer, q, shots, subject_name, chat=True):
     header = f"以下是中国关于{subject_name}考试的单项选择题，请选出其中的正确答案。\n\n"
     if not chat:
         text = header + "".join(question_block(s) + s["answer"] + "\n\n" for s in shots) + question_block(q)
-        return evaluate.encode_completion(tokenizer, text)
+        return chat.encode_completion(tokenizer, text)
     messages = []
     for k, shot in enumerate(shots):
         messages += [{"role": "user", "content": (header if k == 0 else "") + question_block(shot)},
                      {"role": "assistant", "content": shot["answer"]}]
     messages.append({"role": "user", "content": ("" if shots else header) + question_block(q)})
-    return evaluate.encode_chat(tokenizer, messages)
+    return chat.encode_chat(tokenizer, messages)
 
 
 def choice_token_ids(tokenizer):

@@ -14,18 +14,17 @@ A LoRA run directory is exported merged: its (checked) base with the adapter fol
 """
 import argparse
 import os
-import shutil
 import sys
 
 import torch
 
 from model import Transformer
 from model import lora
-from model.checkpoint import load_init_model
+from model.chat import DEFAULT_TOKENIZER_DIR
+from model.checkpoint import copy_tokenizer, load_init_model
 from model.llama import to_llama
-from model.runtime import StageError
+from model.errors import StageError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def export_gguf_file(model, args):
@@ -66,13 +65,10 @@ def main():
         sys.exit(f"export_model.py: {err}")
     llama.save_pretrained(args.out_dir)
 
-    candidates = [args.tokenizer_dir] if args.tokenizer_dir else [
-        args.checkpoint, os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "tokenizer")]
+    candidates = [args.tokenizer_dir] if args.tokenizer_dir else [args.checkpoint, DEFAULT_TOKENIZER_DIR]
     for tokenizer_dir in candidates:
         if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-            for name in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                    shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(args.out_dir, name))
+            copy_tokenizer(tokenizer_dir, args.out_dir)
             print(f"copied tokenizer from {tokenizer_dir}")
             break
     print(f"exported {args.checkpoint} -> {args.out_dir} (LlamaForCausalLM, "

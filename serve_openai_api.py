@@ -379,7 +379,7 @@ def create_app(model, tokenizer, checkpoint, engine, api_key=None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
-        from model.evaluate import context_budget, encode_chat, trim_history
+        from model.chat import context_budget, encode_chat, trim_history
         body = await read_json(http)
         check_fields(body, CHAT_FIELDS)
         params = sampling_params(body, names, None, "max_completion_tokens")
@@ -404,9 +404,8 @@ def create_app(model, tokenizer, checkpoint, engine, api_key=None):
             text = text[0]
         if not isinstance(text, str):
             raise bad("prompt", "'prompt' must be a string (or a list holding one string)")
-        # <s> + text; a "</s>" in the text stays text
-        prompt = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False,
-                                                      split_special_tokens=True)["input_ids"]
+        from model.chat import encode_completion
+        prompt = encode_completion(tokenizer, text)  # a "</s>" in the text stays text
         if len(prompt) >= max_len:
             raise bad("prompt", f"the prompt is {len(prompt)} tokens; the model's context is {max_len} tokens")
         return await respond(prompt, params, chat=False)

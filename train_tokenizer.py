@@ -43,15 +43,10 @@ import time
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from model.chat import CHAT_TEMPLATE  # the chat format's one home; the tokenizer carries it for transformers/llama.cpp
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 in this order, as in the seed
 CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs (extension A, unified, compatibility)
-# No "-" whitespace control next to the newlines: "</s>\n" between turns is part of the format.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 
 
 PRETOKENIZERS = ("qwen2", "cjk_chars")

@@ -24,10 +24,9 @@ import torch
 from . import lora
 from .LMConfig import LMConfig
 from .model import Transformer
-from .data_formats import tokenizer_sha256  # noqa: F401  (the run's tokenizer identity, as packed files record it)
-from .runtime import DEFAULT_TOKENIZER_DIR, StageError
+from .chat import DEFAULT_TOKENIZER_DIR, TOKENIZER_FILES, load_tokenizer, tokenizer_sha256
+from .errors import StageError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # Fields that change a tensor's shape: a checkpoint must agree on all of them to be loaded.
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "use_moe",
                 "n_routed_experts", "n_shared_experts")
@@ -97,20 +96,6 @@ def start_from_checkpoint(init_dir: str, args, overrides: dict):
                          f"{init_dir} was trained with (sha256 {tokenizer_sha256(init_dir)[:12]}): drop "
                          f"--tokenizer_dir to use the checkpoint's own")
     return model, load_tokenizer(tokenizer_dir, model.config.vocab_size), tokenizer_dir
-
-
-def load_tokenizer(tokenizer_dir, vocab_size: int):
-    """AutoTokenizer from a directory, checked against the model's vocabulary (a mismatch fails at step 0
-    with an index error otherwise)."""
-    from transformers import AutoTokenizer
-    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-        raise StageError(f"no tokenizer.json in {tokenizer_dir}: train one with train_tokenizer.py or pass --tokenizer_dir")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if len(tokenizer) != vocab_size:
-        raise StageError(f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{vocab_size}: pass --vocab_size {len(tokenizer)} (or edit model/LMConfig.py) when "
-                         f"pretraining, or use the tokenizer the model was trained with")
-    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ inference side by side, and the one reporter of bad input lines.
                                keep freed memory for reuse (keep_freed_memory)
     resolve_dtype / autocast   training precision (bf16 where it is fast, fp32 elsewhere)
     pick_device / pick_dtype   inference device and weight dtype (fp32 on CPUs: scores do not depend on the CPU)
-    StageError, BadLines       (from model/errors.py, which data-only scripts import without torch)
 """
 import ctypes
 import os
@@ -19,10 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import BadLines, StageError  # noqa: F401  (stages import them from here too)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TOKENIZER_DIR = os.path.join(ROOT, "model", "tokenizer")
+from .errors import StageError
 
 
 def run_stage(main):

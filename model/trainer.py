@@ -24,12 +24,13 @@ from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
 from . import checkpoint, lora
+from .chat import IGNORE_INDEX
 from .metrics import StepLog
 from .optim import TimeBudget, budget_steps, build_optimizer, lr_at  # noqa: F401  (the stages' and tests' API)
-from .runtime import Runtime, StageError, StopSignals, all_reduce_sum, autocast, resolve_dtype
+from .runtime import Runtime, StopSignals, all_reduce_sum, autocast, resolve_dtype
+from .errors import StageError
 
 transformers_logging.disable_progress_bar()  # a bar per checkpoint write would bury the training bar
-IGNORE = -100
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,8 +151,8 @@ class ResumableBatchSampler:
 def count_labelled_tokens(batch) -> int:
     """Targets of a language-modelling batch: shift_labels (already shifted) or labels (shifted in the model)."""
     if "shift_labels" in batch:
-        return int((batch["shift_labels"] != IGNORE).sum())
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+        return int((batch["shift_labels"] != IGNORE_INDEX).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def lm_loss(model, batch):

@@ -10,7 +10,9 @@ import torch
 
 from conftest import make_tiny_model
 from model import checkpoint
-from model.runtime import DEFAULT_TOKENIZER_DIR, Runtime, StageError
+from model.runtime import Runtime
+from model.chat import DEFAULT_TOKENIZER_DIR
+from model.errors import StageError
 
 RUNTIME = Runtime(torch.device("cpu"), False, 0, 0, 1)
 

@@ -99,8 +99,8 @@ def test_pretrain_size_mismatch_is_a_clear_error(tmp_path):
 
 def test_pretrain_packed_with_another_tokenizer_is_a_stage_error(tmp_path, capsys):
     from conftest import SHIPPED_TOKENIZER
-    from model.dataset import tokenizer_sha256
-    from model.runtime import StageError
+    from model.chat import tokenizer_sha256
+    from model.errors import StageError
     path, _ = packed_file(tmp_path, TEXTS)
     shipped = tokenizer_sha256(SHIPPED_TOKENIZER)
     meta_path = tmp_path / "corpus.meta.json"
@@ -249,7 +249,7 @@ def test_pretraining_rows_replayed_in_sft_are_fixed_distinct_and_batch_with_conv
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_sft_bad_records_fail_at_construction_whatever_pack(tmp_path, tokenizer, capsys, pack):
-    from model.runtime import StageError
+    from model.errors import StageError
     good = {"conversations": CONVERSATION}
     path = jsonl(tmp_path, "bad.jsonl", [good, good, {"text": "pretraining text"}, good,
                                          {"conversations": CONVERSATION[:-1]}] + [good] * 3)
@@ -263,7 +263,7 @@ def test_sft_bad_records_fail_at_construction_whatever_pack(tmp_path, tokenizer,
 
 
 def test_dpo_bad_records_fail_at_construction(tmp_path, tokenizer):
-    from model.runtime import StageError
+    from model.errors import StageError
     good = {"chosen": CONVERSATION, "rejected": CONVERSATION[:-1] + [{"role": "assistant", "content": "不"}]}
     path = jsonl(tmp_path, "dpo.jsonl", [good] * 5 + [{"chosen": CONVERSATION, "rejected": "x"}])
     with pytest.raises(StageError, match=r"dpo\.jsonl: 1 of 6 records .* the first: .*dpo\.jsonl:6: \(rejected\): "
@@ -273,7 +273,7 @@ def test_dpo_bad_records_fail_at_construction(tmp_path, tokenizer):
 
 def old_packed_items(path, tokenizer, max_seq_len):
     """The packed items as the in-memory implementation built them (the reference for the cache)."""
-    from model.dataset import ChatEncoder
+    from model.chat import ChatEncoder
     encoder = ChatEncoder(tokenizer, max_seq_len)
     with open(path, encoding="utf-8") as f:
         encodings = [encoder.encode(json.loads(line)["conversations"]) for line in f if line.strip()]

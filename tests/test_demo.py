@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import demo
-from model.dataset import ChatEncoder
+from model.chat import ChatEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from conftest import make_tiny_model
 from model import Transformer, trainer
 from model.checkpoint import list_checkpoints
-from model.runtime import Runtime, StageError
+from model.runtime import Runtime
+from model.errors import StageError
 
 V = 64
 
