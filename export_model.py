@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from model import Transformer
+from model.model import Transformer
 from model import lora
 from model.chat import DEFAULT_TOKENIZER_DIR
 from model.checkpoint import copy_tokenizer, load_init_model

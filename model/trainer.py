@@ -26,7 +26,7 @@ from transformers.utils import logging as transformers_logging
 from . import checkpoint, lora
 from .chat import IGNORE_INDEX
 from .metrics import StepLog
-from .optim import TimeBudget, budget_steps, build_optimizer, lr_at  # noqa: F401  (the stages' and tests' API)
+from .optim import TimeBudget, build_optimizer, lr_at
 from .runtime import Runtime, StopSignals, all_reduce_sum, autocast, resolve_dtype
 from .errors import StageError
 
