@@ -16,7 +16,9 @@ import os
 
 import torch
 
-from model import LMConfig, Transformer, chat, checkpoint, trainer
+from model import chat, checkpoint, stages, trainer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 from model.dataset import PretrainDataset, open_packed
 from model.runtime import init_runtime, run_stage
 from model.errors import StageError
@@ -54,7 +56,7 @@ def main():
     val_set = open_packed(val_path, seq_len, config.vocab_size, tokenizer_sha256, args.doc_mask,
                           what="validation data") if os.path.isfile(val_path) else None
 
-    run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("pretrain", config))
+    run_dir = args.out_dir or os.path.join("out", stages.run_name("pretrain", config))
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     if runtime.is_master:
         n_params = sum(p.numel() for p in model.parameters())

@@ -23,7 +23,7 @@ user's): greedy answer, correct iff the gold answer is in its first line; every 
 import argparse
 import sys
 
-from model import chat, evaluate, generate
+from model import chat, evaluate, generate, stages
 
 PROMPTS = [  # minimind-style questions
     "你叫什么名字？",
@@ -43,7 +43,7 @@ PROMPTS = [  # minimind-style questions
 def reply(model, tokenizer, messages, settings):
     """Stream the assistant's answer to `messages` (already trimmed) and return its text."""
     ids, max_new = chat.fit_context(chat.encode_chat(tokenizer, messages), settings["max_new_tokens"],
-                                        model.config.max_seq_len)
+                                    model.config.max_seq_len)
     sampling = {k: v for k, v in settings.items() if k != "max_new_tokens"}
     pieces = []
     for piece in generate.stream_reply(model, tokenizer, ids, max_new, **sampling):
@@ -53,7 +53,7 @@ def reply(model, tokenizer, messages, settings):
     return "".join(pieces)
 
 
-def chat(model, tokenizer, settings, keep_history):
+def interactive(model, tokenizer, settings, keep_history):
     budget = chat.context_budget(model.config.max_seq_len, settings["max_new_tokens"])
     print("chat with the model; /reset forgets the conversation, Ctrl-D or Ctrl-C quits", file=sys.stderr)
     history = []
@@ -86,7 +86,7 @@ def main():
                         help="--interactive: answer every question on its own, without the earlier turns")
     args = parser.parse_args()
 
-    model, tokenizer, checkpoint = evaluate.load_for_cli(args, evaluate.CHAT_STAGES)
+    model, tokenizer, checkpoint = evaluate.load_for_cli(args, stages.CHAT_STAGES)
 
     if args.eval_file:
         settings = evaluate.sampling_kwargs(args, scoring=True)
@@ -97,7 +97,7 @@ def main():
         return
     settings = evaluate.sampling_kwargs(args, scoring=False)
     if args.interactive:
-        chat(model, tokenizer, settings, keep_history=not args.no_history)
+        interactive(model, tokenizer, settings, keep_history=not args.no_history)
         return
     for question in evaluate.read_prompts(args.prompts) if args.prompts else PROMPTS:
         print(f"👶: {question}")

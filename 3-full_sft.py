@@ -21,12 +21,12 @@ import os
 
 from torch.utils.data import ConcatDataset
 
-from model import chat, checkpoint, lora, trainer
+from model import chat, checkpoint, lora, stages, trainer
 from model.dataset import PretrainReplay, SFTDataset, open_packed
 from model.runtime import init_runtime, run_stage
 from model.errors import StageError
 
-PREVIOUS = {"sft_single": "pretrain", "sft_multi": "sft_single"}
+SFT_STAGES = ("sft_single", "sft_multi")
 
 
 def count_multi_turn(paths) -> tuple:
@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--data_path", nargs="+", default=["dataset/sft_data_single.jsonl"],
                         help="conversations JSONL file(s) (data_process.py sft writes sft_data_single/multi.jsonl); mixing in "
                              "some single-turn data keeps the multi-turn stage from forgetting it")
-    parser.add_argument("--stage", choices=list(PREVIOUS), default=None,
+    parser.add_argument("--stage", choices=SFT_STAGES, default=None,
                         help="sft_single (starts from out/pretrain_*) or sft_multi (starts from out/sft_single_*); "
                              "default: sft_multi when the data has multi-turn conversations")
     parser.add_argument("--init_from", default=None,
@@ -82,9 +82,9 @@ def main():
         stage = "sft_multi" if multi else "sft_single"
         if runtime.is_master:
             print(f"stage {stage}: {multi} of {total} conversations have several user turns (--stage overrides)")
-    previous = PREVIOUS[stage]
-    init_dir = args.init_from or checkpoint.find_run(previous, args.dim, args.use_moe)
+    init_dir = args.init_from or stages.find_start(stage, args.dim, args.use_moe)
     if init_dir is None:
+        previous = stages.STAGES[stage].starts_from[0]
         raise StageError(f"no out/{previous}_* checkpoint found to start {stage} from: run the previous "
                          f"stage first or pass --init_from DIR")
     model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
@@ -110,7 +110,7 @@ def main():
     train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     val_set = SFTDataset(args.val_path, tokenizer, seq_len, pack=args.pack) if args.val_path else None
 
-    run_dir = args.out_dir or os.path.join("out", checkpoint.run_name(stage, model.config))
+    run_dir = args.out_dir or os.path.join("out", stages.run_name(stage, model.config))
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     if runtime.is_master:
         replay = f" + {len(parts[-1])} rows of {args.ptx_data}" if args.ptx_data else ""

@@ -18,7 +18,7 @@ Run as:
 import argparse
 import os
 
-from model import chat, checkpoint, lora, trainer
+from model import chat, checkpoint, lora, stages, trainer
 from model.dataset import DPODataset, open_packed
 from model.dpo import WithReference, count_pairs, make_dpo_loss, reference_logps
 from model.runtime import init_runtime, resolve_dtype, run_stage
@@ -50,11 +50,10 @@ def main():
     lora.add_lora_args(parser)
     args = parser.parse_args()
 
-    init_dir = args.init_from or checkpoint.find_run("sft_multi", args.dim, args.use_moe) or \
-        checkpoint.find_run("sft_single", args.dim, args.use_moe)
+    init_dir = args.init_from or stages.find_start("dpo", args.dim, args.use_moe)
     if init_dir is None:
         raise StageError("no out/sft_multi_* or out/sft_single_* checkpoint found: run 3-full_sft.py first "
-                                 "or pass --init_from DIR")
+                         "or pass --init_from DIR")
     runtime = init_runtime(args.device)
     model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
     model = lora.maybe_wrap(model, args, init_dir)  # --lora_rank 0: the model itself, trained in full
@@ -68,7 +67,7 @@ def main():
                           model.config.vocab_size, settings["tokenizer_sha256"], what="--ptx_data")
         settings["ptx_data"] = os.path.abspath(args.ptx_data)
 
-    run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("dpo", model.config))
+    run_dir = args.out_dir or os.path.join("out", stages.run_name("dpo", model.config))
     # before the reference pass: a run directory that holds another run stops here, not minutes later
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     extra_state = {}

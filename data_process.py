@@ -34,7 +34,6 @@ streamed: memory stays flat in the file size.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 # model.errors, model.chat and model.data_formats, not torch: packing starts at once
-from model.chat import DEFAULT_TOKENIZER_DIR, tokenizer_sha256
+from model.chat import DEFAULT_TOKENIZER_DIR, encode_documents, open_document_tokenizer, tokenizer_sha256
 from model.data_formats import (BadRecord, Unreadable, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
                                 pretrain_text, publish, to_conversation, to_preference, zh_ratio)
 from model.errors import BadLines
@@ -89,10 +88,7 @@ _worker = {}
 def init_worker(tokenizer_json, bos_id, eos_id, in_pool=True):
     if in_pool:  # the pool is the parallelism: no extra tokenizer threads inside each worker
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-    tokenizer = Tokenizer.from_file(tokenizer_json)
-    tokenizer.encode_special_tokens = True  # "<s>" written in a document is text, not a document boundary
-    _worker.update(tokenizer=tokenizer, bos_id=bos_id, eos_id=eos_id)
+    _worker.update(tokenizer=open_document_tokenizer(tokenizer_json), bos_id=bos_id, eos_id=eos_id)
 
 
 def encode_chunk(items):
@@ -110,9 +106,8 @@ def encode_chunk(items):
             texts.append(pretrain_text(record))
         except BadRecord as err:
             bad.append((path, line_no, str(err), err.kind))
-    encodings = _worker["tokenizer"].encode_batch(texts, add_special_tokens=False) if texts else []
-    bos, eos = _worker["bos_id"], _worker["eos_id"]
-    docs = [np.array([bos] + enc.ids + [eos], dtype=np.uint32) for enc in encodings]
+    docs = [np.array(ids, dtype=np.uint32)
+            for ids in encode_documents(_worker["tokenizer"], texts, _worker["bos_id"], _worker["eos_id"])]
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
     return bad, (np.concatenate(docs) if docs else np.zeros(0, np.uint32)), lengths
 
@@ -352,7 +347,7 @@ def run_dpo(args):
 
 
 def run_demo(args):
-    from model.demo_corpus import generate_demo
+    from demo_corpus import generate_demo
     t0 = time.time()
     counts = generate_demo(args.out_dir, args.seed, args.n_people, args.n_bios, args.sft_people_ratio,
                            args.heldout_pair_ratio, args.eval_size, args.dpo_people_ratio)
@@ -390,10 +385,10 @@ def main(argv=None):
         p.add_argument("--chunk_bytes", type=int, default=1 << 20, help="input bytes sent to a worker at a time")
 
     p = commands.add_parser("demo", help="generate the demo corpus into dataset/demo/ and pack its pretraining text",
-                            description="Generate the demo world (model/demo_corpus.py) into --out_dir: every "
+                            description="Generate the demo world (demo_corpus.py) into --out_dir: every "
                             "canonical file, the eval files and world.json; then pack pretrain_data.jsonl with "
                             "--tokenizer_dir unless --no_pack.")
-    from model.demo_corpus import add_demo_args
+    from demo_corpus import add_demo_args
     add_demo_args(p)
     packing(p)
     common(p, None)

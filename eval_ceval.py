@@ -39,7 +39,8 @@ import sys
 
 import torch
 
-from model import chat, evaluate, generate
+from model import evaluate, generate, stages
+from model.chat import encode_chat, encode_completion, encode_texts
 from model.errors import BadLines, StageError
 
 CHOICES = ("A", "B", "C", "D")
@@ -143,19 +144,18 @@ def encode_prompt(tokenizer, q, shots, subject_name, chat=True):
     header = f"以下是中国关于{subject_name}考试的单项选择题，请选出其中的正确答案。\n\n"
     if not chat:
         text = header + "".join(question_block(s) + s["answer"] + "\n\n" for s in shots) + question_block(q)
-        return chat.encode_completion(tokenizer, text)
+        return encode_completion(tokenizer, text)
     messages = []
     for k, shot in enumerate(shots):
         messages += [{"role": "user", "content": (header if k == 0 else "") + question_block(shot)},
                      {"role": "assistant", "content": shot["answer"]}]
     messages.append({"role": "user", "content": ("" if shots else header) + question_block(q)})
-    return chat.encode_chat(tokenizer, messages)
+    return encode_chat(tokenizer, messages)
 
 
 def choice_token_ids(tokenizer):
     ids = []
-    for c in CHOICES:
-        encoded = tokenizer(c, add_special_tokens=False)["input_ids"]
+    for c, encoded in zip(CHOICES, encode_texts(tokenizer, CHOICES)):
         if len(encoded) != 1:
             raise StageError(f"the tokenizer splits {c!r} into {len(encoded)} tokens; choice scoring needs one")
         ids.append(encoded[0])
@@ -281,8 +281,8 @@ def main():
     if args.shots < 0 or args.batch_size < 1:
         raise StageError("--shots must be >= 0 and --batch_size >= 1")
 
-    stages = evaluate.PRETRAIN_STAGES if args.no_chat_template and not args.checkpoint else evaluate.CHAT_STAGES
-    model, tokenizer, checkpoint = evaluate.load_checkpoint(args.checkpoint, stages, args.device, args.dtype,
+    search = stages.PRETRAIN_STAGES if args.no_chat_template and not args.checkpoint else stages.CHAT_STAGES
+    model, tokenizer, checkpoint = evaluate.load_checkpoint(args.checkpoint, search, args.device, args.dtype,
                                                             args.tokenizer_dir)
     print(f"checkpoint {checkpoint}, {args.data_dir} ({args.split}), {args.shots}-shot", file=sys.stderr)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None

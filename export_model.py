@@ -5,6 +5,7 @@ With --gguf it writes one GGUF file for llama.cpp / ollama instead (model/gguf_e
 use the qwen2 pre-tokenizer, train_tokenizer.py's default, as the shipped one does).
 
 Run as:
+    python export_model.py --out_dir out/hf_llama       # the newest chat model (e.g. out/demo/dpo after make demo)
     python export_model.py --checkpoint out/dpo_512 --out_dir out/hf_llama
     python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('out/hf_llama')"
     python export_model.py --checkpoint out/dpo_512 --gguf out/nano-llm-f16.gguf [--outtype f32|f16|q8_0]
@@ -18,22 +19,18 @@ import sys
 
 import torch
 
-from model import Transformer
+from model.model import Transformer
 from model import lora
-from model.chat import DEFAULT_TOKENIZER_DIR
-from model.checkpoint import copy_tokenizer, load_init_model
+from model.checkpoint import copy_tokenizer, load_init_model, tokenizer_dir_for
+from model.evaluate import resolve_checkpoint
 from model.llama import to_llama
 from model.errors import StageError
+from model.stages import CHAT_STAGES, PRETRAIN_STAGES
 
 
 
-def export_gguf_file(model, args):
+def export_gguf_file(model, args, tokenizer_dir):
     from model.gguf_export import export_gguf
-    tokenizer_dir = args.tokenizer_dir or next(
-        (d for d in (args.checkpoint, os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "tokenizer"))
-         if os.path.isfile(os.path.join(d, "tokenizer.json"))), None)
-    if tokenizer_dir is None:
-        raise FileNotFoundError(f"no tokenizer.json in {args.checkpoint} or model/tokenizer; pass --tokenizer_dir")
     size = export_gguf(model, tokenizer_dir, args.gguf, args.outtype)
     print(f"exported {args.checkpoint} -> {args.gguf} (GGUF llama, {args.outtype}, tokenizer from {tokenizer_dir}, "
           f"{size / 2**20:.1f} MiB)")
@@ -41,7 +38,8 @@ def export_gguf_file(model, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="nano-LLM checkpoint directory (save_pretrained format)")
+    parser.add_argument("--checkpoint", default=None, help="nano-LLM run directory (default: the newest chat model, "
+                        "as 2-eval.py finds it, else the newest pretrained one)")
     parser.add_argument("--out_dir", default=None, help="where to write the LlamaForCausalLM directory")
     parser.add_argument("--gguf", default=None, metavar="PATH",
                         help="write a GGUF file for llama.cpp / ollama to PATH (with or instead of --out_dir)")
@@ -54,10 +52,14 @@ def main():
         parser.error("give --out_dir (transformers directory) and/or --gguf PATH (llama.cpp file)")
 
     try:
+        args.checkpoint = resolve_checkpoint(args.checkpoint, CHAT_STAGES + PRETRAIN_STAGES)
+        tokenizer_dir = tokenizer_dir_for(args, args.checkpoint)
+        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+            raise FileNotFoundError(f"no tokenizer.json in {tokenizer_dir}; pass --tokenizer_dir")
         model = load_init_model(args.checkpoint, {}) if lora.is_adapter_dir(args.checkpoint) else \
             Transformer.from_pretrained(args.checkpoint)
         if args.gguf:
-            export_gguf_file(model, args)
+            export_gguf_file(model, args, tokenizer_dir)
             if not args.out_dir:
                 return
         llama = to_llama(model)
@@ -65,12 +67,8 @@ def main():
         sys.exit(f"export_model.py: {err}")
     llama.save_pretrained(args.out_dir)
 
-    candidates = [args.tokenizer_dir] if args.tokenizer_dir else [args.checkpoint, DEFAULT_TOKENIZER_DIR]
-    for tokenizer_dir in candidates:
-        if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-            copy_tokenizer(tokenizer_dir, args.out_dir)
-            print(f"copied tokenizer from {tokenizer_dir}")
-            break
+    copy_tokenizer(tokenizer_dir, args.out_dir)
+    print(f"copied tokenizer from {tokenizer_dir}")
     print(f"exported {args.checkpoint} -> {args.out_dir} (LlamaForCausalLM, "
           f"{sum(p.numel() for p in llama.parameters()) / 1e6:.2f}M parameters)")
 

@@ -438,7 +438,7 @@ def main():
 
     import uvicorn
 
-    from model import evaluate
+    from model import evaluate, stages
     from model.engine import Engine
 
     api_key = args.api_key or os.environ.get("NANO_LLM_API_KEY") or None
@@ -446,7 +446,7 @@ def main():
         print(f"WARNING: binding {args.host} without --api_key: anyone who can reach port {args.port} can use "
               f"the model. Set --api_key or NANO_LLM_API_KEY.", file=sys.stderr)
     model, tokenizer, checkpoint = evaluate.load_checkpoint(
-        args.checkpoint, evaluate.CHAT_STAGES + evaluate.PRETRAIN_STAGES, args.device, args.dtype, args.tokenizer_dir)
+        args.checkpoint, stages.CHAT_STAGES + stages.PRETRAIN_STAGES, args.device, args.dtype, args.tokenizer_dir)
     engine = Engine(model, tokenizer.eos_token_id, max_batch=args.max_batch, max_queue=args.max_queue)
     app = create_app(model, tokenizer, checkpoint, engine, api_key)
     n_params = sum(p.numel() for p in model.parameters())

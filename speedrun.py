@@ -36,7 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import LMConfig, Transformer, checkpoint, corpora, trainer
+from model import checkpoint, corpora, trainer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 from model.chat import IGNORE_INDEX, encode_completion, tokenizer_sha256
 from model.dataset import PretrainDataset
 from model.metrics import read_rows

@@ -68,8 +68,23 @@ def encode_texts(tokenizer, texts) -> list:
 
 
 def encode_completion(tokenizer, text: str) -> list:
-    """<s> + the text, as data_process.py packs pretraining documents (which then end with </s>)."""
+    """<s> + the text, as pretraining documents start (encode_documents)."""
     return [tokenizer.bos_token_id] + encode_texts(tokenizer, [text])[0]
+
+
+def open_document_tokenizer(tokenizer_json):
+    """The bare `tokenizers` Tokenizer that data_process.py packs pretraining text with (one per worker process,
+    no transformers): special tokens written in a document stay text, as in encode_texts."""
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def encode_documents(document_tokenizer, texts, bos_id, eos_id) -> list:
+    """<s> + text + </s> per pretraining document, as token-id lists."""
+    encodings = document_tokenizer.encode_batch(list(texts), add_special_tokens=False) if texts else []
+    return [[bos_id] + encoding.ids + [eos_id] for encoding in encodings]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-Checkpoints and run directories: find the previous stage's run, load it strictly, save training checkpoints
+Checkpoints and run directories: load the previous stage's run strictly (model/stages.py finds it), save training checkpoints
 atomically, list and prune them, restore the training state for an exact resume.
 
 Run directory layout (out/<stage>_<dim>[_moe]/):
@@ -14,7 +14,6 @@ previous one loadable. training_state.pt holds only tensors and plain types: it 
 """
 import os
 import random
-import re
 import shutil
 import time
 
@@ -30,27 +29,6 @@ from .errors import StageError
 # Fields that change a tensor's shape: a checkpoint must agree on all of them to be loaded.
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "use_moe",
                 "n_routed_experts", "n_shared_experts")
-
-
-def run_name(stage: str, config: LMConfig) -> str:
-    return f"{stage}_{config.dim}{'_moe' if config.use_moe else ''}"
-
-
-def find_run(stage: str, dim=None, use_moe=None, root="out"):
-    """Newest out/<stage>_<dim>[_moe] directory holding weights (or a LoRA adapter), narrowed by dim/use_moe."""
-    pattern = re.compile(rf"^{re.escape(stage)}_(\d+)(_moe)?$")
-    found = []
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        match = pattern.match(name)
-        weights = os.path.join(root, name, "model.safetensors")
-        if lora.is_adapter_dir(os.path.join(root, name)):
-            weights = os.path.join(root, name, lora.ADAPTER_WEIGHTS)
-        if not match or not os.path.isfile(weights):
-            continue
-        if (dim is not None and int(match.group(1)) != dim) or (use_moe is not None and bool(match.group(2)) != use_moe):
-            continue
-        found.append((os.path.getmtime(weights), os.path.join(root, name)))
-    return max(found)[1] if found else None
 
 
 def load_init_model(init_dir: str, overrides: dict) -> Transformer:

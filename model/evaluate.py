@@ -7,8 +7,8 @@ Public API (stable; demo.py imports it):
 
     load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="auto", tokenizer_dir=None,
                     root="out") -> (model, tokenizer, checkpoint_dir)
-        checkpoint None = the newest run of the first stage in `stages` that has one (model.checkpoint.find_run):
-        PRETRAIN_STAGES = ("pretrain",), CHAT_STAGES = ("dpo", "sft_multi", "sft_single").
+        checkpoint None = the newest run of the first stage in `stages` that has one (model.stages.find_newest:
+        out/<stage>_<dim>, or out/*/<stage> as make demo writes); stages: model.stages.CHAT_STAGES / PRETRAIN_STAGES.
         A LoRA run directory (adapter + lora_base.json) loads as its checked base with the adapter merged in.
         Tokenizer: tokenizer_dir, else the checkpoint's own copy, else model/tokenizer/ (checked against
         vocab_size). Model in eval mode on `device` (auto: cuda > mps > cpu) in `dtype` (auto: bfloat16 on CUDA
@@ -48,13 +48,12 @@ import torch
 
 from . import lora
 from .chat import DEFAULT_TOKENIZER_DIR, encode_chat, encode_completion, load_tokenizer
-from .checkpoint import find_run, load_init_model
+from .checkpoint import load_init_model
 from .errors import BadLines, StageError
-from .generate import check_sampling, generate_batch, left_pad
+from .generate import check_sampling, generate_batch
 from .runtime import pick_device, pick_dtype, run_stage
+from .stages import CHAT_STAGES, find_newest, searched
 
-PRETRAIN_STAGES = ("pretrain",)
-CHAT_STAGES = ("dpo", "sft_multi", "sft_single")
 MODES = ("chat", "completion")
 REPORT_LIMIT = 20  # bad lines printed per file; all are counted
 
@@ -81,12 +80,10 @@ def resolve_checkpoint(checkpoint=None, stages=CHAT_STAGES, root="out") -> str:
             raise StageError(f"no model.safetensors in {checkpoint}: not a checkpoint directory "
                              f"(pass a run directory such as out/pretrain_512)")
         return checkpoint
-    for stage in stages:
-        found = find_run(stage, root=root)
-        if found:
-            return found
-    names = ", ".join(f"{root}/{stage}_*" for stage in stages)
-    raise StageError(f"no checkpoint found ({names}): train one first or pass --checkpoint DIR")
+    found = find_newest(stages, root)
+    if found is None:
+        raise StageError(f"no checkpoint found ({searched(stages, root)}): train one first or pass --checkpoint DIR")
+    return found
 
 
 def load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="auto", tokenizer_dir=None,

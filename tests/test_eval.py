@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import LMConfig, Transformer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 from model import chat, evaluate, generate
 from model.checkpoint import copy_tokenizer
 from model.chat import DEFAULT_TOKENIZER_DIR

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, SHIPPED_TOKENIZER
-from model import LMConfig, Transformer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 
 gguf = pytest.importorskip("gguf", reason="export_model.py --gguf needs the gguf package (requirements.txt)")
 

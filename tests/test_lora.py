@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import LMConfig, Transformer, checkpoint, lora, trainer
+from model import checkpoint, lora, stages, trainer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 from model.checkpoint import list_checkpoints
 from model.runtime import Runtime
 from model.errors import StageError
@@ -111,9 +113,9 @@ def test_only_adapters_train_and_the_checkpoint_holds_only_the_adapter(base, tmp
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # it learned something
     reference = json.load(open(run / "lora_base.json"))
     assert reference["base_sha256"] == lora.file_sha256(os.path.join(base, "model.safetensors"))
-    assert checkpoint.find_run("run", root=str(tmp_path)) is None and lora.is_adapter_dir(str(run))
+    assert stages.find_run("run", root=str(tmp_path)) is None and lora.is_adapter_dir(str(run))
     os.rename(run, tmp_path / "sft_single_32")  # the next stage finds an adapter run as it finds a full one
-    assert checkpoint.find_run("sft_single", 32, root=str(tmp_path)) == str(tmp_path / "sft_single_32")
+    assert stages.find_run("sft_single", 32, root=str(tmp_path)) == str(tmp_path / "sft_single_32")
 
 
 def test_disabled_adapters_give_the_base_logits_exactly(base, tmp_path):

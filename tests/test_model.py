@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 import model.model as model_module
 from conftest import TINY_SHAPE, make_tiny_model
-from model import CheckpointMismatchError, LMConfig, Transformer
+from model.LMConfig import LMConfig
+from model.model import CheckpointMismatchError, Transformer
 from model.generate import KVCache, generate_stream
 from model.model import apply_rope, attention_path, estimate_flops_per_token, rope_cos_sin
 

@@ -21,7 +21,9 @@ import urllib.request
 import pytest
 import torch
 
-from model import LMConfig, Transformer, chat, evaluate, generate
+from model import chat, evaluate, generate
+from model.LMConfig import LMConfig
+from model.model import Transformer
 from model.checkpoint import copy_tokenizer
 from model.generate import generate_stream
 from model.chat import DEFAULT_TOKENIZER_DIR
