@@ -113,6 +113,7 @@ class Engine:
         # never past the context: the last token generated is not fed back, so prompt + new <= max_len fits
         request.max_new_tokens = max(1, min(request.max_new_tokens, self.max_len - len(request.prompt)))
         with self.wakeup:
+            self._drop_cancelled_waiting()
             if len(self.rows) + self.n_prefilling + len(self.waiting) >= self.max_batch + self.max_queue:
                 raise EngineFull(f"{self.max_batch} requests running and {self.max_queue} waiting")
             self.waiting.append(request)
@@ -120,8 +121,17 @@ class Engine:
 
     def load(self) -> dict:
         with self.wakeup:  # a request moves from prefilling to rows under this lock: never counted 0 or 2 times
+            self._drop_cancelled_waiting()
             return {"running": len(self.rows) + self.n_prefilling, "waiting": len(self.waiting),
                     "max_batch": self.max_batch, "max_queue": self.max_queue, "decode_steps": self.n_steps}
+
+    def _drop_cancelled_waiting(self):
+        """Requests cancelled while waiting leave the queue now (with the lock held), not when a slot frees up:
+        until then they would hold places of max_queue."""
+        if any(request.cancelled for request in self.waiting):
+            for request in [r for r in self.waiting if r.cancelled]:
+                self._finish(request, "cancelled")
+            self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
