@@ -88,9 +88,8 @@ class ServerState:
         self.created = int(time.time())
 
 
-def error_response(err, request_id=None):
-    headers = {**(err.headers or {}), **({"X-Request-Id": request_id} if request_id else {})}
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+def error_response(err):
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def new_request_id():
@@ -101,7 +100,7 @@ def report(err, what):
     """Log an internal failure in full under a new request id; -> the generic error the client gets."""
     request_id = new_request_id()
     log.error("%s %s: %s: %s", request_id, what, type(err).__name__, err, exc_info=err)
-    return server_error(request_id), request_id
+    return server_error(request_id)
 
 
 class Guard:
@@ -174,7 +173,7 @@ async def text_pieces(state, request, queue, stops, result):
             else:
                 reason, err = event[1], event[2]
                 if reason == "error":
-                    raise report(err, "generation failed")[0]
+                    raise report(err, "generation failed")
                 if reason == "cancelled":  # not by us (we stop reading first): the engine is stopping
                     raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
                 piece, stopped = text.flush()
@@ -230,7 +229,7 @@ async def respond(state, http, prompt, params, chat):
         except APIError as err:  # the status line is sent already: the error goes in the stream
             yield sse(err.body())
         except Exception as err:
-            yield sse(report(err, "stream failed")[0].body())
+            yield sse(report(err, "stream failed").body())
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -319,7 +318,7 @@ def create_app(state):
                                        code="not_found" if err.status_code == 404 else None))
 
     async def on_server_error(http, err):  # a bug: the client gets an id, the log gets the detail
-        return error_response(*report(err, f"{http.method} {http.url.path} failed"))
+        return error_response(report(err, f"{http.method} {http.url.path} failed"))
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(HTTPException, on_http_error)

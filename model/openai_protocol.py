@@ -74,7 +74,8 @@ def shown(value, limit=60):
 def server_error(request_id):
     """What a client sees of a failure inside the server: the detail goes to the log under request_id."""
     return APIError(500, f"The server had an error while processing your request; its log has the details "
-                          f"under request id {request_id}", type="server_error", code="internal_error")
+                          f"under request id {request_id}", type="server_error", code="internal_error",
+                    headers={"X-Request-Id": request_id})
 
 
 # ----------------------------------------------------------------------------------------------------------

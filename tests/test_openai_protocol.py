@@ -1,6 +1,5 @@
 """model/openai_protocol.py without a server: request rules, stop strings, the streamed text, prompts from chats.
 (tests/test_serve.py checks the same rules end to end through real HTTP.)"""
-import json
 import random
 import time
 
