@@ -9,10 +9,12 @@ median of the per-round ratios. Run from the repository root:
     python -m bench --json                   # the same as one JSON object
     python -m bench --moe                    # + the moe section
     python -m bench train,decode             # some sections
-    python -m bench train,decode --dim 64 --n_layers 2 --seq_len 64 --batch_size 2 --steps 2 --new_tokens 16 --no-compile
+    python -m bench train,decode --dim 64 --n_layers 2 --seq_len 64 --batch_size 2 --steps 2 --new_tokens 16 \
+        --no-compile
     python -m bench serve                    # the HTTP server under 1, 4, 16 streaming clients (docs/serving.md)
     python -m bench gguf                     # llama.cpp's decoding per GGUF outtype (docs/gguf.md)
-    python -m bench gpu                      # MFU on one GPU; runs alone, with its own flags (python -m bench gpu --help)
+    python -m bench gpu                      # MFU on one GPU; runs alone, with its own flags:
+    python -m bench gpu --help
 
 Sections (bench/<section>.py says how each one measures)
     peak    GFLOP/s of a large fp32 (and bf16) matmul: this machine's practical peak (runs with train)

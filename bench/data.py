@@ -140,7 +140,8 @@ def run(args, results) -> dict:
         for n_tokens in (args.rss_tokens // 8, args.rss_tokens):
             path = os.path.join(tmp, f"packed_{n_tokens}.bin")
             write_packed_file(path, n_tokens, args.vocab_size)
-            cmd = [sys.executable, "1-pretrain.py", "--data_path", path, "--out_dir", os.path.join(tmp, "run"),
+            cmd = [sys.executable, "1-pretrain.py", "--data_path", path,
+                   "--out_dir", os.path.join(tmp, f"run_{n_tokens}"),  # its own: a run directory is never reused
                    "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "128",
                    "--batch_size", "8", "--max_steps", str(args.rss_steps), "--eval_interval", "0",
                    "--save_interval", "100000", "--log_interval", "10", "--device", "cpu", "--dtype", "float32"]

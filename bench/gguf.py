@@ -87,7 +87,8 @@ def run(args, results) -> dict:
                 contestants.update(llama_cpp_contestants(llm, prompt[0].tolist(), n, tokens, outtype))
             for fn in contestants.values():  # once each, untimed: the tokens to compare
                 fn()
-            agreement = {name: leading_agreement(tokens[name], tokens["ours"]) for name in contestants if name != "ours"}
+            agreement = {name: leading_agreement(tokens[name], tokens["ours"])
+                         for name in contestants if name != "ours"}
             wrong = [name for name, same in agreement.items() if name.startswith("f32") and same < n]
             if wrong:
                 sys.exit(f"python -m bench gguf: {', '.join(wrong)} left generate_stream's greedy tokens at token "
@@ -113,5 +114,6 @@ def table(gguf: dict) -> list:
                 label, size = ("ours generate_stream (fp32)", "") if name == "ours" else \
                     (f"llama.cpp {name}", f"{gguf['file_mib'][name.split()[0]]:8.1f}")
                 same = f"  {x['same_tokens_as_ours']}/{n}" if name != "ours" else ""
-                lines.append(f"  {threads:12s} {label:28s} {size:>8s} {x['tok_s']:8.1f} {x.get('x_ours', 1.0):7.2f}{same}")
+                lines.append(f"  {threads:12s} {label:28s} {size:>8s} {x['tok_s']:8.1f} "
+                             f"{x.get('x_ours', 1.0):7.2f}{same}")
     return lines

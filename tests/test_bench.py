@@ -76,3 +76,17 @@ def test_bench_gguf_times_greedy_loops_that_give_generate_streams_tokens():
     for row in rows:
         assert row["f32 eval loop"]["same_tokens_as_ours"] == 24 and row["f32 generate()"]["same_tokens_as_ours"] == 24
         assert all(x["tok_s"] > 0 for x in row.values())
+
+
+@pytest.mark.slow
+def test_bench_data_section_runs_both_pretraining_sizes(tmp_path):
+    # both pretraining runs once wrote to the same --out_dir, and the second refused it ("already holds a run")
+    cmd = [sys.executable, "-m", "bench", "data", "--json", "--seq_len", "64", "--batch_size", "2", "--rss_tokens",
+           "400000", "--rss_steps", "2", "--reader_records", "1000", "--reader_rounds", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(result.stdout)["data"]
+    assert 0 < data["pretrain"]["useful_fraction"] <= 1 and 0 < data["sft_data_multi_packed"]["useful_fraction"] <= 1
+    memory = data["pretrain_memory"]
+    assert memory["small"]["peak_rss_mb"] > 0 and memory["large"]["file_mb"] == 8 * memory["small"]["file_mb"]
+    assert data["json_reader"]["iter_json_array_records_s"] > 0
