@@ -94,7 +94,7 @@ def section(name: str):
 
 
 def table(results: dict) -> str:
-    lines = [f"machine: {results['machine']}", f"command: {results['command']}", ""]
+    lines = [f"machine: {results['machine']}", f"command: {results['command']}"]
     for name in SECTIONS:
         if name in results:
             lines += section(name).table(results[name])

@@ -31,4 +31,4 @@ def bf16_is_fast(peak: dict) -> bool:
 
 
 def table(peak: dict) -> list:
-    return [f"matmul peak          fp32 {peak['fp32_gflops']:7.1f} GFLOP/s   bf16 {peak['bf16_gflops']:7.1f} GFLOP/s"]
+    return ["", f"matmul peak          fp32 {peak['fp32_gflops']:7.1f} GFLOP/s   bf16 {peak['bf16_gflops']:7.1f} GFLOP/s"]
