@@ -15,8 +15,8 @@ import sys
 import torch
 
 from bench.common import ROOT, model_config, ratio, take_turns, training_step
-from model import Transformer
-from model.runtime import keep_freed_memory, resolve_dtype
+from model.model import Transformer
+from model.runtime import keep_freed_memory, training_precision
 
 SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len", "batch_size", "steps", "warmup",
                "prompt_len", "new_tokens")
@@ -31,7 +31,7 @@ def child(args):
     model = Transformer(config).train()
     optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), "cpu")
     batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
-    dtype = resolve_dtype("auto", torch.device("cpu"))
+    dtype = training_precision("auto", torch.device("cpu"))
     times = take_turns({"step": training_step(model, optimizer, batch, dtype=dtype)}, args.steps, args.warmup)["step"]
     print(json.dumps({"step_s": statistics.median(times), "dtype": dtype}))
 

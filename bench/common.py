@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from model import LMConfig
+from model.LMConfig import LMConfig
 from model.generate import generate_stream
 from model.runtime import autocast
 

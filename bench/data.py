@@ -109,8 +109,7 @@ def json_reader(n_records: int, rounds: int, tmp: str) -> dict:
 
 def run(args, results) -> dict:
     from model.dataset import PretrainDataset, SFTDataset, pretrain_useful_fraction
-    from model.checkpoint import load_tokenizer
-    from model.runtime import DEFAULT_TOKENIZER_DIR
+    from model.chat import DEFAULT_TOKENIZER_DIR, load_tokenizer
     from model.trainer import ResumableBatchSampler
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@ import statistics
 import torch
 
 from bench.common import greedy_tokens, model_config, ratio, take_turns
-from model import Transformer
+from model.model import Transformer
 from model.llama import to_llama
 
 

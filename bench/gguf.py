@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from bench.common import greedy_tokens, model_config, ratio, take_turns
-from model import Transformer
+from model.model import Transformer
 from model.gguf_export import OUTTYPES, export_gguf
-from model.runtime import DEFAULT_TOKENIZER_DIR
+from model.chat import DEFAULT_TOKENIZER_DIR
 
 
 def leading_agreement(a: list, b: list) -> int:

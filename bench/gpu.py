@@ -22,7 +22,8 @@ import time
 import torch
 
 from bench.common import training_step
-from model import LMConfig, Transformer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets; first match wins.
 DATASHEET_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),

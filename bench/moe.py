@@ -9,7 +9,7 @@ import statistics
 import torch
 
 from bench.common import model_config, ratio, take_turns, training_step
-from model import Transformer
+from model.model import Transformer
 
 
 def run(args, results) -> dict:

@@ -19,9 +19,9 @@ import openai
 import torch
 
 from bench.common import ROOT, model_config
-from model import Transformer
+from model.model import Transformer
 from model.checkpoint import copy_tokenizer
-from model.runtime import DEFAULT_TOKENIZER_DIR
+from model.chat import DEFAULT_TOKENIZER_DIR
 
 
 def run(args, results) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from bench.common import model_config, ratio, take_turns, training_step
 from bench.peak import bf16_is_fast
-from model import Transformer
+from model.model import Transformer
 from model.llama import to_llama
 from model.model import estimate_flops_per_token
 
