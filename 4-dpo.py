@@ -21,7 +21,7 @@ import os
 from model import chat, checkpoint, lora, stages, trainer
 from model.dataset import DPODataset, open_packed
 from model.dpo import WithReference, count_pairs, make_dpo_loss, reference_logps
-from model.runtime import init_runtime, resolve_dtype, run_stage
+from model.runtime import init_runtime, training_precision, run_stage
 from model.errors import StageError
 
 
@@ -72,7 +72,7 @@ def main():
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     extra_state = {}
     if not resuming:  # on resume the cached reference comes back from the checkpoint
-        dtype = resolve_dtype(args.dtype, runtime.device)
+        dtype = training_precision(args.dtype, runtime.device)
         extra_state["reference_logps"] = reference_logps(model, dataset, args, runtime, dtype)
     if runtime.is_master:
         print(f"dpo: {len(dataset)} pairs from {args.data_path}, beta {args.beta}, starting from {init_dir} -> {run_dir}")

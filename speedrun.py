@@ -42,7 +42,7 @@ from model.model import Transformer
 from model.chat import IGNORE_INDEX, encode_completion, tokenizer_sha256
 from model.dataset import PretrainDataset
 from model.metrics import read_rows
-from model.runtime import autocast, init_runtime, resolve_dtype, run_stage
+from model.runtime import autocast, init_runtime, training_precision, run_stage
 from model.errors import StageError
 
 # Today's defaults (model/LMConfig.py, 1-pretrain.py) and the recipe measured best for 5 minutes on 2 CPU cores
@@ -239,7 +239,7 @@ def train_and_measure(args, config, data_dir, tokenizer, runtime, run_dir, hf=Fa
     load_after = open("/proc/loadavg").read().split()[:3]
     timing = [r for r in read_rows(os.path.join(run_dir, "metrics.jsonl")) if "train_seconds" in r][-1]
     tokens = timing["steps_this_run"] * args.batch_size * args.accumulation_steps * config.max_seq_len
-    dtype = resolve_dtype(args.dtype, runtime.device)
+    dtype = training_precision(args.dtype, runtime.device)
     with open(os.path.join(data_dir, "done.json")) as f:
         val_bytes = json.load(f)["val_bytes"]
     val_tokens = np.memmap(os.path.join(data_dir, "train.val.bin"),

@@ -51,7 +51,7 @@ from .chat import DEFAULT_TOKENIZER_DIR, encode_chat, encode_completion, load_to
 from .checkpoint import load_init_model
 from .errors import BadLines, StageError
 from .generate import check_sampling, generate_batch
-from .runtime import pick_device, pick_dtype, run_stage
+from .runtime import pick_device, inference_dtype, run_stage
 from .stages import CHAT_STAGES, find_newest, searched
 
 MODES = ("chat", "completion")
@@ -101,7 +101,7 @@ def load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="a
     tokenizer = load_tokenizer(tokenizer_dir, model.config.vocab_size)
     try:
         device = pick_device(device)
-        model = model.to(device=device, dtype=pick_dtype(dtype, device)).eval()
+        model = model.to(device=device, dtype=inference_dtype(dtype, device)).eval()
     except (RuntimeError, AssertionError) as err:  # e.g. --device cuda on a machine without CUDA
         raise StageError(f"cannot put the model on device {device}: {err}") from None
     model.checkpoint_dir = path

@@ -328,7 +328,7 @@ class Transformer(PreTrainedModel, GenerationMixin):
                             eps: float = 1e-8) -> torch.optim.AdamW:
         """AdamW with two groups: matrices decay; norms, other 1-D params and the (tied) embedding do not.
         Fused (one kernel for all tensors) on CUDA and CPU: on CPU 3-4x faster than the per-tensor loop that
-        AdamW uses by default there, and than foreach (bench.py measures it)."""
+        AdamW uses by default there, and than foreach (python -m bench train measures it)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:

@@ -27,7 +27,7 @@ from . import checkpoint, lora
 from .chat import IGNORE_INDEX
 from .metrics import StepLog
 from .optim import TimeBudget, build_optimizer, lr_at
-from .runtime import Runtime, StopSignals, all_reduce_sum, autocast, resolve_dtype
+from .runtime import Runtime, StopSignals, all_reduce_sum, autocast, training_precision
 from .errors import StageError
 
 transformers_logging.disable_progress_bar()  # a bar per checkpoint write would bury the training bar
@@ -299,7 +299,7 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
     the hook for batches the model itself produces (an RL stage turns a step's prompts into scored rollouts of
     the model being trained); it must depend only on the step, the batches and the weights, so a resume is exact.
     """
-    dtype = resolve_dtype(args.dtype, runtime.device)
+    dtype = training_precision(args.dtype, runtime.device)
     torch.manual_seed(args.seed)  # dropout's stream: two fresh runs with one --seed train alike (resume restores it)
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, args.seed, runtime.rank, runtime.world_size)
     steps_per_epoch = len(sampler) // args.accumulation_steps

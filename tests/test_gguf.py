@@ -1,6 +1,6 @@
 """export_model.py --gguf: a GGUF file that the real llama.cpp (through llama-cpp-python) tokenizes, scores and
 continues exactly as this project does. The llama.cpp checks are `slow` (a model is trained for a few seconds)
-and need llama-cpp-python (requirements.txt; it compiles llama.cpp when installed: several minutes)."""
+and need llama-cpp-python (requirements-test.txt; it compiles llama.cpp when installed: several minutes)."""
 import json
 import math
 import os
@@ -133,7 +133,7 @@ def llama_cpp():
     try:
         import llama_cpp as module
     except ImportError as err:
-        pytest.skip(f"llama-cpp-python is not importable ({err}); pip install -r requirements.txt builds it")
+        pytest.skip(f"llama-cpp-python is not importable ({err}); pip install -r requirements-test.txt builds it")
     return module
 
 

@@ -1,5 +1,6 @@
 """The code's shape: model/ modules import each other without a cycle, evaluation does not depend on training,
-the bench scripts stand alone, and nothing points at files a user of the repository does not have."""
+the model package never imports the benchmarks (bench/), and nothing points at files a user of the repository does
+not have."""
 import ast
 import glob
 import os
@@ -59,6 +60,17 @@ def test_evaluation_and_generation_do_not_depend_on_training():
         return seen
     for module in ("evaluate", "generate", "checkpoint", "runtime"):
         assert "trainer" not in reachable(module), module
+
+
+def test_model_package_never_imports_bench():
+    # bench/ measures the model; a training or serving process must not load (or depend on) the benchmarks
+    offenders = []
+    for path in glob.glob(os.path.join(ROOT, "model", "*.py")):
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{os.path.basename(path)}: {name}" for name in names if name.split(".")[0] == "bench"]
+    assert offenders == []
 
 
 def test_data_process_starts_without_torch_and_the_model_still_loads_through_transformers(tmp_path):
