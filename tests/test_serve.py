@@ -176,7 +176,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory):
-    return train_chat_checkpoint(str(tmp_path_factory.mktemp("serve") / "out" / "sft_single_64"))
+    return shared_chat_checkpoint(tmp_path_factory)
+
+
+def shared_chat_checkpoint(tmp_path_factory):
+    """train_chat_checkpoint once per test session: tests/test_serve_abuse.py serves the same model."""
+    path = tmp_path_factory.getbasetemp() / "chat_checkpoint" / "out" / "sft_single_64"
+    if not (path / "config.json").exists():
+        train_chat_checkpoint(str(path))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
