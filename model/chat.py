@@ -149,8 +149,9 @@ class ChatEncoder:
         """Keep max_seq_len tokens. By default the first ones; if that would leave no label (a prompt longer than
         the window) the window starts max_seq_len // 2 tokens before the first label (or ends at the last
         token, whichever is earlier). Labels are fixed per token before cutting, so a cut never labels a prompt
-        token. start: a window start chosen by the caller (DPO cuts both sides of a pair at the same place)."""
-        if len(ids) <= self.max_seq_len:
+        token. start: a window start chosen by the caller (DPO cuts both sides of a pair at the same place).
+        max_seq_len None: no cut."""
+        if self.max_seq_len is None or len(ids) <= self.max_seq_len:
             return ids, labels
         if start is None:
             start = self.window_start(labels, len(ids))

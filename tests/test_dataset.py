@@ -351,6 +351,25 @@ def test_sft_cache_is_rebuilt_when_data_tokenizer_or_length_change(tmp_path, tok
     assert as_lists(ds) == old_packed_items(path, tokenizer, 64)
 
 
+def test_dpo_cuts_a_long_prompt_at_the_same_place_for_both_sides(tmp_path, tokenizer):
+    """Each side's window used to start where its own length put it: with a prompt longer than the context, a short
+    chosen answer and a long rejected one were scored under two different cuts of the prompt."""
+    prompt = [{"role": "user", "content": "请读下面的长文：" + "北京上海广州深圳杭州成都" * 12}]
+    record = {"chosen": prompt + [{"role": "assistant", "content": "好。"}],
+              "rejected": prompt + [{"role": "assistant", "content": "这个回答很长，" * 12}]}
+    ds = DPODataset(jsonl(tmp_path, "dpo.jsonl", [record]), tokenizer, 64)
+    item = ds[0]
+    prompts = []
+    for side in ("chosen", "rejected"):
+        ids, labels = item[f"{side}_input_ids"].tolist(), item[f"{side}_labels"].tolist()
+        first = next(k for k, label in enumerate(labels) if label != IGNORE)
+        assert len(ids) <= 64 and first > 0
+        prompts.append(ids[:first])
+    assert prompts[0] == prompts[1]
+    assert tokenizer.decode(labelled_runs(item["chosen_labels"].tolist())[0]) == "好。</s>"
+    assert len(labelled_runs(item["rejected_labels"].tolist())[0]) >= 16  # both responses keep their start
+
+
 def test_dpo_labels_only_the_response_and_prompts_match(tmp_path, tokenizer):
     prompt = CONVERSATION[:-1]
     record = {"chosen": prompt + [{"role": "assistant", "content": "37+45=82。"}],
