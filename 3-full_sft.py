@@ -92,7 +92,7 @@ def main():
 
     seq_len = model.config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
     if args.pack and runtime.is_master:  # tokenize once, on one process, into memory-mapped files
-        for path in args.data_path:
+        for path in args.data_path + ([args.val_path] if args.val_path else []):
             SFTDataset.prepare(path, tokenizer, seq_len)
     runtime.barrier()
     parts = [SFTDataset(path, tokenizer, seq_len, pack=args.pack) for path in args.data_path]

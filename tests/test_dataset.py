@@ -8,10 +8,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import data_process
+from conftest import make_tiny_model
 from model.dataset import (DPODataset, PretrainDataset, PretrainReplay, SFTDataset, pretrain_useful_fraction,
                            token_fractions)
 
 IGNORE = -100
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def packed_file(tmp_path, texts, val_ratio="0"):
@@ -349,6 +351,43 @@ def test_sft_cache_is_rebuilt_when_data_tokenizer_or_length_change(tmp_path, tok
     ds = SFTDataset(path, tokenizer, 64, pack=True)
     assert ds.cache != base and len(sft_caches(tmp_path)) == n_caches + 1
     assert as_lists(ds) == old_packed_items(path, tokenizer, 64)
+
+
+def test_sft_stage_builds_every_packed_cache_on_rank_0_before_the_barrier(tmp_path, monkeypatch):
+    """The validation cache was built after the barrier, by every DDP rank at once, racing on the same files."""
+    import importlib.util
+    import sys
+
+    from model.chat import DEFAULT_TOKENIZER_DIR
+    from model.checkpoint import copy_tokenizer
+    from model.runtime import Runtime
+    init = str(tmp_path / "pretrain_32")
+    make_tiny_model(vocab_size=6400, max_seq_len=64).save_pretrained(init)
+    copy_tokenizer(DEFAULT_TOKENIZER_DIR, init)
+    train = jsonl(tmp_path, "train.jsonl", [{"conversations": CONVERSATION}] * 3)
+    val = jsonl(tmp_path, "val.jsonl", [{"conversations": CONVERSATION[:3]}] * 2)
+    spec = importlib.util.spec_from_file_location("script_3_full_sft", os.path.join(ROOT, "3-full_sft.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    events = []
+
+    class Reached(Exception):
+        pass
+
+    class Rank0(Runtime):
+        def barrier(self):
+            events.append("barrier")
+            raise Reached  # what rank 0 has built by now is what the other ranks find
+
+    monkeypatch.setattr(script, "init_runtime", lambda device: Rank0(torch.device("cpu"), True, 0, 0, 2))
+    build = SFTDataset._build_cache
+    monkeypatch.setattr(SFTDataset, "_build_cache", lambda self, base, key: (
+        events.append(os.path.basename(base).split(".")[0]), build(self, base, key)))
+    monkeypatch.setattr(sys, "argv", ["3-full_sft.py", "--data_path", train, "--val_path", val, "--init_from", init,
+                                      "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+    with pytest.raises(Reached):
+        script.main()
+    assert events == ["train", "val", "barrier"]
 
 
 def test_dpo_cuts_a_long_prompt_at_the_same_place_for_both_sides(tmp_path, tokenizer):
