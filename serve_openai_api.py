@@ -93,13 +93,9 @@ def error_response(err):
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def new_request_id():
-    return "req_" + uuid.uuid4().hex[:24]
-
-
 def report(err, what):
     """Log an internal failure in full under a new request id; -> the generic error the client gets."""
-    request_id = new_request_id()
+    request_id = "req_" + uuid.uuid4().hex[:24]
     log.error("%s %s: %s: %s", request_id, what, type(err).__name__, err, exc_info=err)
     return server_error(request_id)
 
@@ -293,6 +289,19 @@ ROUTES = [
 ]
 
 
+async def on_api_error(http, err):
+    return error_response(err)
+
+
+async def on_http_error(http, err):  # unknown path (404), wrong method (405)
+    return error_response(APIError(err.status_code, str(err.detail), headers=getattr(err, "headers", None),
+                                   code="not_found" if err.status_code == 404 else None))
+
+
+async def on_server_error(http, err):  # a bug: the client gets an id, the log gets the detail
+    return error_response(report(err, f"{http.method} {http.url.path} failed"))
+
+
 def with_state(handler, state):
     async def endpoint(http: Request):
         return await handler(state, http)
@@ -314,16 +323,6 @@ def create_app(state):
     app.add_middleware(Guard, state=state)
     for method, path, handler in ROUTES:
         app.add_api_route(path, with_state(handler, state), methods=[method], name=handler.__name__)
-
-    async def on_api_error(http, err):
-        return error_response(err)
-
-    async def on_http_error(http, err):  # unknown path (404), wrong method (405)
-        return error_response(APIError(err.status_code, str(err.detail), headers=getattr(err, "headers", None),
-                                       code="not_found" if err.status_code == 404 else None))
-
-    async def on_server_error(http, err):  # a bug: the client gets an id, the log gets the detail
-        return error_response(report(err, f"{http.method} {http.url.path} failed"))
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(HTTPException, on_http_error)

@@ -160,7 +160,7 @@ def soak(port, seconds, conversations, references, max_tokens, pid=None, key=Non
     lock = threading.Lock()
     good = {"requests": 0, "mismatches": [], "errors": []}
     abuse = {kind: {} for kind in kinds}
-    rss_start, rss_peak, stop = [None], [0], threading.Event()
+    rss_start, rss_peak, rss_timeline, stop = [None], [0], [], threading.Event()
 
     def ask(i):
         chunks = client.chat.completions.create(model="nano-llm", messages=conversations[i], temperature=0,
@@ -199,6 +199,8 @@ def soak(port, seconds, conversations, references, max_tokens, pid=None, key=Non
             if rss_start[0] is None and time.perf_counter() - begin >= warmup:
                 rss_start[0] = rss
             rss_peak[0] = max(rss_peak[0], rss)
+            if len(rss_timeline) <= (time.perf_counter() - begin) // 10:  # one sample per 10 s: growth or a plateau
+                rss_timeline.append(round(rss / 2 ** 20, 1))
 
     threads = ([threading.Thread(target=memory)] + [threading.Thread(target=well_behaved, args=(i,)) for i in range(n_good)]
                + [threading.Thread(target=abuser, args=(5 * i,)) for i in range(n_abusers)])
@@ -230,7 +232,7 @@ def soak(port, seconds, conversations, references, max_tokens, pid=None, key=Non
         "health": {"n": len(ms), "p50_ms": statistics.median(ms), "p99_ms": ms[int(0.99 * (len(ms) - 1))],
                    "max_ms": ms[-1]},
         "rss_mib": None if rss_end is None else {"after_warmup": rss_start[0] / 2 ** 20, "end": rss_end / 2 ** 20,
-                                                 "peak": rss_peak[0] / 2 ** 20},
+                                                 "peak": rss_peak[0] / 2 ** 20, "every_10s": rss_timeline},
     }
 
 
@@ -306,4 +308,6 @@ def table(soak: dict) -> list:
     if rss:
         lines.append(f"  server RSS           after the warm-up {rss['after_warmup']:.0f} MiB   end {rss['end']:.0f} MiB"
                      f"   peak {rss['peak']:.0f} MiB")
+    if "server_tracebacks" in soak:
+        lines.append(f"  tracebacks in the server's log: {soak['server_tracebacks']}")
     return lines

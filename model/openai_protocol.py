@@ -18,7 +18,7 @@ import json
 import math
 import re
 
-from .chat import ChatEncoder, context_budget, encode_completion
+from .chat import ChatEncoder, context_budget, encode_completion, trim_history
 from .generate import check_sampling
 
 MODEL_ALIAS = "nano-llm"
@@ -292,7 +292,6 @@ def too_long(param, n_chars, token_bytes, max_len):
 def chat_prompt(tokenizer, messages, max_len, max_tokens, token_bytes=None):
     """The prompt ids for a conversation: one tokenizer call counts every message, a message that alone fills
     the context is refused, then the oldest turns are dropped until the prompt leaves room for the reply."""
-    from .chat import trim_history
     for k, message in enumerate(messages):
         if token_bytes and len(message["content"]) >= max_len * token_bytes:
             raise too_long(f"messages[{k}].content", len(message["content"]), token_bytes, max_len)
