@@ -63,7 +63,7 @@ def main():
     parser.add_argument("--ptx_data", default=None,
                         help="packed pretraining tokens (data_process.py pretrain's .bin): rows of it are mixed into "
                         "the SFT rows, every token a target. SFT moves the model away from what pretraining stored; "
-                        "the replay keeps it (the demo's held-out people QA 81%% -> 93.5%%, docs/demo.md)")
+                        "the replay keeps it (measured in docs/demo.md)")
     parser.add_argument("--ptx_ratio", type=float, default=0.25,
                         help="with --ptx_data: replayed pretraining rows per SFT row")
     trainer.add_training_args(parser, batch_size=16, learning_rate=1e-4, warmup_iters=20, save_interval=200,

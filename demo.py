@@ -35,7 +35,7 @@ from model.stages import STAGES
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CHAT_STAGES = [name for name, stage in STAGES.items() if stage.chat]  # the demo trains each, in this order
 
-# Model and schedule chosen to fit the 10-minute budget on 2 CPU cores (see README's demo section).
+# Model and schedule chosen to fit the 10-minute budget on 2 CPU cores (see docs/demo.md).
 FULL = dict(
     data=["--n_people", "100", "--n_bios", "16", "--heldout_pair_ratio", "0.2", "--sft_people_ratio", "0.4",
           "--dpo_people_ratio", "0.2"],

@@ -520,7 +520,7 @@ def test_scripts_as_processes_exit_cleanly_on_eof_and_missing_checkpoint(workdir
     assert f"🤖: {TAUGHT[1][1]}\n" in out and f"🤖: {TAUGHT[0][1]}\n" in out and "(conversation cleared)" in out
     out, err = missing.communicate(timeout=120)
     assert missing.returncode == 1 and "Traceback" not in err
-    assert err.strip() == "error: no checkpoint found (out/pretrain_*): train one first or pass --checkpoint DIR"
+    assert err.strip() == "error: no checkpoint found (out/pretrain_*, out/*/pretrain): train one first or pass --checkpoint DIR"
 
 
 def test_sampling_settings_that_would_crash_are_refused_up_front(tokenizer):
