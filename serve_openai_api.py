@@ -143,16 +143,16 @@ async def read_json(state, http):
 
 def submit(state, prompt, params):
     """Hand a prompt to the engine; -> (request, queue of ("token", id) / ("done", reason, error) events)."""
-    from model.engine import EngineFull, Request
+    from model.engine import GenerationRequest, QueueFullError
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     put = lambda *event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731  (engine thread)
-    request = Request(prompt, params["max_tokens"] or state.max_len, temperature=params["temperature"],
+    request = GenerationRequest(prompt, params["max_tokens"] or state.max_len, temperature=params["temperature"],
                       top_k=params["top_k"], top_p=params["top_p"], repetition_penalty=params["repetition_penalty"],
                       seed=params["seed"], on_token=lambda token: put("token", token),
                       on_done=lambda reason, err: put("done", reason, err))
     try:
         state.engine.submit(request)
-    except EngineFull as err:
+    except QueueFullError as err:
         raise APIError(429, f"the server is busy ({err}); retry shortly", type="rate_limit_error",
                        code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
     return request, queue

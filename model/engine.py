@@ -2,15 +2,15 @@
 Batched decoding engine for the server (serve_openai_api.py): many requests share one model and decode together.
 
 One background thread runs the loop. Each step it
-  1. drops the requests whose client went away (Request.cancel),
+  1. drops the requests whose client went away (GenerationRequest.cancel),
   2. admits waiting requests into free slots: prefill the prompt alone (exactly as generate_stream does), sample
      the first token, copy the prompt's keys/values into the request's slot of the shared cache,
   3. decodes one token for every active request in a single forward pass, and retires the finished ones.
 So a request joins at the next step, leaves when it is done, and its slot is reused at once.
 
     engine = Engine(model, eos_token_id=tokenizer.eos_token_id, max_batch=16, max_queue=64).start()
-    request = Request(prompt_ids, max_new_tokens=100, temperature=0.0, on_token=print)
-    engine.submit(request)     # raises EngineFull when max_batch + max_queue requests are in already
+    request = GenerationRequest(prompt_ids, max_new_tokens=100, temperature=0.0, on_token=print)
+    engine.submit(request)     # raises QueueFullError when max_batch + max_queue requests are in already
 
 Cache layout: rows 0..n-1 of a preallocated (layers, max_batch, kv_heads, max_seq_len, head_dim) buffer hold the
 n active requests, right-aligned: every row's tokens end at the shared column `end`, shorter rows start later and
@@ -32,11 +32,11 @@ import torch
 from .generate import KVCache, sample_next
 
 
-class EngineFull(Exception):
+class QueueFullError(Exception):
     """max_batch requests are decoding and max_queue more are waiting."""
 
 
-class Request:
+class GenerationRequest:
     """One generation. on_token(token_id) is called from the engine thread for every new token; on_done(reason,
     error) once at the end, reason "stop" (eos), "length" (max_new_tokens), "cancelled" or "error"."""
 
@@ -107,7 +107,7 @@ class Engine:
             self.wakeup.notify()
         self.thread.join(timeout=10)
 
-    def submit(self, request: Request):
+    def submit(self, request: GenerationRequest):
         if not 1 <= len(request.prompt) < self.max_len:
             raise ValueError(f"the prompt is {len(request.prompt)} tokens; the context holds {self.max_len}")
         # never past the context: the last token generated is not fed back, so prompt + new <= max_len fits
@@ -115,7 +115,7 @@ class Engine:
         with self.wakeup:
             self._drop_cancelled_waiting()
             if len(self.rows) + self.n_prefilling + len(self.waiting) >= self.max_batch + self.max_queue:
-                raise EngineFull(f"{self.max_batch} requests running and {self.max_queue} waiting")
+                raise QueueFullError(f"{self.max_batch} requests running and {self.max_queue} waiting")
             self.waiting.append(request)
             self.wakeup.notify()
 

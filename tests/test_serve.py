@@ -520,7 +520,7 @@ def test_client_disconnect_frees_its_slot_and_a_full_server_answers_429(locked_s
 def test_a_request_whose_first_token_is_out_counts_as_running_and_holds_its_slot():
     """The first token leaves during the prompt's pass, before the request has a cache row: the CI race where a
     client holding its first token saw `running` 1 of 2, and a third request could slip past max_queue 0."""
-    from model.engine import Engine, EngineFull, Request
+    from model.engine import Engine, GenerationRequest, QueueFullError
     torch.manual_seed(0)
     engine = Engine(Transformer(LMConfig(**TINY, max_seq_len=64)).eval(), eos_token_id=-1, max_batch=1,
                     max_queue=0).start()
@@ -530,13 +530,13 @@ def test_a_request_whose_first_token_is_out_counts_as_running_and_holds_its_slot
         if "running" not in seen:  # the engine thread, between the first token and the row
             seen["running"] = engine.load()["running"]
             try:
-                engine.submit(Request([5, 6], max_new_tokens=2))
+                engine.submit(GenerationRequest([5, 6], max_new_tokens=2))
                 seen["second"] = "admitted"
-            except EngineFull:
+            except QueueFullError:
                 seen["second"] = "refused"
 
     try:
-        engine.submit(Request([1, 2, 3], max_new_tokens=4, on_token=on_first_token,
+        engine.submit(GenerationRequest([1, 2, 3], max_new_tokens=4, on_token=on_first_token,
                               on_done=lambda reason, error: done.set()))
         assert done.wait(30)
         assert seen == {"running": 1, "second": "refused"}
@@ -549,7 +549,7 @@ def test_a_failed_decode_step_ends_each_request_once_and_the_engine_keeps_servin
     """A step that fails after its requests were prefilled (say, out of memory in the batched pass) ends every
     request in flight with "error" exactly once: a prefilled request is in both the step's admitted list and
     rows, and used to be told twice; one already done at its first token is not told again."""
-    from model.engine import Engine, Request
+    from model.engine import Engine, GenerationRequest
     torch.manual_seed(0)
     model = Transformer(LMConfig(**TINY, max_seq_len=64)).eval()
     forward, failures = model.forward, [1]
@@ -564,7 +564,7 @@ def test_a_failed_decode_step_ends_each_request_once_and_the_engine_keeps_servin
     engine = Engine(model, eos_token_id=-1, max_batch=4, max_queue=4)
     endings = collections.defaultdict(list)
     for name, prompt, new in [("a", [1, 2, 3], 5), ("b", [4, 5], 5), ("done at its first token", [6, 7], 1)]:
-        engine.submit(Request(prompt, max_new_tokens=new, on_done=lambda reason, error, name=name:
+        engine.submit(GenerationRequest(prompt, max_new_tokens=new, on_done=lambda reason, error, name=name:
                               endings[name].append(reason)))
     engine.start()  # all three are admitted in the first step
     try:
@@ -572,7 +572,7 @@ def test_a_failed_decode_step_ends_each_request_once_and_the_engine_keeps_servin
         time.sleep(0.2)  # a second call would come right after the first
         assert dict(endings) == {"a": ["error"], "b": ["error"], "done at its first token": ["length"]}
         again = threading.Event()
-        engine.submit(Request([1, 2], max_new_tokens=3, on_done=lambda reason, error: again.set()))
+        engine.submit(GenerationRequest([1, 2], max_new_tokens=3, on_done=lambda reason, error: again.set()))
         assert again.wait(30) and engine.load()["running"] == 0
     finally:
         engine.stop()
@@ -716,18 +716,19 @@ def test_a_non_streaming_request_stops_when_its_client_leaves(locked_server):
 
 
 def test_a_request_cancelled_while_queued_frees_its_place_in_the_queue():
-    from model.engine import Engine, EngineFull, Request
+    from model.engine import Engine, GenerationRequest, QueueFullError
     torch.manual_seed(0)
     engine = Engine(Transformer(LMConfig(**TINY, max_seq_len=64)).eval(), eos_token_id=-1, max_batch=1,
                     max_queue=1)  # not started: everything waits
     endings = []
-    first, second = Request([1, 2], 4), Request([3, 4], 4, on_done=lambda reason, error: endings.append(reason))
+    first = GenerationRequest([1, 2], 4)
+    second = GenerationRequest([3, 4], 4, on_done=lambda reason, error: endings.append(reason))
     engine.submit(first)
     engine.submit(second)
-    with pytest.raises(EngineFull):
-        engine.submit(Request([5, 6], 4))
+    with pytest.raises(QueueFullError):
+        engine.submit(GenerationRequest([5, 6], 4))
     second.cancel()  # its client left while it waited
-    engine.submit(Request([5, 6], 4))
+    engine.submit(GenerationRequest([5, 6], 4))
     assert endings == ["cancelled"] and engine.load()["waiting"] == 2
 
 
