@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 USER = [{"role": "user", "content": "你好"}]
 # /health is timed from its own process: in the clients' process, the time a request waits for that process's GIL
@@ -241,7 +240,7 @@ def run(args, results) -> dict:
     max_tokens: a random model rarely says </s>); references from generate_stream in this process."""
     import torch
 
-    from bench.common import ROOT, model_config
+    from bench.common import model_config, running_server
     from model.chat import DEFAULT_TOKENIZER_DIR, encode_chat
     from model.checkpoint import copy_tokenizer
     from model.generate import generate_stream
@@ -265,32 +264,9 @@ def run(args, results) -> dict:
                     break
                 tokens.append(int(next_ids[0]))
             references.append(tokenizer.decode(tokens, skip_special_tokens=True))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         log_path = os.path.join(tmp, "server.log")
-        with open(log_path, "w") as log:
-            server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve_openai_api.py"), "--checkpoint",
-                                       checkpoint, "--port", str(port), "--max_batch", "8", "--max_queue", "32",
-                                       "--device", "cpu", "--log_level", "warning"], stdout=log,
-                                      stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 180
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.time() > deadline:
-                        raise RuntimeError(open(log_path).read())
-                    time.sleep(0.5)
+        with running_server(checkpoint, log_path, "--max_batch", "8", "--max_queue", "32") as (server, port):
             report = soak(port, args.soak_s, conversations, references, args.soak_tokens, pid=server.pid)
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
         report["server_tracebacks"] = open(log_path).read().count("Traceback")
     return report
 

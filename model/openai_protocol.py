@@ -19,7 +19,7 @@ import math
 import re
 
 from .chat import ChatEncoder, context_budget, encode_completion, trim_history
-from .generate import check_sampling
+from .generate import GREEDY_BELOW, check_sampling
 
 MODEL_ALIAS = "nano-llm"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -28,7 +28,6 @@ COMPLETION_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 DEFAULT_MAX_BODY = 1 << 20   # bytes; --max_body
 MAX_MESSAGES = 2048          # OpenAI's own limit on 'messages'
 MAX_STOPS, MAX_STOP_CHARS = 4, 1000
-GREEDY_BELOW = 1e-5          # a temperature below this samples as greedy (logits / 1e-45 overflow to inf)
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 PENALTY_RANGE = (1e-3, 1e3)  # keeps penalised float32 logits finite at any temperature
 MAX_PENDING_TOKENS = 8       # a UTF-8 character is at most 4 tokens: more undecodable ones are broken bytes

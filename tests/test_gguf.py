@@ -31,6 +31,22 @@ def tiny_model(vocab_size=6400, seed=0, **kw):
     return Transformer(LMConfig(**{**config, **kw})).eval()
 
 
+def train_on(model, data, steps=300):
+    """A few hundred AdamW steps on random 64-token windows of a token stream: enough for greedy output with
+    structure, so two runtimes that disagree part ways within a few tokens. -> (model in eval mode, last loss)"""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 65, (16,), generator=generator)
+        rows = torch.stack([data[s:s + 65] for s in starts.tolist()])
+        loss = model(rows[:, :-1], shift_labels=rows[:, 1:]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), loss.item()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # without llama.cpp: the file's contents
 
@@ -198,23 +214,12 @@ def trained(tmp_path_factory, tokenizer):
     encode = lambda docs: [t for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]  # noqa: E731
                            for t in [1, *ids, 2]]
     data = torch.tensor(encode(train_docs[-6000:]))  # reviews: everyday sentences (the news is full of dates)
-    model = tiny_model()
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        starts = torch.randint(0, len(data) - 65, (16,), generator=generator)
-        rows = torch.stack([data[s:s + 65] for s in starts.tolist()])
-        loss = model(rows[:, :-1], shift_labels=rows[:, 1:]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    model, loss = train_on(tiny_model(), data)
     out = tmp_path_factory.mktemp("gguf")
     model.save_pretrained(out / "ckpt")
     val = encode(val_docs[-300:])  # held-out reviews, the kind of text it was trained on
     windows = [val[i:i + 128] for i in range(0, min(len(val), 128 * 12) - 127, 128)]
-    return model, out, windows, loss.item()
+    return model, out, windows, loss
 
 
 def llama_cpp_model(path, n_ctx=256):
@@ -337,24 +342,13 @@ def demo_trained(tmp_path_factory, demo_dir):
     texts += [tokenizer.apply_chat_template(r["conversations"], tokenize=False) for r in read("sft_data_single.jsonl")]
     random.Random(0).shuffle(texts)
     data = torch.tensor([t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in [1, *ids, 2]])
-    model = tiny_model(vocab_size=1024)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        starts = torch.randint(0, len(data) - 65, (16,), generator=generator)
-        rows = torch.stack([data[s:s + 65] for s in starts.tolist()])
-        loss = model(rows[:, :-1], shift_labels=rows[:, 1:]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    model, loss = train_on(tiny_model(vocab_size=1024), data)
     model.save_pretrained(out / "ckpt")
     completions = read("eval_pretrain.jsonl")[::50]  # facts (names never asked about in SFT) and held-out sums
     chats = read("eval_chat.jsonl")[::100]
     prompts = [[1, *tokenizer.encode(r["prompt"])] for r in completions]
     prompts += [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True)["input_ids"] for r in chats]
-    return model, tokenizer, out, prompts, loss.item()
+    return model, tokenizer, out, prompts, loss
 
 
 @pytest.mark.slow
