@@ -138,3 +138,67 @@ def test_check_call_against_the_declared_tools():
     assert "expected string" in chat.check_call(call("calculator", {"expression": 12}), tools)
     assert "expected integer" in chat.check_call(call("weather", {"city": "杭州", "days": True}), tools)
     assert "not a JSON object" in chat.check_call(call("calculator", "1+1"), tools)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the calculator and the registry (model/tools.py)
+
+@pytest.mark.parametrize("expression,value", [
+    ("123*456", "56088"), ("56088/456", "123"), ("(1+2)*3", "9"), ("-3+-(-2)", "-1"), ("+5", "5"),
+    ("0.1+0.2", "0.3"), ("1/3", "0.3333333333"), ("123×456", "56088"), ("56088÷456", "123"), ("（1+2）*3", "9"),
+    (" 2 * ( 3 - 10 ) ", "-14"), ("1e3/8", "125"), ("999999999999999*999999999999999", "999999999999998000000000000001"),
+])
+def test_calculator_computes_exact_arithmetic(expression, value):
+    from model.tools import calculate
+    assert calculate(expression) == value
+
+
+@pytest.mark.parametrize("expression,reason", [
+    ("__import__('os').system('echo hacked')", "Call is not arithmetic"),
+    ("().__class__.__base__.__subclasses__()", "is not arithmetic"),
+    ("open('/etc/passwd').read()", "is not arithmetic"),
+    ("[x for x in range(10**9)]", "is not arithmetic"),
+    ("lambda: 1", "is not arithmetic"),
+    ("a + 1", "Name is not arithmetic"),
+    ("9**9**9", "is not arithmetic"),
+    ("2**10", "is not arithmetic"),
+    ("7 // 2", "is not arithmetic"), ("7 % 2", "is not arithmetic"), ("1 << 100000", "is not arithmetic"),
+    ("1 if 1 else 2", "is not arithmetic"), ("1 < 2", "is not arithmetic"),
+    ("'a' * 3", "is not a number"), ("True + 1", "is not a number"), ("1j * 2", "is not a number"),
+    ("1; 2", "not an arithmetic expression"), ("import os", "not an arithmetic expression"), ("", "empty"),
+    ("1/0", "division by zero"), ("1/(2-2)", "division by zero"),
+    ("9" * 200, "more than 30 digits"), ("9" * 5000, "longer than 200 characters"),
+    ("1e400", "more than 30 digits"), ("99999999999999*99999999999999*99999999999999", "more than 30 digits"),
+    ("1/99999999999999/99999999999999/99999999999999", "more than 30 digits"),
+    ("(" * 150 + "1" + ")" * 150, "longer than 200"), ("-" * 120 + "1", "more than 100 parts"),
+    ("+".join(["1"] * 60), "more than 100 parts"),
+])
+def test_calculator_refuses_everything_else_quickly(expression, reason):
+    import time
+    from model.tools import ToolError, calculate
+    t0 = time.perf_counter()
+    with pytest.raises(ToolError, match=reason):
+        calculate(expression)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_calculator_never_evaluates_python(monkeypatch):
+    import builtins
+    from model.tools import calculate
+    monkeypatch.setattr(builtins, "eval", lambda *a, **k: pytest.fail("eval called"))
+    monkeypatch.setattr(builtins, "exec", lambda *a, **k: pytest.fail("exec called"))
+    assert calculate("(12+3)*4") == "60"
+
+
+def test_run_call_checks_the_declaration_and_reports_refusals_as_results():
+    from model.tools import TOOLS, run_call, tool_schemas
+    declared = tool_schemas(["calculator"])
+    assert declared == [TOOLS["calculator"].schema()] and declared[0]["function"]["name"] == "calculator"
+    assert run_call(call("calculator", {"expression": "123*456"}), declared) == ("56088", None)
+    result = run_call(call("calculator", {"expression": "__import__('os')"}), declared)
+    assert result.content.startswith("error: ") and "not arithmetic" in result.error
+    assert "not a declared tool" in run_call(call("shell", {"cmd": "ls"}), declared).error
+    assert "required" in run_call(call("calculator", {"expr": "1"}), declared).error
+    assert "runs here" in run_call(call("weather", {"city": "杭州"}), declared + [WEATHER]).error
+    with pytest.raises(ValueError, match="unknown tool"):
+        tool_schemas(["shell"])
