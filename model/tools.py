@@ -14,17 +14,18 @@ only numbers, + - * / (unary + and - too) and parentheses. Sizes are bounded (ch
 every literal and intermediate result), so `9**9**9` (no `**` anyway), a 10,000-digit number or a product of
 huge factors is refused at once instead of hanging the process. Arithmetic is exact (fractions): 0.1+0.2 is 0.3.
 
-run_tool_loop(tokenizer, generate, conversations, tools, ...): generate a reply to every conversation; a reply
-with <tool_call> blocks is parsed (chat.parse_tool_calls), each call checked against the declared tools and run,
-the results appended as tool turns, and the model asked again, up to max_rounds; a reply that does not parse is
-kept as text and counted as a format error. Conversations go through it in batches, one round at a time.
+run_tool_loop(tokenizer, generate, conversations, tools, ...) -> [ToolRun]: generate a reply to every
+conversation; a reply with <tool_call> blocks is parsed (chat.parse_tool_calls), each call checked against the
+declared tools and run, the results appended as tool turns, and the model asked again, up to max_rounds replies;
+a reply that does not parse is kept as text and counted as a format error, never raised. Conversations go through
+it together, one round at a time, so `generate` can batch (evaluation) or stream one reply (2-eval.py).
 """
 import ast
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, NamedTuple, Optional
 
-from .chat import check_call, tool_function
+from .chat import CALL_OPEN, check_call, encode_chat, parse_tool_calls, tool_function
 
 
 class ToolError(ValueError):
@@ -148,3 +149,64 @@ def run_call(call, declared, registry=None) -> ToolResult:
         except ToolError as err:
             reason = str(err)
     return ToolResult(f"error: {reason}", reason)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop: reply, run the calls, feed the results back, reply again
+
+@dataclass
+class ToolRun:
+    """One conversation through the loop."""
+    messages: list                       # the conversation with the assistant's calls and the tool turns added
+    answer: str = ""                     # the final reply's text (the whole reply when its calls did not parse)
+    calls: list = field(default_factory=list)          # every parsed call, in order
+    results: list = field(default_factory=list)        # a ToolResult per call
+    invalid: list = field(default_factory=list)        # why a parsed call did not fit the declared tools
+    format_errors: list = field(default_factory=list)  # why a reply with <tool_call> did not parse
+    attempts: int = 0                    # replies that contained <tool_call>
+    well_formed: int = 0                 # of those, replies whose calls parsed and all fit the declared tools
+    finished: bool = False               # False: the last allowed reply still called a tool
+
+
+def run_tool_loop(tokenizer, generate, conversations, tools, registry=None, max_rounds=3, on_event=None):
+    """See the module docstring. conversations: message lists, each ending with the user's turn. tools: the
+    declared tool list of each conversation (or one list for all). generate(prompt id lists) -> the reply texts
+    (each up to its </s>). on_event(index, kind, value): "call" (the call), "result" (ToolResult), "format_error"
+    (the reason), "answer" (the final text), as they happen (2-eval.py --interactive prints them)."""
+    if tools and isinstance(tools[0], dict):  # one list for every conversation
+        tools = [tools] * len(conversations)
+    tools = tools or [None] * len(conversations)
+    emit = on_event or (lambda index, kind, value: None)
+    runs = [ToolRun(list(messages)) for messages in conversations]
+    active = list(range(len(runs)))
+    for _ in range(max_rounds):
+        if not active:
+            break
+        texts = generate([encode_chat(tokenizer, runs[i].messages, tools[i]) for i in active])
+        waiting = []
+        for i, text in zip(active, texts):
+            run, parsed = runs[i], parse_tool_calls(text)
+            run.attempts += CALL_OPEN in text
+            if parsed.error is not None or not parsed.calls:
+                if parsed.error is not None:
+                    run.format_errors.append(parsed.error)
+                    emit(i, "format_error", parsed.error)
+                run.messages.append({"role": "assistant", "content": parsed.content})
+                run.answer, run.finished = parsed.content, True
+                emit(i, "answer", parsed.content)
+                continue
+            run.messages.append({"role": "assistant", "content": parsed.content, "tool_calls": parsed.calls})
+            reasons = [check_call(call, tools[i]) for call in parsed.calls]
+            run.invalid += [reason for reason in reasons if reason is not None]
+            run.well_formed += all(reason is None for reason in reasons)
+            for call in parsed.calls:
+                emit(i, "call", call)
+                result = run_call(call, tools[i], registry)
+                run.calls.append(call)
+                run.results.append(result)
+                run.messages.append({"role": "tool", "content": result.content})
+                emit(i, "result", result)
+            run.answer = parsed.content
+            waiting.append(i)
+        active = waiting
+    return runs

@@ -202,3 +202,108 @@ def test_run_call_checks_the_declaration_and_reports_refusals_as_results():
     assert "runs here" in run_call(call("weather", {"city": "杭州"}), declared + [WEATHER]).error
     with pytest.raises(ValueError, match="unknown tool"):
         tool_schemas(["shell"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop (model/tools.py run_tool_loop), evaluation with tools, 2-eval.py
+
+def scripted_reply(prompt_text):
+    """What a model trained on the demo's tool conversations answers, from the rendered prompt."""
+    import re
+    last_role, last = re.findall(r"<s>(\w+)\n(.*?)</s>", prompt_text, re.S)[-1]
+    if "一直" in prompt_text:  # a model that never stops calling
+        return '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'
+    if last_role == "tool":
+        return f"结果是{last.split(chr(10))[1]}。"
+    if "坏" in last:
+        return '<tool_call>\n{"name": "calculator", "arguments": {"expression": 1*2}\n</tool_call>'
+    if "乘" in last:
+        a, b = re.findall(r"\d+", last)
+        return '<tool_call>\n{"name": "calculator", "arguments": {"expression": "' + f"{a}*{b}" + '"}}\n</tool_call>'
+    if "未知" in last:
+        return '<tool_call>\n{"name": "shell", "arguments": {"cmd": "rm -rf /"}}\n</tool_call>'
+    return "你好！"
+
+
+def test_tool_loop_runs_calls_feeds_results_back_and_counts_format_errors(tok):
+    from model.tools import run_tool_loop, tool_schemas
+    prompts_seen = []
+
+    def generate(prompts):
+        prompts_seen.append(len(prompts))
+        return [scripted_reply(tok.decode(ids)) for ids in prompts]
+    questions = ["123乘以456等于多少？", "你好", "坏的调用", "未知工具", "一直调用",
+                 '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>']
+    events = []
+    runs = run_tool_loop(tok, generate, [[{"role": "user", "content": q}] for q in questions],
+                         tool_schemas(["calculator"]), max_rounds=3, on_event=lambda *e: events.append(e))
+    assert prompts_seen == [6, 3, 1]  # round 1: all; round 2: those that called; round 3: the one still calling
+    mul, hello, bad, unknown, forever, typed = runs
+    assert mul.answer == "结果是56088。" and mul.finished and mul.attempts == mul.well_formed == 1
+    assert [r.content for r in mul.results] == ["56088"]
+    assert [m["role"] for m in mul.messages] == ["user", "assistant", "tool", "assistant"]
+    assert mul.messages[1]["tool_calls"] == [call("calculator", {"expression": "123*456"})]
+    assert hello.answer == "你好！" and hello.calls == [] and hello.attempts == 0
+    assert bad.calls == [] and bad.attempts == 1 and bad.well_formed == 0 and "not JSON" in bad.format_errors[0]
+    assert bad.answer.startswith("<tool_call>") and bad.messages[-1] == {"role": "assistant", "content": bad.answer}
+    assert unknown.results[0].content.startswith("error: calls 'shell', which is not a declared tool")
+    assert unknown.invalid and unknown.well_formed == 0 and unknown.answer == "结果是error: calls 'shell', which is not a declared tool (declared: calculator)。"
+    assert not forever.finished and len(forever.calls) == 3  # max_rounds replies, each a call
+    assert typed.calls == [] and typed.answer == "你好！"  # a call typed by the user is not run
+    assert (2, "format_error", bad.format_errors[0]) in events and (0, "answer", "结果是56088。") in events
+
+
+def test_score_eval_file_with_the_tool_loop_and_without(tok, tmp_path, monkeypatch):
+    from model import evaluate
+    from model.tools import tool_schemas
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, stop_at_newline=True, **kwargs):
+        calls.append(stop_at_newline)
+        return [scripted_reply(tokenizer.decode(ids)) for ids in prompts]
+    monkeypatch.setattr(evaluate, "generate_batch", fake_generate)
+    declared = tool_schemas(["calculator"])
+    records = [{"category": "tool_mul", "messages": [{"role": "user", "content": "123乘以456等于多少？"}],
+                "answer": "56088", "tools": declared},
+               {"category": "tool_mul", "messages": [{"role": "user", "content": "坏的调用，12乘3"}], "answer": "36",
+                "tools": declared},
+               {"category": "notool", "messages": [{"role": "user", "content": "你好"}], "answer": "你好", "tools": declared},
+               {"category": "plain", "messages": [{"role": "user", "content": "你好"}], "answer": "你好"}]
+    path = tmp_path / "eval_tools.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    model = type("M", (), {"config": type("C", (), {"max_seq_len": 512})()})()
+    scores = evaluate.score_eval_file(model, tok, str(path), "chat", out_path=str(tmp_path / "a.jsonl"))
+    assert scores["per_category"] == {"tool_mul": (1, 2, 0.5), "notool": (1, 1, 1.0), "plain": (1, 1, 1.0)}
+    assert scores["tools"] == {"attempts": 2, "well_formed": 1, "format_errors": 1,
+                               "called": {"tool_mul": (2, 2), "notool": (0, 1)}}
+    assert calls == [True, False, False]  # plain records stop at a newline; the loop's replies span lines
+    written = [json.loads(line) for line in open(tmp_path / "a.jsonl", encoding="utf-8")]
+    assert [m["role"] for m in written[0]["transcript"]] == ["assistant", "tool", "assistant"]
+    assert written[0]["tool_results"] == ["56088"] and written[1]["format_errors"]
+    assert "well formed (parsed, declared tool, valid arguments) 1, format errors 1" in evaluate.format_scores(scores)
+    alone = evaluate.score_eval_file(model, tok, str(path), "chat", out_path=str(tmp_path / "b.jsonl"), use_tools=False)
+    assert alone["tools"] is None and alone["per_category"]["tool_mul"] == (0, 2, 0.0)
+
+
+def test_interactive_eval_shows_the_call_and_its_result(tok, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import io
+    import sys
+    from model import evaluate, generate
+    spec = importlib.util.spec_from_file_location("script_2_eval", "2-eval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = type("M", (), {"config": type("C", (), {"max_seq_len": 512})()})()
+    monkeypatch.setattr(evaluate, "load_for_cli", lambda args, stages: (model, tok, str(tmp_path)))
+    monkeypatch.setattr(generate, "stream_reply", lambda model, tokenizer, ids, n, **kw: iter([scripted_reply(tok.decode(ids))]))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("123乘以456等于多少？\n坏的调用\n"))
+    monkeypatch.setattr(sys, "argv", ["2-eval.py", "--interactive", "--tools", "calculator"])
+    evaluate.run_cli(script.main)
+    out, err = capsys.readouterr()
+    assert '{"name": "calculator", "arguments": {"expression": "123*456"}}' in out and "⚙️  → 56088" in out
+    assert "🤖: 结果是56088。" in out
+    assert "(format error: tool call 1 is not JSON" in out and "1 tool call(s) did not parse" in err
+    monkeypatch.setattr(sys, "argv", ["2-eval.py", "--tools", "shell"])
+    with pytest.raises(SystemExit):
+        evaluate.run_cli(script.main)
+    assert "--tools: unknown tool(s) shell" in capsys.readouterr().err
