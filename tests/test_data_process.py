@@ -542,6 +542,50 @@ def test_demo_pretraining_text_has_every_character_the_assistant_says_and_the_wo
     assert set("".join(sum_words)) <= pretrain_chars
 
 
+def test_demo_tool_conversations_are_canonical_and_their_eval_numbers_are_in_no_training_file(demo_dir):
+    from model.data_formats import to_sft_record
+    from model.tools import calculate, tool_schemas
+    world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
+    heldout = set(world["calculator"]["heldout_numbers"])
+    assert len(heldout) == 80 and all(200 <= n <= 999 for n in heldout)
+    training = "\n".join(open(os.path.join(demo_dir, name), encoding="utf-8").read() for name in (
+        "tokenizer_train.jsonl", "pretrain_data.jsonl", "sft_data_single.jsonl", "sft_data_multi.jsonl",
+        "sft_data_tools.jsonl", "dpo_data.jsonl"))
+    assert not heldout & {int(n) for n in re.findall(r"(?<!\d)\d+(?!\d)", training)}
+    records = read_jsonl(os.path.join(demo_dir, "sft_data_tools.jsonl"))
+    n_calls = 0
+    for record in records:
+        assert to_sft_record(record) == record and record["tools"] == tool_schemas(["calculator"])
+        messages = record["conversations"]
+        if len(messages) == 4:  # question, call, result, answer
+            n_calls += 1
+            expression = messages[1]["tool_calls"][0]["function"]["arguments"]["expression"]
+            assert messages[2]["content"] == calculate(expression)
+            assert messages[3]["content"] == expression.replace("*", "×").replace("/", "÷") + f"={messages[2]['content']}。"
+        else:
+            assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert n_calls == 600 and len(records) == 900
+    evals = read_jsonl(os.path.join(demo_dir, "eval_tools.jsonl"))
+    assert {r["category"] for r in evals} == {"tool_mul", "tool_div", "direct_people", "direct_arith"}
+    heldout_people = {p["name"] for p in world["people"] if p["split"] == "heldout"}
+    for record in evals:
+        question = record["messages"][-1]["content"]
+        numbers = [int(n) for n in re.findall(r"\d+", question)]
+        if record["category"] == "tool_mul":
+            assert set(numbers) <= heldout and record["answer"] == f"={numbers[0] * numbers[1]}。"
+        elif record["category"] == "tool_div":
+            assert numbers[1] in heldout and record["answer"][1:-1] == str(numbers[0] // numbers[1])
+            assert int(record["answer"][1:-1]) in heldout and numbers[0] % numbers[1] == 0
+        elif record["category"] == "direct_people":
+            assert question[:3] in heldout_people
+        assert record["tools"] == tool_schemas(["calculator"])
+    # the words a call and an answer use are in the pretraining text (the SFT stages freeze the embeddings)
+    pretrain_text = "".join(r["text"] for r in read_jsonl(os.path.join(demo_dir, "pretrain_data.jsonl")))
+    from model.chat import message_text
+    said = "".join(message_text(m) for r in records for m in r["conversations"] if m["role"] == "assistant")
+    assert set(said) <= set(pretrain_text) and '"name": "calculator"' in pretrain_text
+
+
 def test_demo_dpo_history_pairs_reject_an_earlier_answer_or_a_refusal_of_the_identity_question(demo_dir):
     """DPO's multi-turn pairs: the newest question's own answer is chosen; rejected is an earlier answer said
     again, sometimes the first one and sometimes the one just before (a late "你叫什么名字？" used to get the
@@ -584,7 +628,8 @@ def test_demo_subcommand_writes_every_file_and_packs(tmp_path, capsys):
     out = tmp_path / "demo"
     data_process.main(["demo", "--out_dir", str(out), "--n_people", "20", "--num_workers", "1"])
     expected = {"tokenizer_train.jsonl", "pretrain_data.jsonl", "sft_data_single.jsonl", "sft_data_multi.jsonl",
-                "dpo_data.jsonl", "dpo_eval.jsonl", "eval_chat.jsonl", "eval_pretrain.jsonl", "world.json"}
+                "dpo_data.jsonl", "dpo_eval.jsonl", "eval_chat.jsonl", "eval_pretrain.jsonl", "world.json",
+                "sft_data_tools.jsonl", "eval_tools.jsonl"}
     expected |= {f"pretrain_data{split}.{ext}" for split in ("", ".val") for ext in ("bin", "idx.npy", "meta.json")}
     assert set(os.listdir(out)) == expected
     docs = decode_packed(str(out / "pretrain_data")) + decode_packed(str(out / "pretrain_data.val"))
