@@ -285,7 +285,8 @@ def test_sft_reads_sharegpt_tool_calls_as_llama_factory_writes_them(tmp_path):
     tools = [{"type": "function", "function": json.loads(GLAIVE_TOOLS)[0]}]
     assert multi == [{"conversations": [
         {"role": "user", "content": "What is the area of a 5 by 3 rectangle?"},
-        {"role": "assistant", "content": "", "tool_calls": [call("calculate_area", {"shape": "rectangle", "dimensions": [5, 3]})]},
+        {"role": "assistant", "content": "",
+         "tool_calls": [call("calculate_area", {"shape": "rectangle", "dimensions": [5, 3]})]},
         {"role": "tool", "content": '{"area": 15}'}, {"role": "assistant", "content": "The area is 15 square units."},
         {"role": "user", "content": "And a square of side 7?"},
         {"role": "assistant", "content": "", "tool_calls": [call("calculate_area", {"shape": "square", "dimensions": [7]})]},
@@ -309,7 +310,8 @@ def test_sft_reads_openai_tool_calls_with_ids_and_parallel_calls(tmp_path):
         {"role": "assistant", "content": "3*4=12, and it is sunny."}], "tools": tools}])
     single, _ = run_sft(tmp_path, path)
     assert single == [[
-        {"role": "system", "content": "You can use tools."}, {"role": "user", "content": "3*4? And the weather in Hangzhou?"},
+        {"role": "system", "content": "You can use tools."},
+        {"role": "user", "content": "3*4? And the weather in Hangzhou?"},
         {"role": "assistant", "content": "", "tool_calls": [call("calculator", {"expression": "3*4"}),
                                                              call("weather", {"city": "杭州"})]},
         {"role": "tool", "content": "晴"}, {"role": "tool", "content": "12"},
@@ -319,8 +321,9 @@ def test_sft_reads_openai_tool_calls_with_ids_and_parallel_calls(tmp_path):
 def test_sft_bad_tool_records_are_reported_by_line_and_counted(tmp_path, capsys):
     area = '{"name": "calculate_area", "arguments": {"shape": "circle", "dimensions": [4]}}'
     good = glaive(("human", "q"), ("function_call", area), ("observation", "50.24"), ("gpt", "a"))
-    openai_call = lambda arguments, name="calculate_area": {"role": "assistant", "content": None, "tool_calls": [  # noqa: E731
-        {"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}]}
+    def openai_call(arguments, name="calculate_area"):
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}]}
     path = write_jsonl(tmp_path / "bad.jsonl", [
         good,
         glaive(("human", "q"), ("function_call", "calculate_area(shape=circle)"), ("observation", "1"), ("gpt", "a")),
@@ -339,13 +342,15 @@ def test_sft_bad_tool_records_are_reported_by_line_and_counted(tmp_path, capsys)
                ("observation", "1"), ("gpt", "a")),
     ])
     single, _ = run_sft(tmp_path, path, extra=["--max_bad_ratio", "0.95"])
-    assert len(single) == 1 and single[0][1]["tool_calls"][0]["function"]["arguments"] == {"shape": "circle", "dimensions": [4]}
+    assert len(single) == 1
+    assert single[0][1]["tool_calls"][0]["function"]["arguments"] == {"shape": "circle", "dimensions": [4]}
     err = capsys.readouterr().err
     assert f"{path}:2: invalid tool call: message 1: function_call is not JSON" in err
     assert f"{path}:3: invalid tool call: message 1: the arguments of 'calculate_area' are not JSON" in err
     assert f"{path}:4: invalid tool call: message 1 calls 'rm_rf', which the record's tools do not declare" in err
     assert f"{path}:5: invalid conversation: message 1 is a tool result with no tool call before it" in err
-    assert f"{path}:6: invalid conversation: message 2 is assistant, but the tool call(s) before it have 1 result(s) missing" in err
+    assert f"{path}:6: invalid conversation: message 2 is assistant, but the tool call(s) before it have 1 result(s) " \
+           "missing" in err
     assert f"{path}:7: invalid conversation: must end with an assistant message that answers" in err
     assert f"{path}:8: invalid tool call: message 2 answers tool_call_id 'c9'" in err
     assert f"{path}:9: invalid tools: tools is not JSON" in err

@@ -201,7 +201,8 @@ def test_sft_labels_cover_the_calls_and_answers_never_the_tool_results(tmp_path,
 
 def test_records_with_tools_are_checked_before_training_and_dpo_takes_none(tmp_path, tokenizer):
     broken = [dict(m) for m in TOOL_CONVERSATION]
-    broken[1] = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "calculator"}}]}
+    broken[1] = {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": "calculator"}}]}
     with pytest.raises(StageError, match="tools.jsonl:1: .*cannot render"):
         SFTDataset(jsonl(tmp_path, "tools.jsonl", [{"conversations": broken, "tools": CALCULATOR}]), tokenizer, 512)
     pair = {"chosen": TOOL_CONVERSATION[:6], "rejected": TOOL_CONVERSATION[:5] + [{"role": "assistant", "content": "5。"}]}

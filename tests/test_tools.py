@@ -107,7 +107,8 @@ def test_parse_tool_calls_reads_back_what_the_format_writes():
     for message in (TOOL_CHAT[2], TOOL_CHAT[5]):
         parsed = chat.parse_tool_calls(chat.message_text(message))
         assert parsed.error is None and parsed.content == (message["content"] or "")
-        assert [c["function"]["name"] for c in parsed.calls] == [chat.tool_function(c)["name"] for c in message["tool_calls"]]
+        names = [chat.tool_function(c)["name"] for c in message["tool_calls"]]
+        assert [c["function"]["name"] for c in parsed.calls] == names
     parsed = chat.parse_tool_calls(chat.message_text(TOOL_CHAT[2]))
     assert parsed.calls[1] == call("weather", {"city": "杭州", "days": 1})  # the JSON string became an object
     assert chat.parse_tool_calls("123×456=56088。") == ("123×456=56088。", [], None)
@@ -247,7 +248,8 @@ def test_tool_loop_runs_calls_feeds_results_back_and_counts_format_errors(tok):
     assert bad.calls == [] and bad.attempts == 1 and bad.well_formed == 0 and "not JSON" in bad.format_errors[0]
     assert bad.answer.startswith("<tool_call>") and bad.messages[-1] == {"role": "assistant", "content": bad.answer}
     assert unknown.results[0].content.startswith("error: calls 'shell', which is not a declared tool")
-    assert unknown.invalid and unknown.well_formed == 0 and unknown.answer == "结果是error: calls 'shell', which is not a declared tool (declared: calculator)。"
+    assert unknown.invalid and unknown.well_formed == 0
+    assert unknown.answer == "结果是error: calls 'shell', which is not a declared tool (declared: calculator)。"
     assert not forever.finished and len(forever.calls) == 3  # max_rounds replies, each a call
     assert typed.calls == [] and typed.answer == "你好！"  # a call typed by the user is not run
     assert (2, "format_error", bad.format_errors[0]) in events and (0, "answer", "结果是56088。") in events
@@ -295,7 +297,8 @@ def test_interactive_eval_shows_the_call_and_its_result(tok, tmp_path, monkeypat
     spec.loader.exec_module(script)
     model = type("M", (), {"config": type("C", (), {"max_seq_len": 512})()})()
     monkeypatch.setattr(evaluate, "load_for_cli", lambda args, stages: (model, tok, str(tmp_path)))
-    monkeypatch.setattr(generate, "stream_reply", lambda model, tokenizer, ids, n, **kw: iter([scripted_reply(tok.decode(ids))]))
+    monkeypatch.setattr(generate, "stream_reply",
+                        lambda model, tokenizer, ids, n, **kw: iter([scripted_reply(tok.decode(ids))]))
     monkeypatch.setattr(sys, "stdin", io.StringIO("123乘以456等于多少？\n坏的调用\n"))
     monkeypatch.setattr(sys, "argv", ["2-eval.py", "--interactive", "--tools", "calculator"])
     evaluate.run_cli(script.main)
