@@ -77,7 +77,7 @@ def test_cjk_chars_tokenizer_splits_like_qwen2_and_gives_the_training_splits_tok
 
     from tokenizers import Tokenizer
 
-    from model.demo_corpus import charset_lines
+    from demo_corpus import charset_lines
     from model.gguf_export import llama_cpp_pre_tokenizer
     from train_tokenizer import CJK, build_tokenizer, iter_texts, train
     tok = train(iter_texts(os.path.join(demo_dir, "tokenizer_train.jsonl")), 1024, "cjk_chars")
