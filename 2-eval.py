@@ -9,6 +9,8 @@ Run as:
     python 2-eval.py --prompts my_questions.txt                 # one question per line
     python 2-eval.py --eval_file dataset/demo/eval_chat.jsonl   # accuracy per category
     python 2-eval.py --checkpoint out/sft_single_512 --temperature 0.7 --top_p 0.9
+    python 2-eval.py --interactive --tools calculator           # the model may call the calculator
+    python 2-eval.py --eval_file dataset/demo/eval_tools.jsonl [--no_tools]   # with the tool loop / the model alone
 
 The checkpoint defaults to the newest of out/dpo_* > out/sft_multi_* > out/sft_single_* (the latest stage you ran;
 also one folder down, e.g. out/demo/dpo after make demo).
@@ -20,11 +22,16 @@ oldest turns are dropped first. Commands: /reset forgets the conversation, /quit
 --eval_file reads JSONL records {"category", "messages": [...], "answer"} (several turns allowed, the last one the
 user's): greedy answer, correct iff the gold answer is in its first line; every answer is written to
 <checkpoint>/<eval file name>.answers.jsonl (or --answers_out).
+Tools (docs/tools.md): with --tools the questions declare those tools of model/tools.py's registry; a record of an
+eval file declares its own ("tools"). The loop: the model's call is parsed, the tool runs, its result goes back
+as a tool turn and the model answers; --interactive shows the call and the result. A reply whose call does not
+parse is shown as text and counted as a format error.
 """
 import argparse
 import sys
 
-from model import chat, evaluate, generate, stages
+from model import chat, evaluate, generate, stages, tools
+from model.errors import StageError
 
 PROMPTS = [  # minimind-style questions
     "你叫什么名字？",
@@ -41,10 +48,9 @@ PROMPTS = [  # minimind-style questions
 ]
 
 
-def reply(model, tokenizer, messages, settings):
-    """Stream the assistant's answer to `messages` (already trimmed) and return its text."""
-    ids, max_new = chat.fit_context(chat.encode_chat(tokenizer, messages), settings["max_new_tokens"],
-                                    model.config.max_seq_len)
+def stream(model, tokenizer, ids, settings):
+    """Stream one reply to the prompt ids (cut to fit the context) and return its text."""
+    ids, max_new = chat.fit_context(ids, settings["max_new_tokens"], model.config.max_seq_len)
     sampling = {k: v for k, v in settings.items() if k != "max_new_tokens"}
     pieces = []
     for piece in generate.stream_reply(model, tokenizer, ids, max_new, **sampling):
@@ -54,14 +60,41 @@ def reply(model, tokenizer, messages, settings):
     return "".join(pieces)
 
 
-def interactive(model, tokenizer, settings, keep_history):
+def reply(model, tokenizer, messages, settings, declared=None, format_errors=None):
+    """Answer `messages` (already trimmed): streamed, through the tool loop when tools are declared (each call
+    and its result printed). Returns the messages the conversation gains (the assistant's, tool turns)."""
+    if not declared:
+        return [{"role": "assistant", "content": stream(model, tokenizer, chat.encode_chat(tokenizer, messages),
+                                                        settings)}]
+
+    def show(_, kind, value):
+        if kind == "result":
+            print(f"   ⚙️  → {value.content}")
+        elif kind == "format_error":
+            print(f"   (format error: {value}; the reply above is kept as text)")
+            format_errors.append(value)
+
+    replies = []
+
+    def generate_one(prompts):  # the loop's generate(): one conversation, streamed
+        if replies:
+            print("🤖: ", end="", flush=True)
+        replies.append(stream(model, tokenizer, prompts[0], settings))
+        return replies[-1:]
+    run = tools.run_tool_loop(tokenizer, generate_one, [messages], [declared], on_event=show)[0]
+    return run.messages[len(messages):]
+
+
+def interactive(model, tokenizer, settings, keep_history, declared=None):
     budget = chat.context_budget(model.config.max_seq_len, settings["max_new_tokens"])
+    if declared:  # the tools' system turn is part of every prompt
+        budget -= len(chat.encode_chat(tokenizer, [], declared)) - len(chat.encode_chat(tokenizer, []))
     print("chat with the model; /reset forgets the conversation, Ctrl-D or Ctrl-C quits", file=sys.stderr)
-    history = []
+    history, format_errors = [], []
     while True:
         question = evaluate.read_input("👶: ")
         if question is None or question.strip() == "/quit":
-            return
+            break
         question = question.strip()
         if not question:
             continue
@@ -72,12 +105,14 @@ def interactive(model, tokenizer, settings, keep_history):
         messages = chat.trim_history(tokenizer, history + [{"role": "user", "content": question}], budget)
         print("🤖: ", end="", flush=True)
         try:
-            answer = reply(model, tokenizer, messages, settings)
+            added = reply(model, tokenizer, messages, settings, declared, format_errors)
         except KeyboardInterrupt:  # stop this answer, keep the session (the unfinished turn is not remembered)
             print("\n(interrupted)")
             continue
         if keep_history:
-            history = messages + [{"role": "assistant", "content": answer}]
+            history = messages + added
+    if format_errors:
+        print(f"{len(format_errors)} tool call(s) did not parse", file=sys.stderr)
 
 
 def main():
@@ -85,26 +120,38 @@ def main():
     evaluate.add_common_args(parser)
     parser.add_argument("--no_history", action="store_true",
                         help="--interactive: answer every question on its own, without the earlier turns")
+    parser.add_argument("--tools", default="",
+                        help=f"comma-separated tools the questions declare (known: {', '.join(tools.TOOLS)}); the "
+                        "model's calls run and their results go back to it")
+    parser.add_argument("--no_tools", action="store_true",
+                        help="--eval_file: ask without the tools its records declare (the model alone)")
     args = parser.parse_args()
+    try:
+        declared = tools.tool_schemas([name for name in args.tools.split(",") if name.strip()]) if args.tools else None
+    except ValueError as err:
+        raise StageError(f"--tools: {err}") from None
 
     model, tokenizer, checkpoint = evaluate.load_for_cli(args, stages.CHAT_STAGES)
 
     if args.eval_file:
         settings = evaluate.sampling_kwargs(args, scoring=True)
         scores = evaluate.score_eval_file(model, tokenizer, args.eval_file, "chat", out_path=args.answers_out,
-                                          batch_size=args.batch_size, **settings)
+                                          batch_size=args.batch_size, use_tools=not args.no_tools, **settings)
         print(evaluate.format_scores(scores))
         print(f"answers: {scores['out_path']}")
         return
     settings = evaluate.sampling_kwargs(args, scoring=False)
     if args.interactive:
-        interactive(model, tokenizer, settings, keep_history=not args.no_history)
+        interactive(model, tokenizer, settings, keep_history=not args.no_history, declared=declared)
         return
+    format_errors = []
     for question in evaluate.read_prompts(args.prompts) if args.prompts else PROMPTS:
         print(f"👶: {question}")
         print("🤖: ", end="", flush=True)
-        reply(model, tokenizer, [{"role": "user", "content": question}], settings)
+        reply(model, tokenizer, [{"role": "user", "content": question}], settings, declared, format_errors)
         print()
+    if format_errors:
+        print(f"{len(format_errors)} tool call(s) did not parse", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ exactly the document starts. Document k goes to validation when floor(k*r) != fl
 evenly spread, deterministic, and document 0 always, so the val part is never empty (--val_ratio 0: no X.val.*).
 
 Bad input (malformed JSON, missing field, wrong type, empty text, invalid UTF-8, a CSV row with the wrong
-column count, an invalid conversation) is reported as `file:line: kind: detail` on stderr (the first
+column count, an invalid conversation, a tool call whose arguments are not JSON or whose tool the record does not
+declare, a tool result with no call before it) is reported as `file:line: kind: detail` on stderr (the first
 --report_limit lines), counted per kind, and summarised at the end. If bad lines exceed --max_bad_ratio of all
 lines the run exits with status 1 and publishes nothing. A structural error in a JSON array or CSV (after which
 the rest of the file cannot be read) always fails the run, naming the byte offset and line where reading stopped
@@ -45,7 +46,7 @@ from tqdm import tqdm
 # model.errors, model.chat and model.data_formats, not torch: packing starts at once
 from model.chat import DEFAULT_TOKENIZER_DIR, encode_documents, open_document_tokenizer, tokenizer_sha256
 from model.data_formats import (BadRecord, Unreadable, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
-                                pretrain_text, publish, to_conversation, to_preference, zh_ratio)
+                                pretrain_text, publish, to_preference, to_sft_record, zh_ratio)
 from model.errors import BadLines
 
 
@@ -279,7 +280,7 @@ class _Done:
 def sft_filter(messages, args):
     """The seed's filters, all off by default. Returns the reason a conversation is dropped, or None."""
     prompts = [m["content"] for m in messages if m["role"] == "user"]
-    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    answers = [m["content"] for m in messages if m["role"] == "assistant" and not m.get("tool_calls")]  # not calls
     if args.min_prompt_chars and min(map(len, prompts)) < args.min_prompt_chars:
         return "prompt shorter than --min_prompt_chars"
     if args.max_prompt_chars and max(map(len, prompts)) > args.max_prompt_chars:
@@ -337,9 +338,9 @@ def convert(args, outputs, convert_record, route):
 def run_sft(args):
     outputs = {"single": os.path.join(args.out_dir, "sft_data_single.jsonl"),
                "multi": os.path.join(args.out_dir, "sft_data_multi.jsonl")}
-    n_answers = lambda conv: sum(m["role"] == "assistant" for m in conv["conversations"])  # noqa: E731
-    convert(args, outputs, lambda r: {"conversations": to_conversation(r)},
-            lambda conv: "single" if n_answers(conv) == 1 else "multi")
+    # by questions, not assistant turns: a question answered after a tool call is still one exchange
+    n_questions = lambda conv: sum(m["role"] == "user" for m in conv["conversations"])  # noqa: E731
+    convert(args, outputs, to_sft_record, lambda conv: "single" if n_questions(conv) == 1 else "multi")
 
 
 def run_dpo(args):
@@ -404,8 +405,10 @@ def main(argv=None):
 
     p = commands.add_parser("sft", help="SFT data in any supported format -> sft_data_single/multi.jsonl",
                             description="Convert the seed's CSV (history,q,a), deepctrl JSONL (instruction/input/"
-                            "output/history), ShareGPT (from/value), alpaca JSON arrays or canonical role/content "
-                            "conversations; one assistant turn -> sft_data_single.jsonl, more -> sft_data_multi.jsonl.")
+                            "output/history), ShareGPT (from/value, with function_call/observation turns and a "
+                            "tools field for tool use), OpenAI-style messages (tool_calls, role tool), alpaca JSON "
+                            "arrays or canonical role/content conversations; one question -> sft_data_single.jsonl, "
+                            "more -> sft_data_multi.jsonl.")
     common(p, "dataset/sft_data_zh.jsonl")
     p.add_argument("--out_dir", default="dataset", help="where sft_data_single.jsonl and sft_data_multi.jsonl go")
     for name, what in [("min_prompt_chars", "drop a conversation with a user message shorter than this"),

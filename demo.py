@@ -13,7 +13,8 @@ Steps (each one is the command a user would type, run as a subprocess):
 and writes out/demo/report.md: config, wall time per stage, final losses, one line per stage saying what it
 measurably added, loss curves, held-out accuracy of every stage's model (pretrain completion of held-out facts;
 chat QA about people never seen in SFT, 他/她 follow-ups, refusals for people who do not exist, arithmetic on
-held-out pairs, alone and after another exchange), DPO's reward accuracy on held-out preference pairs, and sample
+held-out pairs, alone and after another exchange), DPO's reward accuracy on held-out preference pairs, tool
+calling (held-out 3-digit products with the calculator and without; no call where none is needed), and sample
 chats.
 
 The demo world (demo_corpus.py) holds facts about fictional people; some people are asked about in SFT,
@@ -74,6 +75,11 @@ VOCAB_SIZE = "1024"
 # than full fine-tuning (the rates tried: docs/lora.md)
 LORA = dict(flags=["--lora_rank", "4"], learning_rate={"sft_single": "2e-2", "sft_multi": "5e-3", "dpo": "1e-3"})
 COMMON = ["--dtype", "auto", "--log_interval", "10", "--save_interval", "100000"]
+# Tool calling (docs/tools.md): the calculator conversations are mixed into both SFT stages; the chat models after
+# them are scored on eval_tools.jsonl with the tool loop and without it (the model alone)
+TOOL_SFT_FILE = "sft_data_tools.jsonl"
+TOOL_EVAL_MODELS = ("sft_multi", "dpo")
+TOOL_MAX_NEW_TOKENS = 48  # a call is ~30 tokens of the demo's tokenizer, an answer ~16
 
 
 def main():
@@ -116,11 +122,12 @@ def main():
          "--tokenizer_dir", tokenizer_dir, "--vocab_size", VOCAB_SIZE, "--out_dir", runs["pretrain"], *plan["model"],
          *plan["pretrain"], *COMMON, "--eval_interval", "100")
     ptx = ["--ptx_data", os.path.join(data, "pretrain_data.bin")]  # the pretraining text, replayed in SFT and DPO
-    step("sft_single", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_single.jsonl"),
+    tools = os.path.join(data, TOOL_SFT_FILE)  # the calculator conversations, in both SFT stages
+    step("sft_single", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_single.jsonl"), tools,
          "--init_from", runs["pretrain"], "--out_dir", runs["sft_single"], *plan["sft_single"], *ptx, *COMMON)
     # the multi-turn data has no arithmetic: mixing the single-turn file back in keeps it from being forgotten
     step("sft_multi", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_multi.jsonl"),
-         os.path.join(data, "sft_data_single.jsonl"),
+         os.path.join(data, "sft_data_single.jsonl"), tools,
          "--init_from", runs["sft_single"], "--out_dir", runs["sft_multi"], *plan["sft_multi"], *COMMON)
     step("dpo", script("4-dpo.py"), "--data_path", os.path.join(data, "dpo_data.jsonl"),
          "--init_from", runs["sft_multi"], "--out_dir", runs["dpo"], *plan["dpo"], *ptx, *COMMON)
@@ -128,10 +135,11 @@ def main():
         lr = lambda stage: ["--learning_rate", LORA["learning_rate"][stage]]  # noqa: E731 (argparse: last wins)
         runs.update({f"{name}_lora": os.path.join(out, f"{name}_lora") for name in CHAT_STAGES})
         step("sft_single_lora", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_single.jsonl"),
-             "--init_from", runs["pretrain"], "--out_dir", runs["sft_single_lora"], *plan["sft_single"], *ptx, *COMMON,
+             tools, "--init_from", runs["pretrain"], "--out_dir", runs["sft_single_lora"], *plan["sft_single"], *ptx,
+             *COMMON,
              *LORA["flags"], *lr("sft_single"))
         step("sft_multi_lora", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_multi.jsonl"),
-             os.path.join(data, "sft_data_single.jsonl"), "--init_from", runs["sft_single_lora"],
+             os.path.join(data, "sft_data_single.jsonl"), tools, "--init_from", runs["sft_single_lora"],
              "--out_dir", runs["sft_multi_lora"], *plan["sft_multi"], *COMMON, *LORA["flags"], *lr("sft_multi"))
         step("dpo_lora", script("4-dpo.py"), "--data_path", os.path.join(data, "dpo_data.jsonl"),
              "--init_from", runs["sft_multi_lora"], "--out_dir", runs["dpo_lora"], *plan["dpo"], *ptx, *COMMON,
@@ -141,12 +149,13 @@ def main():
     results = evaluate_all(runs, data, plan["eval_limit"])
     results["dpo_heldout_pairs"] = score_preference_pairs(runs, os.path.join(data, "dpo_eval.jsonl"),
                                                           float(plan["dpo"][plan["dpo"].index("--beta") + 1]))
+    results["tools"] = evaluate_tools(runs, data, plan["eval_limit"])
     times["eval"] = time.time() - t0
     with open(os.path.join(out, "scores.json"), "w", encoding="utf-8") as f:
         json.dump({k: v for k, v in results.items() if k != "samples"}, f, ensure_ascii=False, indent=1)
     total = time.time() - started
     report = write_report(out, plan, runs, results, times, total, peak_rss)
-    print("\n".join(stage_card(results)))
+    print("\n".join(stage_card(results) + tool_card(results)))
     print(f"\ndemo finished in {total / 60:.1f} min; report: {report}")
 
 
@@ -175,6 +184,86 @@ def evaluate_all(runs, data, limit):
                              max_new_tokens=48)
     results["samples"] = [(r["messages"], reply, r["answer"]) for r, reply in zip(samples, replies)]
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tool calling: the calculator
+
+def evaluate_tools(runs, data, limit):
+    """eval_tools.jsonl for each model of TOOL_EVAL_MODELS, with the tool loop and alone (the tools left out):
+    {model: {"with": scores, "alone": scores, "samples": [transcripts]}}."""
+    from model.evaluate import load_checkpoint, score_eval_file
+
+    results = {}
+    for name in TOOL_EVAL_MODELS:
+        model, tokenizer, _ = load_checkpoint(runs[name])
+        path = sample_lines(os.path.join(data, "eval_tools.jsonl"), limit, runs[name])
+        results[name] = {mode: score_eval_file(model, tokenizer, path, "chat", max_new_tokens=TOOL_MAX_NEW_TOKENS,
+                                               use_tools=mode == "with",
+                                               out_path=os.path.join(runs[name], f"tools_{mode}_answers.jsonl"))
+                         for mode in ("with", "alone")}
+        for mode in ("with", "alone"):
+            print(f"{name} tools ({mode}): {results[name][mode]['overall']:.1%} of {results[name][mode]['n']}")
+        with open(results[name]["with"]["out_path"], encoding="utf-8") as f:
+            answered = [json.loads(line) for line in f]
+        results[name]["samples"] = [next(r for r in answered if r["category"] == category)
+                                    for category in ("tool_mul", "tool_div", "direct_people", "direct_arith")
+                                    if any(r["category"] == category for r in answered)]
+    return results
+
+
+def tool_rates(scores):
+    """From one model's tool scores: {category: (alone, with, share of questions answered with a call)}, and the
+    share of replies with a call that were well formed (parsed, declared tool, valid arguments)."""
+    alone, with_tools = scores["alone"]["per_category"], scores["with"]["per_category"]
+    called = scores["with"]["tools"]["called"]
+    rates = {category: (alone[category][2], with_tools[category][2], called[category][0] / called[category][1])
+             for category in with_tools}
+    tools = scores["with"]["tools"]
+    return rates, tools["well_formed"] / max(1, tools["attempts"])
+
+
+def tool_card(results):
+    """The report card's line for tool calling, on the final model (none when tools were not evaluated)."""
+    if "tools" not in results:
+        return []
+    rates, well_formed = tool_rates(results["tools"]["dpo"])
+    direct = [c for c in rates if c.startswith("direct_")]
+    return [f"- **Tools** (dpo, the calculator declared): held-out 3-digit products {rates['tool_mul'][0]:.1%} "
+            f"alone → {rates['tool_mul'][1]:.1%} with the tool loop, quotients {rates['tool_div'][0]:.1%} → "
+            f"{rates['tool_div'][1]:.1%}; calls well formed {well_formed:.1%}; questions that need no tool: no call "
+            + ", ".join(f"{1 - rates[c][2]:.1%}" for c in direct) + " (" + ", ".join(direct) + "), accuracy alone "
+            "→ with the tools declared " + ", ".join(f"{rates[c][0]:.1%} → {rates[c][1]:.1%}" for c in direct)]
+
+
+def tool_report(results):
+    """The report's tool section: a row per model and category, and sample transcripts."""
+    if "tools" not in results:
+        return []
+    lines = ["## Tool calling (the calculator)", "",
+             "eval_tools.jsonl: products and quotients of two 3-digit numbers that appear in no training file "
+             "(tool_mul, tool_div), and questions that need no tool (direct_people: held-out people; direct_arith: "
+             "held-out sums), all with the calculator declared. alone = the same questions without the tools "
+             "(the model answers alone); with = the tool loop (call → result → answer, up to 3 replies). Correct = "
+             "the gold answer in the first line of the final answer.", "",
+             "| model | category | alone | with the tool loop | answered with a call |", "|---|---|---|---|---|"]
+    for name, scores in results["tools"].items():
+        rates, well_formed = tool_rates(scores)
+        for category, (alone, with_tools, called) in rates.items():
+            lines.append(f"| {name} | {category} | {alone:.1%} | {with_tools:.1%} | {called:.1%} |")
+        tools = scores["with"]["tools"]
+        lines.append(f"| {name} | replies with a call: well formed | | {well_formed:.1%} ({tools['well_formed']}/"
+                     f"{tools['attempts']}, {tools['format_errors']} format errors) | |")
+    lines += ["", "Sample transcripts (dpo, with the tool loop):", ""]
+    for record in results["tools"]["dpo"]["samples"]:
+        turns = [f"user: {record['messages'][-1]['content']}"]
+        for message in record["transcript"]:
+            if message.get("tool_calls"):
+                turns += [f"call: `{json.dumps(c['function'], ensure_ascii=False)}`" for c in message["tool_calls"]]
+            else:
+                turns.append(f"{'tool' if message['role'] == 'tool' else 'assistant'}: {message['content']}")
+        lines.append(f"- {' → '.join(turns)}  (gold: {record['answer']}, {'right' if record['correct'] else 'wrong'})")
+    return lines + [""]
 
 
 def score_preference_pairs(runs, path, beta):
@@ -279,7 +368,7 @@ def write_report(out, plan, runs, results, times, total, peak_rss=None):
         train, val = final_losses(runs[name]) if name in runs else (None, None)
         fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {name} | {seconds:.0f} s | {fmt(train)} | {fmt(val)} |")
-    lines += ["", "## What each stage added", ""] + stage_card(results) + [""]
+    lines += ["", "## What each stage added", ""] + stage_card(results) + tool_card(results) + [""]
     lines += ["## Held-out accuracy", "",
               "Questions about people whose facts appear only in pretraining text, about people who do not exist "
               "(unknown_person_refusal: correct = the answer refuses, 我不知道…), and arithmetic on number pairs "
@@ -295,6 +384,7 @@ def write_report(out, plan, runs, results, times, total, peak_rss=None):
               f"with 4-dpo.py's log-probs against the sft_multi model: reward accuracy {pairs['reward_accuracy']:.1%}, "
               f"mean reward margin {pairs['reward_margin']:.3f}.", "", "## Loss curves", ""]
     lines += [f"![{name}]({os.path.relpath(os.path.join(runs[name], 'loss.png'), out)})" for name in runs]
+    lines += [""] + tool_report(results)
     if "dpo_lora" in runs:
         lines += lora_comparison(runs, results, times, peak_rss or {})
     lines += ["", "## Sample chats (DPO model)", ""]

@@ -19,6 +19,9 @@ The world
 
 - `n_unknown` names of people who do not exist (drawn like the real names, in no pretraining text): asked
   about, the assistant should say "我不知道X是谁。". Half of them are DPO's, the other half only in eval.
+- Tool use (docs/tools.md): multiplication and division of multi-digit numbers, asked with the calculator of
+  model/tools.py declared, are answered by calling it; other questions asked with it declared get no call. A set
+  of 3-digit numbers (200-999, `TOOL_HELDOUT_RATIO`) appears in no training file: eval multiplies two of them.
 
 Who appears where
 - pretraining text: every biography of every person, every training arithmetic triple.
@@ -37,10 +40,14 @@ Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
     pretrain_data.jsonl    {"text"}   biographies and arithmetic blocks, shuffled
     sft_data_single.jsonl  {"conversations": [{"role","content"}, ...]}  one user/assistant exchange
     sft_data_multi.jsonl   same, 2-7 exchanges, follow-ups refer back with 他/她 to the previous exchange's person
+    sft_data_tools.jsonl   {"conversations", "tools"}  the calculator declared: calls for products and quotients,
+                           direct answers to everything else
     dpo_data.jsonl         {"chosen": [msgs], "rejected": [msgs]}  same prompt, last assistant turn differs
     dpo_eval.jsonl         same format, held-out pairs (eval unknown names, held-out people): DPO reward accuracy
     eval_chat.jsonl        {"category", "messages", "answer", ...}  chat checks (2-eval.py --eval_file)
     eval_pretrain.jsonl    {"category", "prompt", "answer", ...}    completion checks (0-eval_pretrain.py)
+    eval_tools.jsonl       {"category", "messages", "tools", "answer"}  held-out products and quotients, and
+                           questions that need no tool, all with the calculator declared (2-eval.py --eval_file)
     world.json             the ground truth: people, attributes, who is held out, held-out arithmetic
 Scoring rule for both eval files: correct iff `answer` is a substring of the first line of the generated text.
 """
@@ -48,6 +55,7 @@ import argparse
 import json
 import os
 import random
+import re
 
 # ----------------------------------------------------------------------------------------------------------
 # The world's vocabulary. Fictional universities and employers so the world cannot leak from real knowledge.
@@ -517,6 +525,129 @@ def eval_sets(world, rng, eval_size=200):
     return chat, completion
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Tool use: the calculator. A model this small cannot multiply 3-digit numbers in its head; it can learn to ask.
+# Everything here draws from its own random stream after the rest of the world, so every other file's content is
+# what it was without it (the pretraining and tokenizer text gain the tool documents at their end).
+
+TOOL_HELDOUT_RATIO = 0.1  # of the 3-digit numbers 200-999 (the sums' results stop at 198, years have 4 digits)
+TOOL_QUESTIONS = {"*": ["{a}乘以{b}等于多少？", "计算{a}×{b}。", "{a}×{b}是多少？"],
+                  "/": ["{a}除以{b}等于多少？", "计算{a}÷{b}。", "{a}÷{b}是多少？"]}
+TOOL_SIGNS = {"*": "×", "/": "÷"}
+# digit counts of the two operands (a product's factors, a quotient's quotient and divisor): 3 x 3 most often,
+# the held-out shape, with its neighbours so the call copies numbers of any length
+TOOL_SHAPES = [(3, 3)] * 4 + [(2, 3), (3, 2), (4, 2), (2, 4), (4, 3), (3, 4), (2, 2)]
+WHOLE_NUMBER = re.compile(r"(?<!\d)\d+(?!\d)")
+
+
+def calculator_tools():
+    from model.tools import tool_schemas  # the registry's description, as every request declares it
+    return tool_schemas(["calculator"])
+
+
+def make_tool_world(seed, heldout_ratio=TOOL_HELDOUT_RATIO):
+    """The 3-digit numbers no training file contains (as an operand, a result or any whole number)."""
+    numbers = list(range(200, 1000))
+    random.Random(seed + 3).shuffle(numbers)
+    return {"heldout_numbers": sorted(numbers[:round(len(numbers) * heldout_ratio)])}
+
+
+def mentions(text, numbers):
+    return any(int(n) in numbers for n in WHOLE_NUMBER.findall(text))
+
+
+def tool_problem(rng, heldout):
+    """(op, x, y, result) for training, with no held-out number in it: a product x*y, or a quotient x/y = a whole
+    number (x = a*b, y = b)."""
+    while True:
+        da, db = rng.choice(TOOL_SHAPES)
+        a, b = rng.randrange(10 ** (da - 1), 10 ** da), rng.randrange(10 ** (db - 1), 10 ** db)
+        problem = ("*", a, b, a * b) if rng.random() < 0.7 else ("/", a * b, b, a)
+        if not heldout & set(problem[1:]):
+            return problem
+
+
+def tool_question(op, x, y, rng):
+    return rng.choice(TOOL_QUESTIONS[op]).format(a=x, b=y)
+
+
+def tool_answer(op, x, y, result):
+    return f"{x}{TOOL_SIGNS[op]}{y}={result}。"
+
+
+def tool_exchange(op, x, y, result, rng):
+    """The user's question, the call, the calculator's result, the answer."""
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": f"{x}{op}{y}"}}}
+    return [user(tool_question(op, x, y, rng)), {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": str(result)}, assistant(tool_answer(op, x, y, result))]
+
+
+def sft_tools(world, tool_world, rng, n_calls=600, n_direct=300):
+    """Conversations with the calculator declared: products and quotients answered through a call; SFT people's
+    facts, two-digit sums and greetings answered directly (a declared tool is not a reason to call it)."""
+    heldout, tools = set(tool_world["heldout_numbers"]), calculator_tools()
+    records = [tool_exchange(*tool_problem(rng, heldout), rng) for _ in range(n_calls)]
+    sft_people = [p for p in world["people"] if p["split"] == "sft"]
+    for i in range(n_direct):
+        if i % 3 == 0:
+            person, attribute = rng.choice(sft_people), rng.choice(list(ATTRIBUTES))
+            question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=person["name"])
+            records.append([user(question), assistant(canonical_statement(person["name"], attribute, person[attribute]))])
+        elif i % 3 == 1:
+            op, a, b = rng.choice(world["arith_train"])
+            records.append([user(arith_question(op, a, b, rng)), assistant(arith_statement(op, a, b))])
+        else:
+            question, answer = rng.choice(GREETINGS + OUT_OF_SCOPE)
+            records.append([user(question), assistant(answer)])
+    rng.shuffle(records)
+    return [{"conversations": messages, "tools": tools} for messages in records]
+
+
+def tool_documents(tool_world, rng, n_docs=24, per_doc=8):
+    """Pretraining text with the calculator's words: its description and worked examples, the call and the result
+    as the format writes them. The SFT stages freeze the (tied) embeddings, so a token the pretraining text never
+    had would stay random in every stage (docs/demo.md, "Characters pretraining never had")."""
+    from model.chat import chat_turns
+    heldout, tools = set(tool_world["heldout_numbers"]), calculator_tools()
+    docs = []
+    for _ in range(n_docs):
+        turns = chat_turns([m for _ in range(per_doc) for m in tool_exchange(*tool_problem(rng, heldout), rng)], tools)
+        docs.append("\n".join(text for _, text in turns))
+    return docs
+
+
+def eval_tools(world, tool_world, rng, eval_size=200):
+    """Held-out products of two held-out 3-digit numbers (tool_mul) and quotients of them (tool_div), and questions
+    that need no tool (held-out people, held-out sums), all asked with the calculator declared."""
+    heldout, tools = tool_world["heldout_numbers"], calculator_tools()
+    pairs = rng.sample([(a, b) for a in heldout for b in heldout], eval_size + eval_size // 2)
+    records = []
+    for a, b in pairs[:eval_size]:
+        records.append({"category": "tool_mul", "messages": [user(tool_question("*", a, b, rng))],
+                        "answer": f"={a * b}。"})
+    for a, b in pairs[eval_size:]:
+        records.append({"category": "tool_div", "messages": [user(tool_question("/", a * b, b, rng))],
+                        "answer": f"={a}。"})
+    heldout_people = [p for p in world["people"] if p["split"] == "heldout"]
+    facts = rng.sample([(p, attribute) for p in heldout_people for attribute in ATTRIBUTES],
+                       min(eval_size, len(heldout_people) * len(ATTRIBUTES)))
+    for person, attribute in facts:
+        question = rng.choice(ATTRIBUTES[attribute]["questions"]).format(n=person["name"])
+        records.append({"category": "direct_people", "messages": [user(question)], "answer": person[attribute]})
+    for op, a, b in rng.sample(world["arith_heldout"], min(eval_size, len(world["arith_heldout"]))):
+        records.append({"category": "direct_arith", "messages": [user(arith_question(op, a, b, rng))],
+                        "answer": f"={arith_result(op, a, b)}。"})
+    return [{**record, "tools": tools} for record in records]
+
+
+def tool_corpus(world, seed, eval_size):
+    """Every tool file's records and the pretraining documents, from the stream seed + 4."""
+    tool_world = make_tool_world(seed)
+    rng = random.Random(seed + 4)
+    return tool_world, {"pretrain": tool_documents(tool_world, rng), "sft": sft_tools(world, tool_world, rng),
+                        "eval": eval_tools(world, tool_world, rng, eval_size)}
+
+
 def charset_lines(width=100):
     """GB2312 symbols and level-1 hanzi (3 times, so they win ties), then level-2 hanzi (twice): lets a 6400-token tokenizer trained on
     cover common Chinese characters as single tokens, not only the ~600 the demo world uses."""
@@ -553,6 +684,7 @@ def write_jsonl(path, records):
 def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0.5, heldout_pair_ratio=0.1,
                   eval_size=200, dpo_people_ratio=0.1):
     """Write every demo file into out_dir; returns {file name: number of records}."""
+    from model.chat import chat_turns
     world = make_world(seed, n_people, sft_people_ratio, heldout_pair_ratio, dpo_people_ratio=dpo_people_ratio)
     rng = random.Random(seed + 1)  # one stream, consumed in a fixed order: same seed, same bytes
     pretrain = pretrain_documents(world, n_bios, rng)
@@ -568,16 +700,24 @@ def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0
     # Own stream, after the tokenizer text: every other file, and the tokenizer, are what they were without these
     # pairs (their text, SFT dialogues and sums, is in the tokenizer text already)
     dpo += arith_after_pairs(world, multi, random.Random(seed + 2))
+    # tool use, last: its documents go at the end of the pretraining and tokenizer text
+    tool_world, tool_files = tool_corpus(world, seed, eval_size)
+    world["calculator"] = tool_world
+    pretrain += tool_files["pretrain"]
+    tokenizer_text += tool_files["pretrain"] + ["\n".join(text for _, text in chat_turns(r["conversations"], r["tools"]))
+                                                for r in tool_files["sft"]]
 
     files = {
         "tokenizer_train.jsonl": [{"text": t} for t in tokenizer_text],
         "pretrain_data.jsonl": [{"text": t} for t in pretrain],
         "sft_data_single.jsonl": [{"conversations": m} for m in single],
         "sft_data_multi.jsonl": [{"conversations": m} for m in multi],
+        "sft_data_tools.jsonl": tool_files["sft"],
         "dpo_data.jsonl": dpo,
         "dpo_eval.jsonl": dpo_eval,
         "eval_chat.jsonl": chat_eval,
         "eval_pretrain.jsonl": completion_eval,
+        "eval_tools.jsonl": tool_files["eval"],
     }
     os.makedirs(out_dir, exist_ok=True)
     for name, records in files.items():

@@ -29,9 +29,10 @@ The tokenizer
     which the demo's completion prompts rely on (demo.py trains its own tokenizer with it). The tokenizer it
     writes splits with Qwen2's pattern, as the default does: it gives the same tokens as the training split on
     every text of the demo corpus (tests/test_tokenizer.py), and llama.cpp runs it (export_model.py --gguf).
-- tokenizer_config.json carries the seed's chat template, so apply_chat_template works in any
+- tokenizer_config.json carries the seed's chat template (model/chat.py), so apply_chat_template works in any
   transformers-based tool:
       [<s>system\n{system}</s>\n] <s>user\n{q}</s>\n<s>assistant\n{a}</s>\n ...   (+ "<s>assistant\n" as generation prompt)
+  and, given tools=[...], the tool-calling layout of docs/tools.md (<tools>, <tool_call>, <tool_response>).
 
 Writes --out_dir/tokenizer.json and --out_dir/tokenizer_config.json (each under a temporary name, then renamed).
 Load with: AutoTokenizer.from_pretrained(out_dir). The model's vocab_size must equal len(tokenizer).

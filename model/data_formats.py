@@ -14,6 +14,12 @@ Canonical records:
     pretrain  {"text": str}
     sft       {"conversations": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
               optional system first, then user/assistant alternating, ending with assistant
+              + "tools": [{"type": "function", "function": {...}}] when the record declares tools; then an
+              assistant turn may carry "tool_calls": [{"type": "function", "function": {"name", "arguments": {}}}]
+              (content "" when it only calls), followed by one {"role": "tool", "content": str} per call, then
+              the assistant again (another call, or the answer). Read from OpenAI-style `messages` (tool_calls,
+              role "tool" with tool_call_id) and ShareGPT `function_call` / `observation` turns (LLaMA-Factory's
+              glaive files), with `tools` a list or a JSON string of one.
     dpo       {"chosen": [messages], "rejected": [messages]}  same prompt turns, different last assistant turn
 """
 import ast
@@ -310,6 +316,10 @@ def pretrain_text(record):
     return text
 
 
+TOOL_CALL_ROLES = ("function_call",)  # ShareGPT: the assistant's call(s), a JSON {"name", "arguments"} or a list
+TOOL_RESULT_ROLES = ("observation", "tool")  # ShareGPT / OpenAI: a tool's result
+
+
 def normalize_message(message):
     """{"role","content"} or ShareGPT {"from","value"} -> {"role","content"}."""
     if not isinstance(message, dict):
@@ -322,21 +332,129 @@ def normalize_message(message):
     return {"role": ROLE_ALIASES[role.lower()], "content": content}
 
 
+def parse_tools(value):
+    """A record's `tools` (a list, or a JSON string of one; OpenAI's {"type": "function", "function": {...}} or the
+    bare function) -> [{"type": "function", "function": {...}}]."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if not value.strip():
+            return []
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise BadRecord("invalid tools", f"tools is not JSON ({err.msg})") from None
+    if not isinstance(value, list):
+        raise BadRecord("invalid tools", f"tools is {type(value).__name__}, expected a list of function descriptions")
+    tools = []
+    for k, tool in enumerate(value):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadRecord("invalid tools", f"tool {k} has no name")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise BadRecord("invalid tools", f"the parameters of tool {function['name']!r} are not a JSON object")
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def _tool_call(call, where):
+    """One call as OpenAI ({"id", "type", "function": {"name", "arguments": JSON string}}) or ShareGPT
+    ({"name", "arguments": object}) writes it -> ({"type": "function", "function": {...}}, its id or None)."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise BadRecord("invalid tool call", f"{where}: a call without a function name")
+    name, arguments = function["name"], function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as err:
+            raise BadRecord("invalid tool call", f"{where}: the arguments of {name!r} are not JSON ({err.msg})") \
+                from None
+    if not isinstance(arguments, dict):
+        raise BadRecord("invalid tool call", f"{where}: the arguments of {name!r} are not a JSON object")
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}, call.get("id")
+
+
+def normalize_tool_messages(messages, tools):
+    """Messages of a record that may use tools -> canonical messages (see the module docstring). Checks what only
+    the raw record shows: calls that parse, to declared tools, and results answering a call (by tool_call_id when
+    both sides have ids, else in order)."""
+    declared = {tool["function"]["name"] for tool in tools}
+    out, waiting = [], []  # waiting: ids of the latest turn's calls that have no result yet (None: no id)
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRecord("wrong type", f"message is {type(message).__name__}, expected an object")
+        role_key, content_key = ("role", "content") if "role" in message or "content" in message else ("from", "value")
+        role = _field(message, role_key).lower()
+        where = f"message {k}"
+        if role in TOOL_CALL_ROLES or (ROLE_ALIASES.get(role) == "assistant" and message.get("tool_calls")):
+            if role in TOOL_CALL_ROLES:  # ShareGPT: the value is the JSON of the call (or of a list of calls)
+                value = _field(message, content_key)
+                try:
+                    raw_calls = json.loads(value)
+                except json.JSONDecodeError as err:
+                    raise BadRecord("invalid tool call", f"{where}: function_call is not JSON ({err.msg})") from None
+                content = ""
+            else:
+                raw_calls = _field(message, "tool_calls", list)
+                content = _field(message, content_key, required=False) or ""
+            raw_calls = raw_calls if isinstance(raw_calls, list) else [raw_calls]
+            if not raw_calls:
+                raise BadRecord("invalid tool call", f"{where}: an empty list of calls")
+            calls = [_tool_call(call, where) for call in raw_calls]
+            for call, _ in calls:
+                if call["function"]["name"] not in declared:
+                    raise BadRecord("invalid tool call", f"{where} calls {call['function']['name']!r}, which the "
+                                    f"record's tools do not declare" + (f" ({', '.join(sorted(declared))})"
+                                                                        if declared else " (it declares none)"))
+            out.append({"role": "assistant", "content": content, "tool_calls": [call for call, _ in calls]})
+            waiting = [call_id for _, call_id in calls]
+        elif role in TOOL_RESULT_ROLES:
+            content = _field(message, content_key)
+            call_id = message.get("tool_call_id")
+            if waiting and call_id is not None and None not in waiting:
+                if call_id not in waiting:
+                    raise BadRecord("invalid tool call", f"{where} answers tool_call_id {call_id!r}, which no "
+                                    f"call before it waits for")
+                waiting.remove(call_id)
+            elif waiting:
+                waiting.pop(0)
+            out.append({"role": "tool", "content": content})
+        else:
+            out.append(normalize_message(message))
+            waiting = []
+    return out
+
+
 def check_conversation(messages):
-    """Optional system, then user/assistant alternating, ending with assistant; no empty content."""
+    """Optional system, then user/assistant alternating, ending with assistant; no empty content. With tools: an
+    assistant turn with calls is followed by one tool result per call, then the assistant again."""
     if not messages:
         raise BadRecord("invalid conversation", "no messages")
-    body = messages[1:] if messages[0]["role"] == "system" else messages
+    offset = 1 if messages[0]["role"] == "system" else 0
+    body, previous, owed = messages[offset:], None, 0  # owed: results the latest calls still wait for
     for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise BadRecord("invalid conversation", f"message {i + len(messages) - len(body)} is {message['role']}, "
-                                                    f"expected {expected} (optional system, then user/assistant turns)")
+        k, role = i + offset, message["role"]
+        if role == "tool":
+            if not owed:
+                raise BadRecord("invalid conversation", f"message {k} is a tool result with no tool call before it")
+            owed -= 1
+        elif owed:
+            raise BadRecord("invalid conversation", f"message {k} is {role}, but the tool call(s) before it have "
+                                                    f"{owed} result(s) missing")
+        else:
+            expected = "user" if previous in (None, "assistant") else "assistant"
+            if role != expected:
+                raise BadRecord("invalid conversation", f"message {k} is {role}, expected {expected} (optional "
+                                                        f"system, then user/assistant turns)")
+            owed = len(message.get("tool_calls") or [])
+        previous = role
     for message in messages:
-        if not message["content"].strip():
+        if not message["content"].strip() and not message.get("tool_calls"):
             raise BadRecord("empty text", f"empty {message['role']} message")
-    if not body or body[-1]["role"] != "assistant":
-        raise BadRecord("invalid conversation", "must end with an assistant message")
+    if not body or body[-1]["role"] != "assistant" or owed:
+        raise BadRecord("invalid conversation", "must end with an assistant message" +
+                        (" that answers (not with a tool call)" if body and body[-1].get("tool_calls") else ""))
     return messages
 
 
@@ -362,8 +480,21 @@ def parse_history(history):
     return messages
 
 
+def to_sft_record(record):
+    """Any supported SFT record -> {"conversations": canonical messages} (+ "tools" when it declares some)."""
+    if isinstance(record, dict) and ("conversations" in record or "messages" in record):
+        tools = parse_tools(record.get("tools"))
+        messages = _field(record, "conversations" if "conversations" in record else "messages", list)
+        uses_tools = tools or any(isinstance(m, dict) and (m.get("tool_calls") or str(
+            m.get("role", m.get("from"))).lower() in TOOL_CALL_ROLES + TOOL_RESULT_ROLES) for m in messages)
+        if uses_tools:
+            conversation = check_conversation(normalize_tool_messages(messages, tools))
+            return {"conversations": conversation, **({"tools": tools} if tools else {})}
+    return {"conversations": to_conversation(record)}
+
+
 def to_conversation(record):
-    """Any supported SFT record -> list of canonical messages."""
+    """Any supported SFT record without tools -> list of canonical messages."""
     if not isinstance(record, dict):
         raise BadRecord("wrong type", f"record is {type(record).__name__}, expected an object")
     for key in ("conversations", "messages"):  # canonical role/content, or ShareGPT from/value

@@ -14,7 +14,8 @@ Datasets for the three training stages. Each item is a dict of tensors; a batch 
         (every token a label), to mix into SFT: 3-full_sft.py --ptx_data
     SFTDataset(path, tokenizer, max_seq_len, pack=False)  sft_data_*.jsonl (pack=True: a memmapped cache, prepare())
         item: input_ids [L], labels [L] (aligned with input_ids, the model shifts; -100 except the content and the
-              closing </s> of EVERY assistant turn) + position_ids [L] when packed
+              closing </s> of EVERY assistant turn, its tool calls included; a tool's result is never a target)
+              + position_ids [L] when packed. A record may declare "tools" (model/chat.py renders them)
         batch with dataset.collate: right padding to the longest row, attention_mask added
     DPODataset(path, tokenizer, max_seq_len)              dpo_data.jsonl
         item: chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels (labels only on the final
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .chat import IGNORE_INDEX, ChatEncoder
+from .chat import IGNORE_INDEX, ChatEncoder, chat_turns
 from .data_formats import publish
 from .errors import BadLines, StageError
 
@@ -196,15 +197,28 @@ def index_lines(path):
     return np.array(offsets, dtype=np.int64), np.array(line_nos, dtype=np.int64)
 
 
-def _check_messages(messages, where):
+def _check_messages(messages, where, tools=None, allow_tools=False):
+    """Canonical messages. allow_tools (SFT records only): also tool turns and assistant turns carrying tool_calls,
+    and the record's tools; checked by rendering them the way training will."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: expected a non-empty list of messages")
+    roles = ("system", "user", "assistant", "tool") if allow_tools else ("system", "user", "assistant")
     for m in messages:
-        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str)):
-            raise ValueError(f"{where}: every message needs role system/user/assistant and a string content")
+        if not (isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: every message needs role {'/'.join(roles)} and a string content")
+        if m.get("tool_calls") is not None and not allow_tools:
+            raise ValueError(f"{where}: tool calls are for SFT records only")
+        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+            raise ValueError(f"{where}: tool_calls must be a list")
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the last message must be from the assistant")
+    if allow_tools:
+        if tools is not None and not isinstance(tools, list):
+            raise ValueError(f"{where}: tools must be a list of function descriptions")
+        try:
+            chat_turns(messages, tools)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
     return messages
 
 
@@ -372,7 +386,8 @@ class SFTDataset(_JsonlRecords):
         lengths, pending = np.zeros(len(self.offsets), dtype=np.int64), []
 
         def flush():
-            for i, (ids, labels) in zip((i for i, _ in pending), self.encoder.encode_many([m for _, m in pending])):
+            encoded = self.encoder.encode_many([m for _, (m, _) in pending], tools=[t for _, (_, t) in pending])
+            for i, (ids, labels) in zip((i for i, _ in pending), encoded):
                 ids, labels = np.array(ids, dtype=np.int64), np.array(labels, dtype=np.int64)
                 target = labels != IGNORE_INDEX
                 assert (labels[target] == ids[target]).all()  # a label is always its own token: a mask suffices
@@ -427,12 +442,17 @@ class SFTDataset(_JsonlRecords):
         return {**self.__dict__, "_arrays": None}
 
     def messages(self, record, where):
+        """-> (messages, tools or None)."""
         if not isinstance(record, dict) or "conversations" not in record:
             raise ValueError(f'{where}: expected {{"conversations": [...]}}')
-        return _check_messages(record["conversations"], where)
+        messages, tools = record["conversations"], record.get("tools")
+        uses_tools = tools is not None or (isinstance(messages, list) and any(
+            isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages))
+        return _check_messages(messages, where, tools, allow_tools=uses_tools), tools
 
     def encode(self, i):
-        return self.encoder.encode(self.messages(*self.record(i)), train_on="all")
+        messages, tools = self.messages(*self.record(i))
+        return self.encoder.encode(messages, train_on="all", tools=tools)
 
     def __len__(self):
         return self.n_rows if self.pack else len(self.offsets)

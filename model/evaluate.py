@@ -16,16 +16,25 @@ Public API (stable; demo.py imports it):
     resolve_checkpoint(checkpoint=None, stages=CHAT_STAGES, root="out") -> checkpoint_dir   (same rule, no loading)
 
     score_eval_file(model, tokenizer, path, mode, max_new_tokens=64, out_path=None, batch_size=64,
-                    temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0) -> dict
+                    temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, use_tools=True,
+                    max_rounds=3) -> dict
         mode "chat":       record {"category", "messages": [{"role", "content"}, ...] (last one the user's), "answer"}
                            rendered with tokenizer.apply_chat_template(add_generation_prompt=True)
+                           + optional "tools": [function descriptions]: the record goes through the tool loop
+                           (model/tools.py: call -> result -> answer, the registry's tools run); the answer
+                           scored is the final reply. use_tools=False asks without them (the model alone).
         mode "completion": record {"category", "prompt", "answer"}, encoded as <s> + prompt
         Greedy by default. Correct iff `answer` is a substring of the first line of the generated text (for a
         completion: of its first sentence, up to the first "。")
         (generation of a row stops at </s> or at its first newline). Returns
             {"overall": accuracy, "per_category": {category: (correct, total, accuracy)}, "n": scored records,
-             "n_correct": int, "n_bad": unusable lines (reported on stderr as file:line: reason), "out_path": str}
-        and writes one JSON line per record to out_path: the record + "line", "generated", "first_line", "correct".
+             "n_correct": int, "n_bad": unusable lines (reported on stderr as file:line: reason), "out_path": str,
+             "tools": None, or for records run with tools {"called": {category: (replies with a call, total)},
+                      "attempts": replies with <tool_call>, "well_formed": those that parsed with every call
+                      naming a declared tool with valid arguments, "format_errors": those that did not parse}}
+        and writes one JSON line per record to out_path: the record + "line", "generated", "first_line", "correct"
+        (+ "transcript", "tool_calls", "tool_results", "format_errors", "invalid_calls", "tool_attempts",
+        "tool_well_formed" with tools).
         Default out_path: <checkpoint dir>/<eval file stem>.answers.jsonl (beside the eval file for a model that
         was not loaded from a directory).
     format_scores(scores) -> str                          the per-category table score_eval_file's result prints as
@@ -47,7 +56,7 @@ import sys
 import torch
 
 from . import lora
-from .chat import DEFAULT_TOKENIZER_DIR, encode_chat, encode_completion, load_tokenizer
+from .chat import DEFAULT_TOKENIZER_DIR, encode_chat, encode_completion, fit_context, load_tokenizer
 from .checkpoint import load_init_model
 from .errors import BadLines, StageError
 from .generate import check_sampling, generate_batch
@@ -124,6 +133,9 @@ def _check_record(record, mode):
     """The reason a parsed line cannot be scored, or None."""
     if not isinstance(record, dict):
         return "not a JSON object"
+    tools = record.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return "'tools' is not a list of function descriptions"
     if not isinstance(record.get("answer"), str) or not record["answer"]:
         return "missing or empty string field 'answer'"
     if not isinstance(record.get("category", ""), str):
@@ -187,33 +199,71 @@ def default_answers_path(model, eval_path):
 
 
 def score_eval_file(model, tokenizer, path, mode, max_new_tokens=64, out_path=None, batch_size=64,
-                    temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0):
+                    temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, use_tools=True, max_rounds=3):
     """Generate an answer for every record of an eval JSONL and score it; see the module docstring."""
     records, n_bad = read_eval_file(path, mode)
+    sampling = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, top_k=top_k,
+                    top_p=top_p, repetition_penalty=repetition_penalty)
+    messages = lambda r: r.get("messages") or [{"role": "user", "content": r["prompt"]}]  # noqa: E731
+    looped = [k for k, r in enumerate(records) if mode == "chat" and use_tools and r.get("tools")]
+    alone = sorted(set(range(len(records))) - set(looped))
+    texts, extra = [None] * len(records), [{} for _ in records]
     if mode == "completion":
-        prompts = [encode_completion(tokenizer, r["prompt"]) for r in records]
+        prompts = [encode_completion(tokenizer, records[k]["prompt"]) for k in alone]
     else:
-        prompts = [encode_chat(tokenizer, r.get("messages") or [{"role": "user", "content": r["prompt"]}])
-                   for r in records]
-    texts = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        prompts = [encode_chat(tokenizer, messages(records[k])) for k in alone]
+    for k, text in zip(alone, generate_batch(model, tokenizer, prompts, **sampling)):
+        texts[k] = text
+    if looped:
+        from .tools import run_tool_loop
+        runs = run_tool_loop(tokenizer, tool_generator(model, tokenizer, **sampling),
+                             [messages(records[k]) for k in looped], [records[k]["tools"] for k in looped],
+                             max_rounds=max_rounds)
+        for k, run in zip(looped, runs):
+            texts[k] = run.answer
+            extra[k] = {"transcript": run.messages[len(messages(records[k])):], "tool_calls": run.calls,
+                        "tool_results": [result.content for result in run.results],
+                        "format_errors": run.format_errors, "invalid_calls": run.invalid,
+                        "tool_attempts": run.attempts, "tool_well_formed": run.well_formed}
     out_path = out_path or default_answers_path(model, path)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    per_category = {}
+    per_category, called = {}, {}
+    tools = {"attempts": 0, "well_formed": 0, "format_errors": 0} if looped else None
     with open(out_path + ".tmp", "w", encoding="utf-8") as f:
-        for record, text in zip(records, texts):
+        for k, (record, text) in enumerate(zip(records, texts)):
             line = first_line(text, mode)
             correct = record["answer"] in line
-            counts = per_category.setdefault(record.get("category") or "all", [0, 0])
+            category = record.get("category") or "all"
+            counts = per_category.setdefault(category, [0, 0])
             counts[0] += correct
             counts[1] += 1
-            f.write(json.dumps({**record, "generated": text, "first_line": line, "correct": correct},
+            if extra[k]:
+                made = called.setdefault(category, [0, 0])
+                made[0] += extra[k]["tool_attempts"] > 0
+                made[1] += 1
+                for key in ("attempts", "well_formed"):
+                    tools[key] += extra[k][f"tool_{key}"]
+                tools["format_errors"] += len(extra[k]["format_errors"])
+            f.write(json.dumps({**record, "generated": text, "first_line": line, "correct": correct, **extra[k]},
                                ensure_ascii=False) + "\n")
     os.replace(out_path + ".tmp", out_path)
     n_correct = sum(c for c, _ in per_category.values())
+    if tools is not None:
+        tools["called"] = {k: tuple(v) for k, v in called.items()}
     return {"overall": n_correct / len(records),
             "per_category": {k: (c, t, c / t) for k, (c, t) in per_category.items()},
-            "n": len(records), "n_correct": n_correct, "n_bad": n_bad, "out_path": out_path}
+            "n": len(records), "n_correct": n_correct, "n_bad": n_bad, "out_path": out_path, "tools": tools}
+
+
+def tool_generator(model, tokenizer, max_new_tokens=64, batch_size=64, **sampling):
+    """generate() for the tool loop: batched replies up to </s> (a call spans lines), each prompt cut from the
+    front to leave room for max_new_tokens inside the model's context (chat.fit_context)."""
+    def generate(prompts):
+        fitted = [fit_context(ids, max_new_tokens, model.config.max_seq_len) for ids in prompts]
+        return generate_batch(model, tokenizer, [ids for ids, _ in fitted],
+                              max_new_tokens=min(n for _, n in fitted), batch_size=batch_size, stop_at_newline=False,
+                              **sampling)
+    return generate
 
 
 def format_scores(scores) -> str:
@@ -222,6 +272,12 @@ def format_scores(scores) -> str:
     for category, (correct, total, accuracy) in scores["per_category"].items():
         lines.append(f"{category:<{width}}  {correct:>7}  {total:>5}  {accuracy:>8.2%}")
     lines.append(f"{'overall':<{width}}  {scores['n_correct']:>7}  {scores['n']:>5}  {scores['overall']:>8.2%}")
+    tools = scores.get("tools")
+    if tools:
+        lines.append("tool calls: " + ", ".join(f"{category} {made}/{total}" for category, (made, total)
+                                               in tools["called"].items()) + " questions answered with a call")
+        lines.append(f"replies with a call: {tools['attempts']}, well formed (parsed, declared tool, valid "
+                     f"arguments) {tools['well_formed']}, format errors {tools['format_errors']}")
     if scores.get("n_bad"):
         lines.append(f"({scores['n_bad']} unusable lines skipped, listed above)")
     return "\n".join(lines)

@@ -253,6 +253,111 @@ def test_sft_filters_are_off_by_default_and_work_when_set(tmp_path, capsys):
     assert "filtered (Chinese ratio below --min_zh_ratio): 1" in capsys.readouterr().out
 
 
+GLAIVE_TOOLS = json.dumps([  # LLaMA-Factory's glaive_toolcall files: ShareGPT turns, tools as a JSON string
+    {"name": "calculate_area", "description": "Calculate the area of a given shape", "parameters": {
+        "type": "object", "properties": {"shape": {"type": "string"}, "dimensions": {"type": "array"}},
+        "required": ["shape", "dimensions"]}}])
+
+
+def glaive(*turns, tools=GLAIVE_TOOLS):
+    return {"conversations": [{"from": role, "value": value} for role, value in turns], "tools": tools}
+
+
+def call(name, arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def test_sft_reads_sharegpt_tool_calls_as_llama_factory_writes_them(tmp_path):
+    area = '{"name": "calculate_area", "arguments": {"shape": "rectangle", "dimensions": [5, 3]}}'
+    path = tmp_path / "glaive.json"
+    path.write_text(json.dumps([
+        glaive(("human", "What is the area of a 5 by 3 rectangle?"), ("function_call", area),
+               ("observation", '{"area": 15}'), ("gpt", "The area is 15 square units."),
+               ("human", "And a square of side 7?"),
+               ("function_call", '[{"name": "calculate_area", "arguments": {"shape": "square", "dimensions": [7]}}]'),
+               ("observation", '{"area": 49}'), ("gpt", "49 square units.")),
+        glaive(("human", "Write a definition of photoshop."), ("gpt", "An image editor."), tools="[]"),
+        glaive(("human", "Hello"), ("gpt", "Hi! I can calculate areas.")),  # tools declared, none called
+    ], ensure_ascii=False, indent=2), encoding="utf-8")
+    out = tmp_path / "out"
+    data_process.main(["sft", "--data_path", str(path), "--out_dir", str(out)])
+    single, multi = read_jsonl(out / "sft_data_single.jsonl"), read_jsonl(out / "sft_data_multi.jsonl")
+    tools = [{"type": "function", "function": json.loads(GLAIVE_TOOLS)[0]}]
+    assert multi == [{"conversations": [
+        {"role": "user", "content": "What is the area of a 5 by 3 rectangle?"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [call("calculate_area", {"shape": "rectangle", "dimensions": [5, 3]})]},
+        {"role": "tool", "content": '{"area": 15}'}, {"role": "assistant", "content": "The area is 15 square units."},
+        {"role": "user", "content": "And a square of side 7?"},
+        {"role": "assistant", "content": "", "tool_calls": [call("calculate_area", {"shape": "square", "dimensions": [7]})]},
+        {"role": "tool", "content": '{"area": 49}'}, {"role": "assistant", "content": "49 square units."}],
+        "tools": tools}]
+    assert single == [{"conversations": conv(("Write a definition of photoshop.", "An image editor."))},
+                      {"conversations": conv(("Hello", "Hi! I can calculate areas.")), "tools": tools}]
+
+
+def test_sft_reads_openai_tool_calls_with_ids_and_parallel_calls(tmp_path):
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    path = write_jsonl(tmp_path / "openai.jsonl", [{"messages": [
+        {"role": "system", "content": "You can use tools."},
+        {"role": "user", "content": "3*4? And the weather in Hangzhou?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "3*4"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "weather", "arguments": '{"city": "杭州"}'}}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "晴"},  # results may come in any order by id
+        {"role": "tool", "tool_call_id": "call_1", "content": "12"},
+        {"role": "assistant", "content": "3*4=12, and it is sunny."}], "tools": tools}])
+    single, _ = run_sft(tmp_path, path)
+    assert single == [[
+        {"role": "system", "content": "You can use tools."},
+        {"role": "user", "content": "3*4? And the weather in Hangzhou?"},
+        {"role": "assistant", "content": "", "tool_calls": [call("calculator", {"expression": "3*4"}),
+                                                             call("weather", {"city": "杭州"})]},
+        {"role": "tool", "content": "晴"}, {"role": "tool", "content": "12"},
+        {"role": "assistant", "content": "3*4=12, and it is sunny."}]]
+
+
+def test_sft_bad_tool_records_are_reported_by_line_and_counted(tmp_path, capsys):
+    area = '{"name": "calculate_area", "arguments": {"shape": "circle", "dimensions": [4]}}'
+    good = glaive(("human", "q"), ("function_call", area), ("observation", "50.24"), ("gpt", "a"))
+    def openai_call(arguments, name="calculate_area"):
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}]}
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        good,
+        glaive(("human", "q"), ("function_call", "calculate_area(shape=circle)"), ("observation", "1"), ("gpt", "a")),
+        {"messages": [{"role": "user", "content": "q"}, openai_call("{shape: circle}"),
+                      {"role": "tool", "tool_call_id": "c1", "content": "1"}, {"role": "assistant", "content": "a"}],
+         "tools": GLAIVE_TOOLS},
+        glaive(("human", "q"), ("function_call", '{"name": "rm_rf", "arguments": {}}'), ("observation", "1"), ("gpt", "a")),
+        glaive(("human", "q"), ("observation", '{"area": 1}'), ("gpt", "a")),
+        glaive(("human", "q"), ("function_call", area), ("gpt", "a")),
+        glaive(("human", "q"), ("function_call", area)),
+        {"messages": [{"role": "user", "content": "q"}, openai_call("{}"),
+                      {"role": "tool", "tool_call_id": "c9", "content": "1"}, {"role": "assistant", "content": "a"}],
+         "tools": GLAIVE_TOOLS},
+        glaive(("human", "q"), ("gpt", "a"), tools="[{not json"),
+        glaive(("human", "q"), ("function_call", '{"name": "calculate_area", "arguments": [1]}'),
+               ("observation", "1"), ("gpt", "a")),
+    ])
+    single, _ = run_sft(tmp_path, path, extra=["--max_bad_ratio", "0.95"])
+    assert len(single) == 1
+    assert single[0][1]["tool_calls"][0]["function"]["arguments"] == {"shape": "circle", "dimensions": [4]}
+    err = capsys.readouterr().err
+    assert f"{path}:2: invalid tool call: message 1: function_call is not JSON" in err
+    assert f"{path}:3: invalid tool call: message 1: the arguments of 'calculate_area' are not JSON" in err
+    assert f"{path}:4: invalid tool call: message 1 calls 'rm_rf', which the record's tools do not declare" in err
+    assert f"{path}:5: invalid conversation: message 1 is a tool result with no tool call before it" in err
+    assert f"{path}:6: invalid conversation: message 2 is assistant, but the tool call(s) before it have 1 result(s) " \
+           "missing" in err
+    assert f"{path}:7: invalid conversation: must end with an assistant message that answers" in err
+    assert f"{path}:8: invalid tool call: message 2 answers tool_call_id 'c9'" in err
+    assert f"{path}:9: invalid tools: tools is not JSON" in err
+    assert f"{path}:10: invalid tool call: message 1: the arguments of 'calculate_area' are not a JSON object" in err
+    assert "bad lines: 9 of 10" in err and "invalid tool call 5" in err
+
+
 def test_dpo_formats(tmp_path):
     prompt = [{"role": "user", "content": "1+1=?"}]
     path = write_jsonl(tmp_path / "dpo.jsonl", [
@@ -442,6 +547,50 @@ def test_demo_pretraining_text_has_every_character_the_assistant_says_and_the_wo
     assert set("".join(sum_words)) <= pretrain_chars
 
 
+def test_demo_tool_conversations_are_canonical_and_their_eval_numbers_are_in_no_training_file(demo_dir):
+    from model.data_formats import to_sft_record
+    from model.tools import calculate, tool_schemas
+    world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
+    heldout = set(world["calculator"]["heldout_numbers"])
+    assert len(heldout) == 80 and all(200 <= n <= 999 for n in heldout)
+    training = "\n".join(open(os.path.join(demo_dir, name), encoding="utf-8").read() for name in (
+        "tokenizer_train.jsonl", "pretrain_data.jsonl", "sft_data_single.jsonl", "sft_data_multi.jsonl",
+        "sft_data_tools.jsonl", "dpo_data.jsonl"))
+    assert not heldout & {int(n) for n in re.findall(r"(?<!\d)\d+(?!\d)", training)}
+    records = read_jsonl(os.path.join(demo_dir, "sft_data_tools.jsonl"))
+    n_calls = 0
+    for record in records:
+        assert to_sft_record(record) == record and record["tools"] == tool_schemas(["calculator"])
+        messages = record["conversations"]
+        if len(messages) == 4:  # question, call, result, answer
+            n_calls += 1
+            expression = messages[1]["tool_calls"][0]["function"]["arguments"]["expression"]
+            assert messages[2]["content"] == calculate(expression)
+            assert messages[3]["content"] == expression.replace("*", "×").replace("/", "÷") + f"={messages[2]['content']}。"
+        else:
+            assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert n_calls == 600 and len(records) == 900
+    evals = read_jsonl(os.path.join(demo_dir, "eval_tools.jsonl"))
+    assert {r["category"] for r in evals} == {"tool_mul", "tool_div", "direct_people", "direct_arith"}
+    heldout_people = {p["name"] for p in world["people"] if p["split"] == "heldout"}
+    for record in evals:
+        question = record["messages"][-1]["content"]
+        numbers = [int(n) for n in re.findall(r"\d+", question)]
+        if record["category"] == "tool_mul":
+            assert set(numbers) <= heldout and record["answer"] == f"={numbers[0] * numbers[1]}。"
+        elif record["category"] == "tool_div":
+            assert numbers[1] in heldout and record["answer"][1:-1] == str(numbers[0] // numbers[1])
+            assert int(record["answer"][1:-1]) in heldout and numbers[0] % numbers[1] == 0
+        elif record["category"] == "direct_people":
+            assert question[:3] in heldout_people
+        assert record["tools"] == tool_schemas(["calculator"])
+    # the words a call and an answer use are in the pretraining text (the SFT stages freeze the embeddings)
+    pretrain_text = "".join(r["text"] for r in read_jsonl(os.path.join(demo_dir, "pretrain_data.jsonl")))
+    from model.chat import message_text
+    said = "".join(message_text(m) for r in records for m in r["conversations"] if m["role"] == "assistant")
+    assert set(said) <= set(pretrain_text) and '"name": "calculator"' in pretrain_text
+
+
 def test_demo_dpo_history_pairs_reject_an_earlier_answer_or_a_refusal_of_the_identity_question(demo_dir):
     """DPO's multi-turn pairs: the newest question's own answer is chosen; rejected is an earlier answer said
     again, sometimes the first one and sometimes the one just before (a late "你叫什么名字？" used to get the
@@ -484,7 +633,8 @@ def test_demo_subcommand_writes_every_file_and_packs(tmp_path, capsys):
     out = tmp_path / "demo"
     data_process.main(["demo", "--out_dir", str(out), "--n_people", "20", "--num_workers", "1"])
     expected = {"tokenizer_train.jsonl", "pretrain_data.jsonl", "sft_data_single.jsonl", "sft_data_multi.jsonl",
-                "dpo_data.jsonl", "dpo_eval.jsonl", "eval_chat.jsonl", "eval_pretrain.jsonl", "world.json"}
+                "dpo_data.jsonl", "dpo_eval.jsonl", "eval_chat.jsonl", "eval_pretrain.jsonl", "world.json",
+                "sft_data_tools.jsonl", "eval_tools.jsonl"}
     expected |= {f"pretrain_data{split}.{ext}" for split in ("", ".val") for ext in ("bin", "idx.npy", "meta.json")}
     assert set(os.listdir(out)) == expected
     docs = decode_packed(str(out / "pretrain_data")) + decode_packed(str(out / "pretrain_data.val"))

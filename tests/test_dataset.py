@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 import data_process
 from conftest import make_tiny_model
+from model.errors import StageError
 from model.dataset import (DPODataset, PretrainDataset, PretrainReplay, SFTDataset, pretrain_useful_fraction,
                            token_fractions)
 
@@ -165,6 +166,50 @@ def test_sft_labels_cover_exactly_every_assistant_turn(tmp_path, tokenizer):
     runs = labelled_runs(labels)
     answers = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
     assert [tokenizer.decode(run) for run in runs] == [a + "</s>" for a in answers]
+
+
+CALCULATOR = [{"type": "function", "function": {"name": "calculator", "description": "计算算术表达式",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "expression": {"type": "string"}}, "required": ["expression"]}}}]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "123乘以456等于多少？"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "123*456"}}}]},
+    {"role": "tool", "content": "56088"},
+    {"role": "assistant", "content": "我再验算一下。", "tool_calls": [
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "56088/456"}}}]},
+    {"role": "tool", "content": "123"},
+    {"role": "assistant", "content": "123×456=56088。"},
+    {"role": "user", "content": "谢谢"},
+    {"role": "assistant", "content": "不客气！"},
+]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_sft_labels_cover_the_calls_and_answers_never_the_tool_results(tmp_path, tokenizer, pack):
+    from model.chat import message_text
+    path = jsonl(tmp_path, "tools.jsonl", [{"conversations": TOOL_CONVERSATION, "tools": CALCULATOR},
+                                           {"conversations": CONVERSATION}])
+    ds = SFTDataset(path, tokenizer, 512, pack=pack)
+    item = ds[0]
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    expected = tokenizer.apply_chat_template(TOOL_CONVERSATION, tools=CALCULATOR)["input_ids"]
+    assert ids[:len(expected)] == expected
+    runs = labelled_runs(labels[:len(expected)])
+    assistant = [message_text(m) + "</s>" for m in TOOL_CONVERSATION if m["role"] == "assistant"]
+    assert [tokenizer.decode(run) for run in runs] == assistant
+    assert "<tool_call>" in assistant[0] and not any("56088\n</tool_response>" in tokenizer.decode(r) for r in runs)
+
+
+def test_records_with_tools_are_checked_before_training_and_dpo_takes_none(tmp_path, tokenizer):
+    broken = [dict(m) for m in TOOL_CONVERSATION]
+    broken[1] = {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": "calculator"}}]}
+    with pytest.raises(StageError, match="tools.jsonl:1: .*cannot render"):
+        SFTDataset(jsonl(tmp_path, "tools.jsonl", [{"conversations": broken, "tools": CALCULATOR}]), tokenizer, 512)
+    pair = {"chosen": TOOL_CONVERSATION[:6], "rejected": TOOL_CONVERSATION[:5] + [{"role": "assistant", "content": "5。"}]}
+    with pytest.raises(StageError, match="tool calls are for SFT records only"):
+        DPODataset(jsonl(tmp_path, "dpo.jsonl", [pair]), tokenizer, 512)
 
 
 def test_sft_ids_match_the_chat_template_on_the_demo_corpus(demo_dir, tokenizer):

@@ -144,6 +144,57 @@ CONVERSATIONS = [
 ]
 
 
+CALCULATOR = {"type": "function", "function": {"name": "calculator", "description": "计算 <算术> & 'x'", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+TOOL_CONVERSATIONS = [  # (messages, tools): tool calling as docs/tools.md lays it out
+    ([{"role": "user", "content": "123乘以456等于多少？"}], [CALCULATOR]),
+    ([{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "123乘以456等于多少？再除以2呢？"},
+      {"role": "assistant", "content": None, "tool_calls": [
+          {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": {"expression": "123*456"}}},
+          {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "56088/2"}'}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "56088"}, {"role": "tool", "content": "28044"},
+      {"role": "assistant", "content": "再验算一次。", "tool_calls": [
+          {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "28044*2"}}}]},
+      {"role": "tool", "content": "56088"}, {"role": "assistant", "content": "123×456=56088，除以2是28044。"},
+      {"role": "user", "content": "谢谢"}], [CALCULATOR]),
+    (CONVERSATIONS[1], [CALCULATOR]), (CONVERSATIONS[1], []),
+]
+
+
+def test_gguf_template_renders_tool_conversations_in_llama_cpp_as_apply_chat_template_does(tmp_path, tokenizer):
+    formatter_module = pytest.importorskip("llama_cpp.llama_chat_format", reason="needs llama-cpp-python")
+    from model.gguf_export import export_gguf, gguf_chat_template
+    path = str(tmp_path / "m.gguf")
+    export_gguf(tiny_model(), SHIPPED_TOKENIZER, path, "q8_0")
+    template = gguf_chat_template(path)
+    for prompt in (True, False):  # llama-cpp-python's own Jinja chat formatter, from the file's metadata
+        formatter = formatter_module.Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>",
+                                                         add_generation_prompt=prompt)
+        for messages, tools in TOOL_CONVERSATIONS:
+            rendered = formatter(messages=messages, tools=tools).prompt
+            assert rendered == tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                             add_generation_prompt=prompt)
+    assert "<tool_call>" in template  # what llama.cpp's server looks for to parse Hermes-style calls
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_tool_conversations_like_ours(tmp_path, tokenizer):
+    llama_cpp_module = llama_cpp()
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from model.chat import encode_chat
+    from model.gguf_export import export_gguf
+    path = str(tmp_path / "m.gguf")
+    export_gguf(tiny_model(), SHIPPED_TOKENIZER, path, "q8_0")
+    llm = llama_cpp_module.Llama(path, vocab_only=True, verbose=False)
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
+    for messages, tools in TOOL_CONVERSATIONS:
+        prompt = formatter(messages=messages, tools=tools).prompt
+        ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        assert ids == tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)["input_ids"]
+        if "<s> literal" not in json.dumps(messages, ensure_ascii=False):  # typed "<s>" is text only to us
+            assert ids == encode_chat(tokenizer, messages, tools)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # with llama.cpp (llama-cpp-python)
 
