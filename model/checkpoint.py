@@ -200,7 +200,8 @@ def save_checkpoint(run_dir: str, model, training_state: dict, keep_last: int):
 
 # Settings a resumed run must share with the run it continues: each decides which example a step sees or what
 # an id means. total_steps may change (a longer --max_steps): the schedule is then re-fitted from there on.
-MUST_MATCH = ("batch_size", "accumulation_steps", "world_size", "seed", "data", "n_examples", "tokenizer_sha256")
+MUST_MATCH = ("batch_size", "accumulation_steps", "batch_repeats", "world_size", "seed", "data", "n_examples",
+              "tokenizer_sha256")
 
 
 def check_settings(saved: dict, current: dict, where: str):

@@ -21,6 +21,10 @@ Datasets for the three training stages. Each item is a dict of tensors; a batch 
               assistant turn, i.e. the response); collate pads both sides to ONE length, so they can be
               concatenated into one forward pass, and adds chosen_attention_mask / rejected_attention_mask
 
+    PromptDataset(path, tokenizer, max_prompt_len)       RL prompts (5-grpo.py): {"conversations": [... user turn],
+        "answer": ...} or any SFT format (data_formats.to_prompt); item: {"index": i}; the rollouts take the
+        prompt's ids (prompt_ids) and its record (record_of) by index
+
 Order, sharding and exact resume are the sampler's job (model.trainer.ResumableBatchSampler: a permutation from
 (seed, epoch), sharded by rank, starting at any batch). Items here depend only on the index, so any sampler
 works, and the datasets hold no open file or memmap when pickled to DataLoader workers.
@@ -504,3 +508,42 @@ def token_fractions(batch):
     mask = batch.get("attention_mask", batch.get("chosen_attention_mask"))
     labels = batch.get("labels", batch.get("chosen_labels"))
     return {"non_pad": mask.float().mean().item(), "labelled": (labels != IGNORE_INDEX).float().mean().item()}
+
+
+class PromptDataset(_JsonlRecords):
+    """RL prompts: the conversation the model answers and the fields its rewards read. Every record is checked and
+    encoded at construction (a bad one, or a prompt longer than max_prompt_len tokens, is a StageError naming
+    file:line before anything is written); items are indices, the rollouts read prompt_ids / record_of."""
+
+    kind, command = 'prompt records ({"conversations": [..., user turn], "answer": ...})', "data_process.py grpo"
+
+    def __init__(self, path, tokenizer, max_prompt_len):
+        super().__init__(path, tokenizer, None)
+        self.max_prompt_len = max_prompt_len
+        self.records, self.ids, self.where = [], [], []
+        self.validate(each=self._keep)
+
+    def messages(self, record, where):
+        from .data_formats import BadRecord, to_prompt
+        try:
+            record = to_prompt(record)
+        except BadRecord as err:
+            raise ValueError(f"{where}: {err}") from None
+        ids = self.encoder.prompt(record["conversations"])
+        if len(ids) > self.max_prompt_len:
+            raise ValueError(f"{where}: the prompt is {len(ids)} tokens; with the completion's --max_new_tokens "
+                             f"it fits the context only up to {self.max_prompt_len}")
+        return record, ids
+
+    def _keep(self, i, parsed):
+        record, ids = parsed
+        self.records.append(record)
+        self.ids.append(ids)
+        self.where.append(f"{self.path}:{self.line_nos[i]}")
+
+    def __getitem__(self, i):
+        return {"index": torch.tensor(i)}
+
+    @staticmethod
+    def collate(batch):
+        return {"index": torch.stack([item["index"] for item in batch])}
