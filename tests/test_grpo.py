@@ -183,3 +183,207 @@ def test_end_of_turn_gets_gradient_and_truncated_completions_are_masked_or_penal
         assert batch["completion_mask"][4:].sum().item() == 12
         assert stats["reward/n_completions"] == -4.0
         assert batch["advantages"][4:].tolist() == [0.0] * 4  # equal within their group
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stage, as users run it: 5-grpo.py in a subprocess
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from safetensors.torch import load_file  # noqa: E402
+
+from tests.test_stages import wait_for_step  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--dtype", "float32", "--device", "cpu", "--log_interval", "1", "--warmup_iters", "0", "--min_lr_ratio", "1",
+        "--max_new_tokens", "4", "--num_generations", "4"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A tiny chat model that answers "说一个数字。" with one digit and </s> (a few steps of SFT in this process),
+    and prompts whose reward is the digit 7: a task GRPO can learn in seconds."""
+    from model.chat import DEFAULT_TOKENIZER_DIR, ChatEncoder, load_tokenizer
+    from model.checkpoint import copy_tokenizer
+    work = tmp_path_factory.mktemp("grpo")
+    tokenizer = load_tokenizer(DEFAULT_TOKENIZER_DIR, 6400)
+    model = make_tiny_model(vocab_size=6400, max_seq_len=64, dropout=0.0)
+    encoder = ChatEncoder(tokenizer, 64)
+    rows = [encoder.encode([{"role": "user", "content": "说一个数字。"}, {"role": "assistant", "content": str(d)}])
+            for d in range(10)]
+    input_ids, labels = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(input_ids=input_ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(work / "digit")
+    copy_tokenizer(DEFAULT_TOKENIZER_DIR, str(work / "digit"))
+    with open(work / "seven.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(32):
+            f.write(json.dumps({"conversations": [{"role": "user", "content": "说一个数字。"}], "answer": "7"},
+                               ensure_ascii=False) + "\n")
+    return work
+
+
+def grpo(work, out, *args, torchrun=0, check=True, script=None, **popen):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun \
+        else [sys.executable]
+    command = launcher + [script or os.path.join(ROOT, "5-grpo.py"), "--init_from", "digit", "--data_path",
+                          "seven.jsonl", "--out_dir", out, *FAST, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    if popen:
+        return subprocess.Popen(command, cwd=work, env=env, **popen)
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def rows(work, out):
+    with open(work / out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if "reward" in line]
+
+
+def sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_grpo_raises_the_reward_on_a_toy_task(digits):
+    grpo(digits, "out/learn", "--max_steps", "20", "--batch_size", "4", "--learning_rate", "3e-3")
+    rewards = [r["reward"] for r in rows(digits, "out/learn")]
+    assert sum(rewards[:5]) / 5 < 0.35 and sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
+    last = rows(digits, "out/learn")[-1]
+    for key in ("reward", "reward_std", "accuracy", "pass@G", "kl", "clipped", "entropy", "length", "truncated",
+                "repeated_ngrams", "zero_signal", "rollout_s", "step_s"):
+        assert key in last, key
+    assert last["accuracy"] == last["reward"] and 1.9 <= last["length"] <= 2.1  # a digit and </s>
+    assert (digits / "out/learn/reward.png").exists() and (digits / "out/learn/loss.png").exists()
+
+
+@pytest.mark.slow
+def test_rollouts_are_seeded_and_a_resume_between_iterations_continues_bitwise(digits):
+    # --num_iterations 2: steps 1-2 train on one batch of rollouts, 3-4 on the next, ...; the clip acts on the second
+    args = ["--batch_size", "4", "--learning_rate", "3e-3", "--num_iterations", "2", "--save_interval", "100"]
+    grpo(digits, "out/seeded_a", *args, "--max_steps", "10")
+    grpo(digits, "out/seeded_b", *args, "--max_steps", "10")
+    assert sha256(digits / "out/seeded_a/model.safetensors") == sha256(digits / "out/seeded_b/model.safetensors")
+    a, b = rows(digits, "out/seeded_a"), rows(digits, "out/seeded_b")
+    assert [r["reward"] for r in a] == [r["reward"] for r in b]
+    assert [r["clipped"] for r in a][0] == 0 and max(r["clipped"] for r in a[1::2]) > 0  # old log-probs recorded
+    # stopped after step 5, between the two updates of step 5-6's rollouts: the checkpoint carries them
+    grpo(digits, "out/seeded_c", *args, "--max_steps", "5")
+    state = torch.load(digits / "out/seeded_c/step_000005/training_state.pt", weights_only=True)
+    assert int(state["extra"]["rollouts.step"]) == 4
+    result = grpo(digits, "out/seeded_c", *args, "--max_steps", "10", "--resume")
+    assert "resumed from out/seeded_c/step_000005" in result.stdout
+    assert sha256(digits / "out/seeded_a/model.safetensors") == sha256(digits / "out/seeded_c/model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_equal_to_the_uninterrupted_run(digits):
+    args = ["--batch_size", "4", "--learning_rate", "3e-3", "--num_iterations", "2", "--max_steps", "16",
+            "--save_interval", "3"]
+    grpo(digits, "out/whole", *args)
+    run = grpo(digits, "out/killed", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(digits / "out/killed", 4, run)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    result = grpo(digits, "out/killed", *args, "--resume")
+    assert "resumed from out/killed/step_0000" in result.stdout
+    assert sha256(digits / "out/whole/model.safetensors") == sha256(digits / "out/killed/model.safetensors")
+
+
+def test_lora_with_a_kl_to_the_adapters_off_and_a_full_model_with_a_frozen_reference(digits):
+    grpo(digits, "out/lora", "--max_steps", "3", "--batch_size", "2", "--learning_rate", "1e-2", "--lora_rank", "4",
+         "--beta", "0.1")
+    kl = [r["kl"] for r in rows(digits, "out/lora")]
+    assert kl[0] == 0 and kl[-1] > 0  # the adapters start at zero: the policy is the reference, then moves
+    assert (digits / "out/lora/adapter_model.safetensors").exists()
+    grpo(digits, "out/full_kl", "--max_steps", "3", "--batch_size", "2", "--learning_rate", "1e-2", "--beta", "0.1",
+         "--freeze_embeddings")
+    kl = [r["kl"] for r in rows(digits, "out/full_kl")]
+    assert kl[0] < 1e-6 and kl[-1] > 0
+    before, after = load_file(digits / "digit/model.safetensors"), load_file(digits / "out/full_kl/model.safetensors")
+    assert torch.equal(before["tok_embeddings.weight"], after["tok_embeddings.weight"])
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "bad.jsonl:2: not valid JSON"),
+    ('{"conversations": [{"role": "assistant", "content": "7"}]}', "bad.jsonl:2: invalid conversation"),
+    ('{"conversations": [{"role": "user", "content": "' + "说" * 80 + '"}], "answer": "7"}', "bad.jsonl:2: the prompt is"),
+])
+def test_a_bad_prompt_line_is_named_by_file_and_line(tmp_path, tokenizer, line, message):
+    from model.dataset import PromptDataset
+    from model.errors import StageError
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(GOOD_PROMPT + line + "\n", encoding="utf-8")
+    with pytest.raises(StageError, match=message.replace("bad.jsonl", str(bad))):
+        PromptDataset(str(bad), tokenizer, 40)
+
+
+GOOD_PROMPT = '{"conversations": [{"role": "user", "content": "说一个数字。"}], "answer": "7"}\n'
+
+
+def test_prompt_records_in_sft_formats_become_prompts_with_an_answer(tmp_path, tokenizer):
+    from model.dataset import PromptDataset
+    path = tmp_path / "p.jsonl"
+    path.write_text(GOOD_PROMPT + json.dumps({"instruction": "37+45等于几？", "output": "82", "level": 2}) + "\n" +
+                    json.dumps({"messages": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
+                                             {"from": "human", "value": "1+1=?"}], "answer": 2}) + "\n")
+    dataset = PromptDataset(str(path), tokenizer, 64)
+    assert dataset.records[1] == {"conversations": [{"role": "user", "content": "37+45等于几？"}], "answer": "82",
+                                  "level": 2}
+    assert dataset.records[2]["answer"] == 2 and len(dataset.records[2]["conversations"]) == 3
+    assert dataset.where == [f"{path}:1", f"{path}:2", f"{path}:3"]
+    assert dataset.ids[0][-3:] == tokenizer("<s>assistant\n", add_special_tokens=False)["input_ids"][-3:]
+
+
+def test_a_record_the_reward_cannot_score_stops_the_stage_before_it_writes(digits):
+    (digits / "bad.jsonl").write_text(GOOD_PROMPT + '{"conversations": [{"role": "user", "content": "说一个数字。"}]}\n',
+                                      encoding="utf-8")
+    result = grpo(digits, "out/bad", "--data_path", "bad.jsonl", "--max_steps", "1", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: reward accuracy failed on bad.jsonl:2: ValueError: the "
+                                                      "record has no 'answer' field (the accuracy reward compares "
+                                                      "with it)"), result.stderr
+    assert not (digits / "out/bad").exists()
+
+
+RANK_WEIGHTS = """
+import hashlib, runpy, sys, torch
+sys.argv = [{script!r}] + sys.argv[1:]
+from model import trainer
+real_fit = trainer.fit
+
+def fit(model, *args, **kwargs):  # every rank writes what its own weights are after the run
+    model = real_fit(model, *args, **kwargs)
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    open(f"rank{{rank}}.sha", "w").write(digest)
+    return model
+trainer.fit = fit
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_keep_identical_weights(digits):
+    script = digits / "rank_weights.py"
+    script.write_text(RANK_WEIGHTS.format(script=os.path.join(ROOT, "5-grpo.py")))
+    args = ["--learning_rate", "1e-3", "--max_steps", "4", "--num_iterations", "2"]
+    grpo(digits, "out/one", *args, "--batch_size", "4")
+    grpo(digits, "out/two", *args, "--batch_size", "2", torchrun=2, script=str(script))
+    # DDP must average the gradients (a forward through model.module would not): both ranks hold the same weights
+    assert (digits / "rank0.sha").read_text() == (digits / "rank1.sha").read_text()
+    one, two = load_file(digits / "out/one/model.safetensors"), load_file(digits / "out/two/model.safetensors")
+    # the same rollouts (seeded per prompt, not per process); the weights differ by the order of float additions,
+    # which Adam's first steps amplify for gradients near zero
+    assert [r["reward"] for r in rows(digits, "out/one")] == [r["reward"] for r in rows(digits, "out/two")]
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
