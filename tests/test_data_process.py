@@ -289,6 +289,27 @@ def test_dpo_bad_records_and_atomic_failure(tmp_path, capsys):
     assert out.read_text() == "OLD" and sorted(os.listdir(tmp_path)) == ["dpo.jsonl", "dpo_data.jsonl"]
 
 
+def test_grpo_prompts_from_prompt_records_and_sft_formats(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"conversations": [{"role": "user", "content": "37+45等于几？"}], "answer": "82", "level": 1},
+        {"instruction": "37+45等于几？", "output": "82"},                      # the answer from the SFT reply
+        {"conversations": conv(("1+1=?", "2")), "answer": 2},               # a given answer wins over the reply
+        {"conversations": [{"role": "assistant", "content": "82"}]},       # bad: no user turn
+        {"conversations": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}]},  # bad: two users
+    ])
+    out = tmp_path / "grpo_data.jsonl"
+    with pytest.raises(SystemExit):  # 2 bad lines of 5 is over the default --max_bad_ratio: nothing written
+        data_process.main(["grpo", "--data_path", path, "--out_path", str(out)])
+    err = capsys.readouterr().err
+    assert f"{path}:4: invalid conversation: message 0 is assistant" in err and f"{path}:5: invalid conversation" in err
+    assert not out.exists()
+    data_process.main(["grpo", "--data_path", path, "--out_path", str(out), "--max_bad_ratio", "0.5"])
+    user = [{"role": "user", "content": "37+45等于几？"}]
+    assert read_jsonl(out) == [{"conversations": user, "answer": "82", "level": 1},
+                               {"conversations": user, "answer": "82"},
+                               {"conversations": [{"role": "user", "content": "1+1=?"}], "answer": 2}]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the demo corpus
 
