@@ -10,8 +10,8 @@ Run as:
     python 2-eval.py --eval_file dataset/demo/eval_chat.jsonl   # accuracy per category
     python 2-eval.py --checkpoint out/sft_single_512 --temperature 0.7 --top_p 0.9
 
-The checkpoint defaults to the newest of out/dpo_* > out/sft_multi_* > out/sft_single_* (the latest stage you ran;
-also one folder down, e.g. out/demo/dpo after make demo).
+The checkpoint defaults to the newest of out/grpo_* > out/dpo_* > out/sft_multi_* > out/sft_single_* (the latest
+stage you ran; also one folder down, e.g. out/demo/dpo after make demo).
 Prompts go through the tokenizer's chat template (`<s>{role}\\n{content}</s>\\n` per message, then `<s>assistant\\n`).
 Typed text stays text: a `<s>` or `</s>` in a question never becomes a control token (chat.encode_chat).
 Questions from the built-in list or --prompts are asked one by one, each on its own. In --interactive mode the

@@ -341,7 +341,8 @@ def run_sft(args):
                "multi": os.path.join(args.out_dir, "sft_data_multi.jsonl")}
     n_answers = lambda conv: sum(m["role"] == "assistant" for m in conv["conversations"])  # noqa: E731
     convert(args, outputs, lambda r: {"conversations": to_conversation(r)},
-            lambda conv: "single" if n_answers(conv) == 1 else "multi", lambda conv: sft_filter(conv["conversations"], args))
+            lambda conv: "single" if n_answers(conv) == 1 else "multi",
+            lambda conv: sft_filter(conv["conversations"], args))
 
 
 def run_dpo(args):

@@ -99,9 +99,8 @@ def plot_panels(run_dir: str, panels, file_name: str, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_rows(path)
-    columns = 2
-    fig, axes = plt.subplots((len(panels) + columns - 1) // columns, columns, figsize=(10, 3.2 * ((len(panels) + 1) // 2)),
-                             squeeze=False)
+    n_rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(n_rows, 2, figsize=(10, 3.2 * n_rows), squeeze=False)
     for ax, (label, keys) in zip(axes.flat, panels):
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if key in r]

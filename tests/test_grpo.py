@@ -214,8 +214,8 @@ def digits(tmp_path_factory):
     tokenizer = load_tokenizer(DEFAULT_TOKENIZER_DIR, 6400)
     model = make_tiny_model(vocab_size=6400, max_seq_len=64, dropout=0.0)
     encoder = ChatEncoder(tokenizer, 64)
-    rows = [encoder.encode([{"role": "user", "content": "说一个数字。"}, {"role": "assistant", "content": str(d)}])
-            for d in range(10)]
+    question = {"role": "user", "content": "说一个数字。"}
+    rows = [encoder.encode([question, {"role": "assistant", "content": str(d)}]) for d in range(10)]
     input_ids, labels = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(60):
@@ -317,7 +317,8 @@ def test_lora_with_a_kl_to_the_adapters_off_and_a_full_model_with_a_frozen_refer
 @pytest.mark.parametrize("line, message", [
     ("{not json", "bad.jsonl:2: not valid JSON"),
     ('{"conversations": [{"role": "assistant", "content": "7"}]}', "bad.jsonl:2: invalid conversation"),
-    ('{"conversations": [{"role": "user", "content": "' + "说" * 80 + '"}], "answer": "7"}', "bad.jsonl:2: the prompt is"),
+    ('{"conversations": [{"role": "user", "content": "' + "说" * 80 + '"}], "answer": "7"}',
+     "bad.jsonl:2: the prompt is"),
 ])
 def test_a_bad_prompt_line_is_named_by_file_and_line(tmp_path, tokenizer, line, message):
     from model.dataset import PromptDataset
@@ -336,7 +337,8 @@ def test_prompt_records_in_sft_formats_become_prompts_with_an_answer(tmp_path, t
     path = tmp_path / "p.jsonl"
     path.write_text(GOOD_PROMPT + json.dumps({"instruction": "37+45等于几？", "output": "82", "level": 2}) + "\n" +
                     json.dumps({"messages": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
-                                             {"from": "human", "value": "1+1=?"}], "answer": 2}) + "\n")
+                                             {"from": "human", "value": "1+1=?"}],
+                                "answer": 2}) + "\n")
     dataset = PromptDataset(str(path), tokenizer, 64)
     assert dataset.records[1] == {"conversations": [{"role": "user", "content": "37+45等于几？"}], "answer": "82",
                                   "level": 2}
@@ -346,8 +348,8 @@ def test_prompt_records_in_sft_formats_become_prompts_with_an_answer(tmp_path, t
 
 
 def test_a_record_the_reward_cannot_score_stops_the_stage_before_it_writes(digits):
-    (digits / "bad.jsonl").write_text(GOOD_PROMPT + '{"conversations": [{"role": "user", "content": "说一个数字。"}]}\n',
-                                      encoding="utf-8")
+    no_answer = '{"conversations": [{"role": "user", "content": "说一个数字。"}]}\n'
+    (digits / "bad.jsonl").write_text(GOOD_PROMPT + no_answer, encoding="utf-8")
     result = grpo(digits, "out/bad", "--data_path", "bad.jsonl", "--max_steps", "1", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("error: reward accuracy failed on bad.jsonl:2: ValueError: the "
