@@ -40,6 +40,8 @@ Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
     dpo_data.jsonl         {"chosen": [msgs], "rejected": [msgs]}  same prompt, last assistant turn differs
     dpo_eval.jsonl         same format, held-out pairs (eval unknown names, held-out people): DPO reward accuracy
     eval_chat.jsonl        {"category", "messages", "answer", ...}  chat checks (2-eval.py --eval_file)
+    grpo_data.jsonl        {"conversations", "answer"}  RL prompts (5-grpo.py): training sums in new phrasings
+    eval_rl.jsonl          eval_chat's format: held-out sums in those phrasings (category arith_rl)
     eval_pretrain.jsonl    {"category", "prompt", "answer", ...}    completion checks (0-eval_pretrain.py)
     world.json             the ground truth: people, attributes, who is held out, held-out arithmetic
 Scoring rule for both eval files: correct iff `answer` is a substring of the first line of the generated text.
@@ -517,6 +519,28 @@ def eval_sets(world, rng, eval_size=200):
     return chat, completion
 
 
+# ----------------------------------------------------------------------------------------------------------
+# RL (5-grpo.py): the demo's arithmetic asked in phrasings no SFT or DPO record uses. The DPO model rarely answers
+# them right (it writes an equation with other numbers) but sometimes does when sampled: the signal RL needs.
+# Training prompts ask training triples, the held-out check asks held-out triples: the sets are disjoint.
+
+RL_QUESTIONS = ["{a}{op}{b}等于几？", "请问{a}{op}{b}等于几？", "{a}{op_zh}{b}得几？", "帮我算一下{a}{op}{b}。"]
+
+
+def rl_question(op, a, b, rng):
+    return rng.choice(RL_QUESTIONS).format(a=a, b=b, op=op, op_zh="加" if op == "+" else "减")
+
+
+def rl_prompts(world, rng, n_prompts=2000, eval_size=200):
+    """(training prompts {"conversations", "answer"} for 5-grpo.py, held-out checks in eval_chat's format)."""
+    train = [{"conversations": [user(rl_question(op, a, b, rng))], "answer": str(arith_result(op, a, b))}
+             for op, a, b in rng.sample(world["arith_train"], min(n_prompts, len(world["arith_train"])))]
+    checks = [{"category": "arith_rl", "messages": [user(rl_question(op, a, b, rng))],
+               "answer": f"={arith_result(op, a, b)}。"}
+              for op, a, b in rng.sample(world["arith_heldout"], min(eval_size, len(world["arith_heldout"])))]
+    return train, checks
+
+
 def charset_lines(width=100):
     """GB2312 symbols and level-1 hanzi (3 times, so they win ties), then level-2 hanzi (twice): lets a 6400-token tokenizer trained on
     cover common Chinese characters as single tokens, not only the ~600 the demo world uses."""
@@ -569,6 +593,9 @@ def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0
     # pairs (their text, SFT dialogues and sums, is in the tokenizer text already)
     dpo += arith_after_pairs(world, multi, random.Random(seed + 2))
 
+    # RL's prompts and checks from a stream of their own, after everything else: no other file changes
+    rl_train, rl_eval = rl_prompts(world, random.Random(seed + 3), eval_size=eval_size)
+
     files = {
         "tokenizer_train.jsonl": [{"text": t} for t in tokenizer_text],
         "pretrain_data.jsonl": [{"text": t} for t in pretrain],
@@ -578,6 +605,8 @@ def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0
         "dpo_eval.jsonl": dpo_eval,
         "eval_chat.jsonl": chat_eval,
         "eval_pretrain.jsonl": completion_eval,
+        "grpo_data.jsonl": rl_train,
+        "eval_rl.jsonl": rl_eval,
     }
     os.makedirs(out_dir, exist_ok=True)
     for name, records in files.items():
