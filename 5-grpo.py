@@ -19,15 +19,19 @@ Run as:
                                                                   #   -> out/grpo_<dim>
     torchrun --nproc_per_node N 5-grpo.py --batch_size 4          # N processes, global batch N x 4 prompts
     python 5-grpo.py --reward accuracy,repetition=0.5 --beta 0.04 --num_iterations 2 --lora_rank 16
+    python 5-grpo.py --replay_data dataset/sft_data_single.jsonl   # + the SFT conversations' loss beside RL
 
-Logged every --log_interval steps to metrics.jsonl (reward, reward_std within groups, accuracy, pass@G, kl,
-clipped, entropy, length, truncated, repeated_ngrams, zero_signal, rollout_s, step_s) and plotted in reward.png.
+Logged every --log_interval steps to metrics.jsonl (reward, reward_std within groups, accuracy and pass@G of the
+first --reward, kl, clipped, entropy, length, truncated, repeated_ngrams, zero_signal, rollout_s, step_s) and
+plotted in reward.png.
 """
 import argparse
 import os
 
 from model import chat, checkpoint, lora, stages, trainer
-from model.dataset import PromptDataset
+from torch.utils.data import ConcatDataset
+
+from model.dataset import PromptDataset, SFTDataset
 from model.errors import StageError
 from model.grpo import STAT_NAMES, RolloutBatches, count_completion_tokens, frozen_copy, make_grpo_loss
 from model.metrics import plot_panels
@@ -66,6 +70,10 @@ def add_grpo_args(parser):
            "group), penalize = its reward is --truncated_reward")
     a("--truncated_reward", type=float, default=-1.0, help="the reward of a truncated completion with "
       "--truncated penalize")
+    a("--replay_data", nargs="+", default=None, help="conversations JSONL file(s) (SFT format) replayed beside the "
+      "rollouts: each prompt brings one row, whose next-token loss, times --replay_weight, is added. RL moves the "
+      "whole model; the replay keeps what the earlier stages taught (measured in docs/rl.md)")
+    a("--replay_weight", type=float, default=1.0, help="weight of the --replay_data loss")
 
 
 def check_args(args):
@@ -122,6 +130,14 @@ def main():
         reference = frozen_copy(model).to(runtime.device)
     settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": chat.tokenizer_sha256(tokenizer_dir),
                 "reward": args.reward, "num_generations": args.num_generations}
+    replay = replay_collate = None
+    if args.replay_data:
+        for path in args.replay_data:
+            if not os.path.isfile(path):
+                raise StageError(f"--replay_data not found: {path}")
+        parts = [SFTDataset(path, tokenizer, model.config.max_seq_len) for path in args.replay_data]
+        replay, replay_collate = parts[0] if len(parts) == 1 else ConcatDataset(parts), parts[0].collate
+        settings["replay_data"] = [os.path.abspath(path) for path in args.replay_data]
 
     run_dir = args.out_dir or os.path.join("out", stages.run_name("grpo", model.config))
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
@@ -131,8 +147,10 @@ def main():
         checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
     extra_state = {}  # with --num_iterations > 1: the rollouts of the current batch, for a resume between updates
     dtype = training_precision(args.dtype, runtime.device)
-    rollouts = RolloutBatches(model, dataset, tokenizer, rewards, args, runtime, dtype, extra_state, reference)
-    loss_fn = make_grpo_loss(args.temperature, args.epsilon, args.epsilon_high, args.beta, STAT_NAMES)
+    rollouts = RolloutBatches(model, dataset, tokenizer, rewards, args, runtime, dtype, extra_state, reference,
+                              replay, replay_collate)
+    loss_fn = make_grpo_loss(args.temperature, args.epsilon, args.epsilon_high, args.beta, STAT_NAMES,
+                             args.replay_weight if replay is not None else 0.0)
     trainer.fit(model, dataset, dataset.collate, loss_fn, args, runtime, run_dir, title="grpo",
                 extra_state=extra_state, count_fn=count_completion_tokens, settings=settings, resuming=resuming,
                 make_batches=rollouts, batch_repeats=args.num_iterations)

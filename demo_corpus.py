@@ -524,7 +524,7 @@ def eval_sets(world, rng, eval_size=200):
 # them right (it writes an equation with other numbers) but sometimes does when sampled: the signal RL needs.
 # Training prompts ask training triples, the held-out check asks held-out triples: the sets are disjoint.
 
-RL_QUESTIONS = ["{a}{op}{b}等于几？", "请问{a}{op}{b}等于几？", "{a}{op_zh}{b}得几？", "帮我算一下{a}{op}{b}。"]
+RL_QUESTIONS = ["{a}{op}{b}等于几？", "请问{a}{op}{b}等于几？", "{a}{op}{b}=？", "算一算：{a}{op}{b}"]
 
 
 def rl_question(op, a, b, rng):
@@ -532,11 +532,15 @@ def rl_question(op, a, b, rng):
 
 
 def rl_prompts(world, rng, n_prompts=2000, eval_size=200):
-    """(training prompts {"conversations", "answer"} for 5-grpo.py, held-out checks in eval_chat's format)."""
-    train = [{"conversations": [user(rl_question(op, a, b, rng))], "answer": str(arith_result(op, a, b))}
+    """(training prompts for 5-grpo.py, held-out checks in eval_chat's format). A prompt carries the result
+    ("answer", for the accuracy reward) and the worked answer the SFT data writes ("reference", for the exact
+    reward); a check's gold is the worked answer: the right result from operands copied wrong ("79-76等于几？" ->
+    "78-75=3。", the DPO model's habit) does not count."""
+    train = [{"conversations": [user(rl_question(op, a, b, rng))], "answer": str(arith_result(op, a, b)),
+              "reference": arith_statement(op, a, b)}
              for op, a, b in rng.sample(world["arith_train"], min(n_prompts, len(world["arith_train"])))]
     checks = [{"category": "arith_rl", "messages": [user(rl_question(op, a, b, rng))],
-               "answer": f"={arith_result(op, a, b)}。"}
+               "answer": arith_statement(op, a, b)}
               for op, a, b in rng.sample(world["arith_heldout"], min(eval_size, len(world["arith_heldout"])))]
     return train, checks
 

@@ -85,9 +85,11 @@ def count_completion_tokens(batch) -> int:
     return int(batch["completion_mask"].sum())
 
 
-def make_grpo_loss(temperature, epsilon_low, epsilon_high, beta, stat_names):
+def make_grpo_loss(temperature, epsilon_low, epsilon_high, beta, stat_names, replay_weight=0.0):
     """loss_fn for trainer.fit: summed over the batch's completion tokens; the rollout statistics riding in
-    batch["stats"] come back as metric sums (names per model.metrics.metric_means)."""
+    batch["stats"] come back as metric sums (names per model.metrics.metric_means). With replay rows in the batch,
+    + replay_weight x their mean next-token loss, weighted by the batch's completion tokens like the rest (so the
+    step's loss is GRPO's per-token loss + replay_weight x the replay loss)."""
     def grpo_loss(model, batch):
         width = batch["completion_ids"].shape[1]
         # logits only where they predict completion tokens: the last width + 1 positions, minus the last one
@@ -101,6 +103,11 @@ def make_grpo_loss(temperature, epsilon_low, epsilon_high, beta, stat_names):
         with torch.no_grad():
             entropy = -(all_logps.exp() * all_logps).sum(dim=-1)
         metrics = {"kl": kl, "clipped": clipped, "entropy": (entropy * mask).sum()}
+        if "replay_input_ids" in batch:
+            replay = model(input_ids=batch["replay_input_ids"], attention_mask=batch["replay_attention_mask"],
+                           labels=batch["replay_labels"]).loss * mask.sum()
+            loss = loss + replay_weight * replay
+            metrics["replay_loss"] = replay.detach()
         metrics.update(zip(stat_names, batch["stats"]))
         return loss, metrics
     return grpo_loss
@@ -124,6 +131,8 @@ def sample_groups(model, prompts, group_size, max_new_tokens, temperature, eos_i
     -> dict: prompt_ids (B*G, P) and prompt_mask, completion_ids (B*G, C) (pad_id after the end), old_logps
     (B*G, C) (log p of each sampled token, 0 after the end), completion_mask (B*G, C) (1 up to and including the
     end-of-turn token), finished (B*G,) (False: truncated at max_new_tokens)."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: each prompt samples from its own seed")
     device = next(model.parameters()).device
     n_prompts, G = len(prompts), group_size
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
@@ -173,12 +182,15 @@ class RolloutBatches:
     also kept in extra_state so that a resume between them continues with them.
 
     model: the unwrapped model (sampling needs no gradient; the loss goes through DDP). reference: the frozen
-    start model for the KL term (None: with LoRA the model with adapters disabled; unused when beta is 0)."""
+    start model for the KL term (None: with LoRA the model with adapters disabled; unused when beta is 0).
+    replay: conversations (an SFTDataset or a concatenation, with its collate) whose rows ride along, one per prompt,
+    chosen by the prompt and the step (so 2 processes see the rows 1 process sees)."""
 
-    def __init__(self, model, dataset, tokenizer, rewards, args, runtime, dtype, extra_state, reference=None):
+    def __init__(self, model, dataset, tokenizer, rewards, args, runtime, dtype, extra_state, reference=None,
+                 replay=None, replay_collate=None):
         self.model, self.dataset, self.tokenizer, self.rewards = model, dataset, tokenizer, rewards
         self.args, self.runtime, self.dtype, self.extra_state = args, runtime, dtype, extra_state
-        self.reference = reference
+        self.reference, self.replay, self.replay_collate = reference, replay, replay_collate
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.cached, self.cached_step = None, None
 
@@ -222,7 +234,7 @@ class RolloutBatches:
             if not finished[row] and args.truncated == "penalize":
                 total = args.truncated_reward
             rewards.append(total)
-            accuracy.append(values.get("accuracy", 0.0))
+            accuracy.append(values[self.rewards.names[0]])  # the first reward is the one accuracy reports
             repeated.append(repeated_ngram_share(text))
             texts.append(text)
         rewards = torch.tensor(rewards)
@@ -236,6 +248,10 @@ class RolloutBatches:
                  "old_logps": out["old_logps"], "advantages": advantages.to(completion_mask.device)}
         if args.beta:
             batch["ref_logps"] = self.reference_logps(batch)
+        if self.replay is not None:
+            rows = self.replay_collate([self.replay[sample_seed(args.seed + 1, step, i) % len(self.replay)]
+                                        for i in indices])
+            batch.update({f"replay_{key}": value for key, value in rows.items()})
         batch = {k: v.cpu() for k, v in batch.items()}
         grouped_accuracy = torch.tensor(accuracy).view(-1, G)
         stats = {"reward/n_completions": rewards.sum(), "reward_std/n_groups": rewards.view(-1, G).std(dim=1).sum(),

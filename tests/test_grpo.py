@@ -300,16 +300,20 @@ def test_sigkill_then_resume_is_bitwise_equal_to_the_uninterrupted_run(digits):
     assert sha256(digits / "out/whole/model.safetensors") == sha256(digits / "out/killed/model.safetensors")
 
 
-def test_lora_with_a_kl_to_the_adapters_off_and_a_full_model_with_a_frozen_reference(digits):
+def test_lora_with_a_kl_to_the_adapters_off_and_a_full_model_with_a_frozen_reference_and_replay(digits):
     grpo(digits, "out/lora", "--max_steps", "3", "--batch_size", "2", "--learning_rate", "1e-2", "--lora_rank", "4",
          "--beta", "0.1")
     kl = [r["kl"] for r in rows(digits, "out/lora")]
     assert kl[0] == 0 and kl[-1] > 0  # the adapters start at zero: the policy is the reference, then moves
     assert (digits / "out/lora/adapter_model.safetensors").exists()
+    replay = {"conversations": [{"role": "user", "content": "说一个数字。"}, {"role": "assistant", "content": "3"}]}
+    (digits / "replay.jsonl").write_text(json.dumps(replay, ensure_ascii=False) + "\n", encoding="utf-8")
     grpo(digits, "out/full_kl", "--max_steps", "3", "--batch_size", "2", "--learning_rate", "1e-2", "--beta", "0.1",
-         "--freeze_embeddings")
+         "--freeze_embeddings", "--replay_data", "replay.jsonl")
     kl = [r["kl"] for r in rows(digits, "out/full_kl")]
     assert kl[0] < 1e-6 and kl[-1] > 0
+    # the replayed conversation's loss rides in every step (a digit out of ten: about ln 10 / 2 per target)
+    assert all(0.3 < r["replay_loss"] < 3 for r in rows(digits, "out/full_kl"))
     before, after = load_file(digits / "digit/model.safetensors"), load_file(digits / "out/full_kl/model.safetensors")
     assert torch.equal(before["tok_embeddings.weight"], after["tok_embeddings.weight"])
 
