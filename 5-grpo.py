@@ -19,7 +19,8 @@ Run as:
                                                                   #   -> out/grpo_<dim>
     torchrun --nproc_per_node N 5-grpo.py --batch_size 4          # N processes, global batch N x 4 prompts
     python 5-grpo.py --reward accuracy,repetition=0.5 --beta 0.04 --num_iterations 2 --lora_rank 16
-    python 5-grpo.py --replay_data dataset/sft_data_single.jsonl   # + the SFT conversations' loss beside RL
+    python 5-grpo.py --replay_data dataset/sft_data_single.jsonl dataset/dpo_data.jsonl   # + SFT's conversations
+                                                                  #   and DPO's chosen answers, trained beside RL
 
 Logged every --log_interval steps to metrics.jsonl (reward, reward_std within groups, accuracy and pass@G of the
 first --reward, kl, clipped, entropy, length, truncated, repeated_ngrams, zero_signal, rollout_s, step_s) and
@@ -31,7 +32,7 @@ import os
 from model import chat, checkpoint, lora, stages, trainer
 from torch.utils.data import ConcatDataset
 
-from model.dataset import PromptDataset, SFTDataset
+from model.dataset import PromptDataset, open_conversations
 from model.errors import StageError
 from model.grpo import STAT_NAMES, RolloutBatches, count_completion_tokens, frozen_copy, make_grpo_loss
 from model.metrics import plot_panels
@@ -70,9 +71,9 @@ def add_grpo_args(parser):
            "group), penalize = its reward is --truncated_reward")
     a("--truncated_reward", type=float, default=-1.0, help="the reward of a truncated completion with "
       "--truncated penalize")
-    a("--replay_data", nargs="+", default=None, help="conversations JSONL file(s) (SFT format) replayed beside the "
-      "rollouts: each prompt brings one row, whose next-token loss, times --replay_weight, is added. RL moves the "
-      "whole model; the replay keeps what the earlier stages taught (measured in docs/rl.md)")
+    a("--replay_data", nargs="+", default=None, help="conversations replayed beside the rollouts: SFT files, or DPO "
+      "files (their chosen answers). Each prompt brings one row, whose next-token loss, times --replay_weight, is "
+      "added. RL moves the whole model; the replay keeps what the earlier stages taught (measured in docs/rl.md)")
     a("--replay_weight", type=float, default=1.0, help="weight of the --replay_data loss")
 
 
@@ -135,7 +136,7 @@ def main():
         for path in args.replay_data:
             if not os.path.isfile(path):
                 raise StageError(f"--replay_data not found: {path}")
-        parts = [SFTDataset(path, tokenizer, model.config.max_seq_len) for path in args.replay_data]
+        parts = [open_conversations(path, tokenizer, model.config.max_seq_len) for path in args.replay_data]
         replay, replay_collate = parts[0] if len(parts) == 1 else ConcatDataset(parts), parts[0].collate
         settings["replay_data"] = [os.path.abspath(path) for path in args.replay_data]
 

@@ -38,7 +38,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CHAT_STAGES = [name for name, stage in STAGES.items() if stage.chat]  # the demo trains each, in this order
 LORA_STAGES = ("sft_single", "sft_multi", "dpo")  # --lora runs these again as LoRA
 
-# RL on the sums in new phrasings (5-grpo.py; the settings tried: docs/rl.md)
+# RL on the sums in new phrasings (5-grpo.py), rewarded for the whole worked answer (the result alone also paid
+# operands copied wrong, and RL taught that to the old phrasings too). RL alone took a quarter of the sums in the
+# old phrasings; the conversations of SFT and DPO's chosen answers trained beside it (--replay_data, one row per
+# prompt) keep every category (the settings tried: docs/rl.md)
 GRPO_PLAN = ["--max_steps", "150", "--batch_size", "16", "--num_generations", "8", "--max_new_tokens", "24",
              "--learning_rate", "1e-4", "--warmup_iters", "5", "--reward", "exact"]
 RL_SAMPLES = 8  # the report's pass@8 on the held-out RL checks
@@ -133,8 +136,10 @@ def main():
          "--init_from", runs["sft_single"], "--out_dir", runs["sft_multi"], *plan["sft_multi"], *COMMON)
     step("dpo", script("4-dpo.py"), "--data_path", os.path.join(data, "dpo_data.jsonl"),
          "--init_from", runs["sft_multi"], "--out_dir", runs["dpo"], *plan["dpo"], *ptx, *COMMON)
+    replay = ["--replay_data"] + [os.path.join(data, name) for name in ("sft_data_single.jsonl",
+                                                                        "sft_data_multi.jsonl", "dpo_data.jsonl")]
     step("grpo", script("5-grpo.py"), "--data_path", os.path.join(data, "grpo_data.jsonl"),
-         "--init_from", runs["dpo"], "--out_dir", runs["grpo"], *plan["grpo"], *COMMON)
+         "--init_from", runs["dpo"], "--out_dir", runs["grpo"], *plan["grpo"], *replay, *COMMON)
     if args.lora:  # the same three stages, same data and steps, as LoRA from the same pretrained model
         lr = lambda stage: ["--learning_rate", LORA["learning_rate"][stage]]  # noqa: E731 (argparse: last wins)
         runs.update({f"{name}_lora": os.path.join(out, f"{name}_lora") for name in LORA_STAGES})

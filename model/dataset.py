@@ -21,6 +21,8 @@ Datasets for the three training stages. Each item is a dict of tensors; a batch 
               assistant turn, i.e. the response); collate pads both sides to ONE length, so they can be
               concatenated into one forward pass, and adds chosen_attention_mask / rejected_attention_mask
 
+    ChosenDataset(path, tokenizer, max_seq_len)            a DPO file's chosen conversations, as SFTDataset items
+        (open_conversations picks it or SFTDataset by the file's first record; 5-grpo.py --replay_data)
     PromptDataset(path, tokenizer, max_prompt_len)       RL prompts (5-grpo.py): {"conversations": [... user turn],
         "answer": ...} or any SFT format (data_formats.to_prompt); item: {"index": i}; the rollouts take the
         prompt's ids (prompt_ids) and its record (record_of) by index
@@ -467,6 +469,29 @@ class SFTDataset(_JsonlRecords):
             out["position_ids"] = torch.stack([torch.cat([b["position_ids"], b["position_ids"][-1] + 1 + torch.arange(
                 length - len(b["position_ids"]))]) for b in batch])
         return out
+
+
+class ChosenDataset(SFTDataset):
+    """The chosen side of DPO pairs as SFT conversations (the loss on every assistant turn): what 5-grpo.py
+    --replay_data replays from a preference file."""
+
+    kind, command = 'DPO records ({"chosen": [...], "rejected": [...]})', "data_process.py dpo"
+
+    def messages(self, record, where):
+        if not isinstance(record, dict) or "chosen" not in record:
+            raise ValueError(f'{where}: expected {{"chosen": [...], "rejected": [...]}}')
+        return _check_messages(record["chosen"], f"{where} (chosen)")
+
+
+def open_conversations(path, tokenizer, max_seq_len):
+    """SFT conversations, or the chosen conversations of a DPO file (told apart by the first record)."""
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"{}")
+    try:
+        is_preference = "chosen" in json.loads(first)
+    except (ValueError, TypeError):
+        is_preference = False  # the dataset names the bad line
+    return (ChosenDataset if is_preference else SFTDataset)(path, tokenizer, max_seq_len)
 
 
 class DPODataset(_JsonlRecords):

@@ -308,8 +308,11 @@ def test_lora_with_a_kl_to_the_adapters_off_and_a_full_model_with_a_frozen_refer
     assert (digits / "out/lora/adapter_model.safetensors").exists()
     replay = {"conversations": [{"role": "user", "content": "说一个数字。"}, {"role": "assistant", "content": "3"}]}
     (digits / "replay.jsonl").write_text(json.dumps(replay, ensure_ascii=False) + "\n", encoding="utf-8")
+    pair = {"chosen": replay["conversations"], "rejected": replay["conversations"][:1] + [
+        {"role": "assistant", "content": "我不知道。"}]}
+    (digits / "pairs.jsonl").write_text(json.dumps(pair, ensure_ascii=False) + "\n", encoding="utf-8")
     grpo(digits, "out/full_kl", "--max_steps", "3", "--batch_size", "2", "--learning_rate", "1e-2", "--beta", "0.1",
-         "--freeze_embeddings", "--replay_data", "replay.jsonl")
+         "--freeze_embeddings", "--replay_data", "replay.jsonl", "pairs.jsonl")
     kl = [r["kl"] for r in rows(digits, "out/full_kl")]
     assert kl[0] < 1e-6 and kl[-1] > 0
     # the replayed conversation's loss rides in every step (a digit out of ten: about ln 10 / 2 per target)
