@@ -63,7 +63,8 @@ def main():
         print(f"pretraining {n_params / 1e6:.2f}M parameters on {len(train_set)} rows of {seq_len} tokens "
               f"-> {run_dir}")
         checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
-    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": tokenizer_sha256}
+    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": tokenizer_sha256,
+                "doc_mask": args.doc_mask}
     trainer.fit(model, train_set, None, trainer.lm_loss, args, runtime, run_dir, val_set=val_set, title="pretrain",
                 settings=settings, resuming=resuming)
 

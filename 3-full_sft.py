@@ -92,13 +92,13 @@ def main():
 
     seq_len = model.config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
     if args.pack and runtime.is_master:  # tokenize once, on one process, into memory-mapped files
-        for path in args.data_path:
+        for path in args.data_path + ([args.val_path] if args.val_path else []):
             SFTDataset.prepare(path, tokenizer, seq_len)
     runtime.barrier()
     parts = [SFTDataset(path, tokenizer, seq_len, pack=args.pack) for path in args.data_path]
     n_conversations = sum(len(p.offsets) for p in parts)
     settings = {"data": [os.path.abspath(p) for p in args.data_path],
-                "tokenizer_sha256": chat.tokenizer_sha256(tokenizer_dir)}
+                "tokenizer_sha256": chat.tokenizer_sha256(tokenizer_dir), "ptx_data": None}
     if args.ptx_data:
         if args.ptx_ratio <= 0:
             raise StageError(f"--ptx_ratio must be positive with --ptx_data (got {args.ptx_ratio})")
@@ -106,7 +106,7 @@ def main():
                              what="--ptx_data")
         n_rows = max(1, round(args.ptx_ratio * sum(len(p) for p in parts)))
         parts.append(PretrainReplay(packed, n_rows, args.seed, with_positions=args.pack))
-        settings.update(ptx_data=os.path.abspath(args.ptx_data), ptx_rows=n_rows)
+        settings.update(ptx_data=os.path.abspath(args.ptx_data), ptx_file_rows=len(packed), ptx_rows=n_rows)
     train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     val_set = SFTDataset(args.val_path, tokenizer, seq_len, pack=args.pack) if args.val_path else None
 

@@ -60,12 +60,13 @@ def main():
     if not os.path.isfile(args.data_path):
         raise StageError(f"DPO data not found: {args.data_path} (make it with `python data_process.py dpo`)")
     dataset = DPODataset(args.data_path, tokenizer, model.config.max_seq_len)
-    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": chat.tokenizer_sha256(tokenizer_dir)}
+    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": chat.tokenizer_sha256(tokenizer_dir),
+                "ptx_data": None}
     ptx = None
     if args.ptx_data:  # opened before the reference pass: a wrong file stops the run here, not minutes later
         ptx = open_packed(args.ptx_data, min(args.ptx_seq_len, model.config.max_seq_len),  # rows within the context
                           model.config.vocab_size, settings["tokenizer_sha256"], what="--ptx_data")
-        settings["ptx_data"] = os.path.abspath(args.ptx_data)
+        settings.update(ptx_data=os.path.abspath(args.ptx_data), ptx_file_rows=len(ptx), ptx_seq_len=ptx.max_seq_len)
 
     run_dir = args.out_dir or os.path.join("out", stages.run_name("dpo", model.config))
     # before the reference pass: a run directory that holds another run stops here, not minutes later

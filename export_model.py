@@ -2,7 +2,7 @@
 Export a dense nano-LLM checkpoint as a plain transformers LlamaForCausalLM directory (no custom code), with
 the tokenizer files: it loads in transformers (AutoModelForCausalLM / AutoTokenizer) with no nano-LLM code.
 With --gguf it writes one GGUF file for llama.cpp / ollama instead (model/gguf_export.py; the tokenizer must
-use the qwen2 pre-tokenizer, train_tokenizer.py's default, as the shipped one does).
+use the qwen2 pre-tokenizer, as every tokenizer train_tokenizer.py writes does: the shipped one, the demo's).
 
 Run as:
     python export_model.py --out_dir out/hf_llama       # the newest chat model (e.g. out/demo/dpo after make demo)

@@ -12,6 +12,7 @@ median of the per-round ratios. Run from the repository root:
     python -m bench train,decode --dim 64 --n_layers 2 --seq_len 64 --batch_size 2 --steps 2 --new_tokens 16 \
         --no-compile
     python -m bench serve                    # the HTTP server under 1, 4, 16 streaming clients (docs/serving.md)
+    python -m bench soak --soak_s 150        # the HTTP server under abuse beside well-behaved clients
     python -m bench gguf                     # llama.cpp's decoding per GGUF outtype (docs/gguf.md)
     python -m bench gpu                      # MFU on one GPU; runs alone, with its own flags:
     python -m bench gpu --help
@@ -24,6 +25,8 @@ Sections (bench/<section>.py says how each one measures)
     alloc   CPU training step under glibc's default malloc vs model.runtime.keep_freed_memory, separate processes
     data    useful tokens per batch of the demo corpus; pretraining memory vs data size; the streaming JSON reader
     serve   serve_openai_api.py under 1, 4, 16 concurrent streaming clients (--serve adds it to the default ones)
+    soak    serve_openai_api.py for --soak_s seconds: abusive clients beside greedy streaming ones; 5xx, wrong
+            answers, /health p99, memory
     gguf    llama.cpp on each GGUF outtype vs generate_stream, same weights, same tokens (checked)
     gpu     MFU of training a ~100M-parameter model on one GPU
 """
@@ -33,7 +36,7 @@ import json
 import sys
 
 DEFAULT_SECTIONS = ["peak", "train", "decode", "alloc", "data"]
-SECTIONS = ["peak", "train", "decode", "moe", "alloc", "data", "serve", "gguf"]  # the order they run and print in
+SECTIONS = ["peak", "train", "decode", "moe", "alloc", "data", "serve", "soak", "gguf"]  # the order they run and print in
 
 
 def parse_args(argv):
@@ -72,6 +75,8 @@ def parse_args(argv):
     parser.add_argument("--serve", action="store_true", help="add the serve section")
     parser.add_argument("--serve_tokens", type=int, default=64, help="serve: max_tokens per request (half to all)")
     parser.add_argument("--serve_requests", type=int, default=3, help="serve: requests per client, back to back")
+    parser.add_argument("--soak_s", type=float, default=150, help="soak: seconds of abuse (after a warm-up)")
+    parser.add_argument("--soak_tokens", type=int, default=32, help="soak: max_tokens of the well-behaved requests")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--save_json", default=None, help="also write the JSON to this file")
     parser.add_argument("--table_from", default=None, help="print the table of a JSON file saved earlier, and exit")

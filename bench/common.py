@@ -4,8 +4,13 @@ training step, greedy decoding through generate_stream, and a line describing th
 """
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
+from contextlib import contextmanager
 
 import torch
 
@@ -70,3 +75,33 @@ def machine() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"load average {load:.1f} at start")
+
+
+@contextmanager
+def running_server(checkpoint: str, log_path: str, *flags):
+    """serve_openai_api.py on a free 127.0.0.1 port, waited for until /health answers (the log is the error if it
+    dies first); stopped on exit. -> (process, port)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve_openai_api.py"), "--checkpoint",
+                                   checkpoint, "--port", str(port), "--device", "cpu", "--log_level", "warning",
+                                   *flags], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(open(log_path).read())
+                time.sleep(0.5)
+        yield server, port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -6,19 +6,15 @@ docs/serving.md.
     python -m bench serve --serve_tokens 64 --serve_requests 3
 """
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 import openai
 import torch
 
-from bench.common import ROOT, model_config
+from bench.common import model_config, running_server
 from model.model import Transformer
 from model.checkpoint import copy_tokenizer
 from model.chat import DEFAULT_TOKENIZER_DIR
@@ -37,23 +33,7 @@ def run(args, results) -> dict:
         torch.manual_seed(0)
         Transformer(model_config(args)).save_pretrained(checkpoint)
         copy_tokenizer(DEFAULT_TOKENIZER_DIR, checkpoint)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log = open(os.path.join(tmp, "server.log"), "w")
-        server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve_openai_api.py"), "--checkpoint",
-                                   checkpoint, "--port", str(port), "--max_batch", "16", "--device", "cpu",
-                                   "--log_level", "warning"], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 180
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.time() > deadline:
-                        raise RuntimeError(open(os.path.join(tmp, "server.log")).read())
-                    time.sleep(0.5)
+        with running_server(checkpoint, os.path.join(tmp, "server.log"), "--max_batch", "16") as (_, port):
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
 
             def one(max_tokens):
@@ -90,13 +70,6 @@ def run(args, results) -> dict:
                                              "ttft_median_s": statistics.median(ttft),
                                              "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
                                              "requests": len(results), "wall_s": wall}
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-            log.close()
     one_client = out["clients"][1]
     for row in out["clients"].values():
         row["x_one_client"] = row["tok_s"] / one_client["tok_s"]

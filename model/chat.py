@@ -149,8 +149,9 @@ class ChatEncoder:
         """Keep max_seq_len tokens. By default the first ones; if that would leave no label (a prompt longer than
         the window) the window starts max_seq_len // 2 tokens before the first label (or ends at the last
         token, whichever is earlier). Labels are fixed per token before cutting, so a cut never labels a prompt
-        token. start: a window start chosen by the caller (DPO cuts both sides of a pair at the same place)."""
-        if len(ids) <= self.max_seq_len:
+        token. start: a window start chosen by the caller (DPO cuts both sides of a pair at the same place).
+        max_seq_len None: no cut."""
+        if self.max_seq_len is None or len(ids) <= self.max_seq_len:
             return ids, labels
         if start is None:
             start = self.window_start(labels, len(ids))
@@ -180,21 +181,33 @@ def fit_context(ids, max_new_tokens: int, max_seq_len: int):
     return ids, max(1, min(max_new_tokens, max_seq_len - len(ids)))
 
 
-def trim_history(tokenizer, messages, max_tokens: int):
+def trim_history(tokenizer, messages, max_tokens: int, lengths=None):
     """Drop the oldest turns until the conversation's prompt fits in max_tokens: a leading system message is kept
     while it fits, the kept turns start with a user turn, and the last message stays (its oldest text cut if it
-    alone is too long)."""
-    system = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
-    turns = list(messages[len(system):])
-    fits = lambda msgs: len(encode_chat(tokenizer, msgs)) <= max_tokens  # noqa: E731
-    while len(turns) > 1 and not fits(system + turns):
-        turns.pop(0)
-        while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation restarts with a user turn
-            turns.pop(0)
-    if system and not fits(system + turns):
+    alone is too long).
+
+    One pass: a prompt is its messages' ids one after another plus the generation header, so its length is a sum
+    of per-message counts (ChatEncoder.message_lengths, one tokenizer call; pass them as `lengths` if you have
+    them), and the kept turns are the longest suffix whose sum fits."""
+    encoder = ChatEncoder(tokenizer)
+    lengths = encoder.message_lengths(messages) if lengths is None else list(lengths)
+    reply_header = len(encoder.header("assistant"))
+    n_system = 1 if messages and messages[0]["role"] == "system" else 0
+    system, turns = list(messages[:n_system]), list(messages[n_system:])
+    room = max_tokens - reply_header - sum(lengths[:n_system])
+    start, total = len(turns) - 1, 0  # the last message stays whatever its length
+    for i in range(len(turns) - 1, -1, -1):
+        total += lengths[n_system + i]
+        if total > room:
+            break
+        if i == 0 or turns[i]["role"] == "user":  # a conversation restarts with a user turn
+            start = i
+    if system and sum(lengths[n_system + start:]) > room:
         system = []
     last = dict(turns[-1])
-    while not fits([last]) and last["content"]:
-        overflow = len(encode_chat(tokenizer, [last])) - max_tokens
-        last["content"] = last["content"][max(1, overflow):]
-    return system + turns[:-1] + [last]
+    fits = lambda msgs: len(encode_chat(tokenizer, msgs)) <= max_tokens  # noqa: E731
+    if lengths[-1] + reply_header > max_tokens:
+        while not fits([last]) and last["content"]:
+            overflow = len(encode_chat(tokenizer, [last])) - max_tokens
+            last["content"] = last["content"][max(1, overflow):]
+    return system + turns[start:-1] + [last]

@@ -502,6 +502,7 @@ class DPODataset(_JsonlRecords):
 
     def __init__(self, path, tokenizer, max_seq_len):
         super().__init__(path, tokenizer, max_seq_len)
+        self.whole = ChatEncoder(tokenizer)  # uncut: the window is chosen for the pair in __getitem__
         self.validate()
 
     def messages(self, record, where):
@@ -511,9 +512,16 @@ class DPODataset(_JsonlRecords):
 
     def __getitem__(self, i):
         sides = self.messages(*self.record(i))
+        pair = {side: self.whole.encode(sides[side], train_on="last") for side in ("chosen", "rejected")}
+        # One window start for both sides (each side's own start depends on its length: a prompt longer than the
+        # context was cut at two places, and the two responses were scored under different prompts). The later of
+        # the two keeps the start of both responses.
+        length = self.encoder.max_seq_len
+        start = max(self.encoder.window_start(labels, len(ids)) if len(ids) > length else 0
+                    for ids, labels in pair.values())
         item = {}
-        for side in ("chosen", "rejected"):
-            ids, labels = self.encoder.encode(sides[side], train_on="last")
+        for side, (ids, labels) in pair.items():
+            ids, labels = ids[start:start + length], labels[start:start + length]
             item[f"{side}_input_ids"], item[f"{side}_labels"] = torch.tensor(ids), torch.tensor(labels)
         return item
 

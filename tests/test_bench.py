@@ -90,3 +90,14 @@ def test_bench_data_section_runs_both_pretraining_sizes(tmp_path):
     memory = data["pretrain_memory"]
     assert memory["small"]["peak_rss_mb"] > 0 and memory["large"]["file_mb"] == 8 * memory["small"]["file_mb"]
     assert data["json_reader"]["iter_json_array_records_s"] > 0
+
+
+def test_bench_smoke_soak_reports_the_server_under_abuse():
+    cmd = [sys.executable, "-m", "bench", "soak", "--json", "--soak_s", "3", "--soak_tokens", "8", "--dim", "64",
+           "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    soak = json.loads(result.stdout)["soak"]
+    assert soak["good"]["requests"] > 0 and soak["good"]["mismatches"] == 0 and soak["n_5xx"] == 0
+    assert soak["abuse_requests"] > 0 and soak["unexpected"] == [] and soak["server_tracebacks"] == 0
+    assert soak["health"]["n"] > 0 and soak["rss_mib"]["end"] > 0

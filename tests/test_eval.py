@@ -311,6 +311,48 @@ def test_trim_history_drops_the_oldest_turns_first(tokenizer):
     assert chat.fit_context(list(range(100)), 16, 64) == (list(range(52, 100)), 16)
 
 
+def trim_turn_by_turn(tokenizer, messages, max_tokens):
+    """trim_history's contract spelled out: drop the oldest turn until the rest fits, restarting at a user turn."""
+    fits = lambda msgs: len(chat.encode_chat(tokenizer, msgs)) <= max_tokens  # noqa: E731
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while len(turns) > 1 and not fits(system + turns):
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+    return (system if fits(system + turns) else []) + turns
+
+
+def test_trim_history_is_one_pass_and_keeps_its_contract(tokenizer):
+    """2,000 messages used to be re-encoded after each dropped turn (20 s on the server's event loop): now one
+    tokenizer call for the counts and the same messages kept as turn by turn."""
+    import random
+    rng = random.Random(0)
+    pieces = ["你好", "问题", "长" * 7, "abc ", "。", "\n"]
+    for _ in range(150):
+        messages = [{"role": "system", "content": "你是助手。"}] if rng.random() < 0.5 else []
+        for k in range(rng.randint(1, 10)):
+            messages.append({"role": rng.choice(["user", "assistant"]), "content": "".join(
+                rng.choice(pieces) for _ in range(rng.randint(0, 8)))})
+        messages.append(user("最后" + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))))
+        budget = rng.randint(len(chat.encode_chat(tokenizer, messages[-1:])), 160)
+        assert chat.trim_history(tokenizer, messages, budget) == trim_turn_by_turn(tokenizer, messages, budget)
+    calls = []
+
+    class Counted:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(len(args[0]))
+            return tokenizer(*args, **kwargs)
+
+    history = [m for k in range(1000) for m in (user(f"问题{k}"), assistant(f"回答{k}"))] + [user("最后的问题")]
+    trimmed = chat.trim_history(Counted(), history, 100)
+    assert trimmed == trim_turn_by_turn(tokenizer, history[-21:], 100) and trimmed[-1] == history[-1]
+    assert max(calls) == len(history) and sum(calls) < len(history) + 10, calls
+
+
 def test_perplexity_on_the_validation_split(workdir, chat_model, monkeypatch, capsys):
     model, tok, _ = chat_model
     data = workdir / "packed"
@@ -478,7 +520,7 @@ def test_scripts_as_processes_exit_cleanly_on_eof_and_missing_checkpoint(workdir
     assert f"🤖: {TAUGHT[1][1]}\n" in out and f"🤖: {TAUGHT[0][1]}\n" in out and "(conversation cleared)" in out
     out, err = missing.communicate(timeout=120)
     assert missing.returncode == 1 and "Traceback" not in err
-    assert err.strip() == "error: no checkpoint found (out/pretrain_*): train one first or pass --checkpoint DIR"
+    assert err.strip() == "error: no checkpoint found (out/pretrain_*, out/*/pretrain): train one first or pass --checkpoint DIR"
 
 
 def test_sampling_settings_that_would_crash_are_refused_up_front(tokenizer):

@@ -299,6 +299,14 @@ def test_sampling_options_run_through_generationmixin_and_stop_at_eos():
     assert len(ours) == 1
 
 
+def test_a_temperature_too_small_to_divide_by_decodes_greedily():
+    # logits / 1e-45 overflow to inf and multinomial raised: the CLI crashed where the server already answered
+    from model.generate import sample_next
+    logits = torch.tensor([[0.5, 2.0, 1.0]])
+    for temperature in (0.0, 1e-45, 1e-6):
+        assert int(sample_next(logits, torch.empty(1, 0, dtype=torch.long), temperature=temperature)) == 1
+
+
 def test_top_k_top_p_restrict_the_candidates():
     from model.generate import sample_next
     logits = torch.tensor([[5.0, 4.0, 3.0, -10.0, -10.0]])
