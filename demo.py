@@ -78,6 +78,7 @@ FULL = dict(
 QUICK = {**FULL,
          "pretrain": ["--max_steps", "800", *FULL["pretrain"][2:]],
          "dpo": [*FULL["dpo"][:4], "--learning_rate", "1e-4", *FULL["dpo"][6:]],
+         "grpo": ["--max_steps", "80", *FULL["grpo"][2:]],
          "eval_limit": 300}
 # The demo world uses ~340 distinct characters: a 1024-token vocabulary holds each as one token and makes the
 # output layer 6x cheaper than the default 6400.
