@@ -12,8 +12,8 @@ Run as:
     python 2-eval.py --interactive --tools calculator           # the model may call the calculator
     python 2-eval.py --eval_file dataset/demo/eval_tools.jsonl [--no_tools]   # with the tool loop / the model alone
 
-The checkpoint defaults to the newest of out/dpo_* > out/sft_multi_* > out/sft_single_* (the latest stage you ran;
-also one folder down, e.g. out/demo/dpo after make demo).
+The checkpoint defaults to the newest of out/grpo_* > out/dpo_* > out/sft_multi_* > out/sft_single_* (the latest
+stage you ran; also one folder down, e.g. out/demo/dpo after make demo).
 Prompts go through the tokenizer's chat template (`<s>{role}\\n{content}</s>\\n` per message, then `<s>assistant\\n`).
 Typed text stays text: a `<s>` or `</s>` in a question never becomes a control token (chat.encode_chat).
 Questions from the built-in list or --prompts are asked one by one, each on its own. In --interactive mode the

@@ -6,6 +6,7 @@ Run as:
     python data_process.py pretrain --data_path dataset/pretrain_data.jsonl       # or a .csv with a `text` column
     python data_process.py sft --data_path dataset/sft_data_zh.jsonl              # -> dataset/sft_data_single.jsonl + _multi.jsonl
     python data_process.py dpo --data_path dataset/dpo_zh.json                    # -> dataset/dpo_data.jsonl
+    python data_process.py grpo --data_path dataset/math_prompts.jsonl            # -> dataset/grpo_data.jsonl
     python data_process.py <subcommand> --help   # every flag explained
 
 The demo flow, step by step (`demo` packs with the shipped model/tokenizer/, so step 1 alone is enough):
@@ -46,7 +47,7 @@ from tqdm import tqdm
 # model.errors, model.chat and model.data_formats, not torch: packing starts at once
 from model.chat import DEFAULT_TOKENIZER_DIR, encode_documents, open_document_tokenizer, tokenizer_sha256
 from model.data_formats import (BadRecord, Unreadable, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
-                                pretrain_text, publish, to_preference, to_sft_record, zh_ratio)
+                                pretrain_text, publish, to_preference, to_prompt, to_sft_record, zh_ratio)
 from model.errors import BadLines
 
 
@@ -294,8 +295,9 @@ def sft_filter(messages, args):
     return None
 
 
-def convert(args, outputs, convert_record, route):
-    """Stream every input through convert_record; route(record) names the output it is written to."""
+def convert(args, outputs, convert_record, route, drop=None):
+    """Stream every input through convert_record; route(record) names the output it is written to; drop(record)
+    is the reason a good record is left out (or None)."""
     check_inputs(args.data_path)
     report, filtered, written = BadLines(args.report_limit), Counter(), Counter()
     files = {name: AtomicOutput(path) for name, path in outputs.items()}
@@ -314,7 +316,7 @@ def convert(args, outputs, convert_record, route):
                 except BadRecord as err:
                     report.add(path, line_no, str(err), err.kind)
                     continue
-                reason = sft_filter(canonical["conversations"], args) if "conversations" in canonical else None
+                reason = drop(canonical) if drop is not None else None
                 if reason:
                     filtered[reason] += 1
                     continue
@@ -340,11 +342,16 @@ def run_sft(args):
                "multi": os.path.join(args.out_dir, "sft_data_multi.jsonl")}
     # by questions, not assistant turns: a question answered after a tool call is still one exchange
     n_questions = lambda conv: sum(m["role"] == "user" for m in conv["conversations"])  # noqa: E731
-    convert(args, outputs, to_sft_record, lambda conv: "single" if n_questions(conv) == 1 else "multi")
+    convert(args, outputs, to_sft_record, lambda conv: "single" if n_questions(conv) == 1 else "multi",
+            lambda conv: sft_filter(conv["conversations"], args))
 
 
 def run_dpo(args):
     convert(args, {"dpo": args.out_path}, to_preference, lambda record: "dpo")
+
+
+def run_grpo(args):
+    convert(args, {"grpo": args.out_path}, to_prompt, lambda record: "grpo")
 
 
 def run_demo(args):
@@ -425,10 +432,18 @@ def main(argv=None):
     common(p, "dataset/dpo.jsonl")
     p.add_argument("--out_path", default="dataset/dpo_data.jsonl", help="output file")
 
+    p = commands.add_parser("grpo", help="RL prompts in any SFT format -> grpo_data.jsonl",
+                            description="Prompts for 5-grpo.py: {\"conversations\": [... ending with the user "
+                            "turn], \"answer\": ...} as they are, or any format `sft` reads, whose last assistant "
+                            "turn becomes \"answer\" (unless the record has one). Every other field is kept: the "
+                            "rewards read them.")
+    common(p, "dataset/grpo.jsonl")
+    p.add_argument("--out_path", default="dataset/grpo_data.jsonl", help="output file")
+
     args = parser.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # status lines reach a log file as they are printed
         sys.stdout.reconfigure(line_buffering=True)
-    {"demo": run_demo, "pretrain": run_pretrain, "sft": run_sft, "dpo": run_dpo}[args.command](args)
+    {"demo": run_demo, "pretrain": run_pretrain, "sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}[args.command](args)
 
 
 if __name__ == "__main__":

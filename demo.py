@@ -9,7 +9,7 @@ Run as:
 
 Steps (each one is the command a user would type, run as a subprocess):
     data_process.py demo  ->  train_tokenizer.py  ->  data_process.py pretrain  ->  1-pretrain.py
-    ->  3-full_sft.py (single-turn)  ->  3-full_sft.py (multi-turn)  ->  4-dpo.py  ->  evaluation
+    ->  3-full_sft.py (single-turn)  ->  3-full_sft.py (multi-turn)  ->  4-dpo.py  ->  5-grpo.py  ->  evaluation
 and writes out/demo/report.md: config, wall time per stage, final losses, one line per stage saying what it
 measurably added, loss curves, held-out accuracy of every stage's model (pretrain completion of held-out facts;
 chat QA about people never seen in SFT, 他/她 follow-ups, refusals for people who do not exist, arithmetic on
@@ -22,7 +22,9 @@ the others only appear in the pretraining text. Answering questions about those 
 arithmetic on number pairs that appear nowhere in training, is only possible if pretraining stored the facts
 and the rules and SFT taught the model to use them. DPO adds one behaviour SFT never shows: "我不知道X是谁。"
 for people who do not exist (measured on names DPO never saw); the report shows what it costs on the people it
-knows (held-out people QA before and after DPO).
+knows (held-out people QA before and after DPO). GRPO (RL with a computed reward) then teaches the arithmetic asked
+in phrasings no earlier stage used (demo_corpus.RL_QUESTIONS; held-out sums, greedy and pass@1/pass@8 sampled, before
+and after), and the report shows what it costs every other category.
 """
 import argparse
 import json
@@ -35,6 +37,15 @@ from model.stages import STAGES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CHAT_STAGES = [name for name, stage in STAGES.items() if stage.chat]  # the demo trains each, in this order
+LORA_STAGES = ("sft_single", "sft_multi", "dpo")  # --lora runs these again as LoRA
+
+# RL on the sums in new phrasings (5-grpo.py), rewarded for the whole worked answer (the result alone also paid
+# operands copied wrong, and RL taught that to the old phrasings too). RL alone took a quarter of the sums in the
+# old phrasings; the conversations of SFT and DPO's chosen answers trained beside it (--replay_data, one row per
+# prompt) keep every category (the settings tried: docs/rl.md)
+GRPO_PLAN = ["--max_steps", "150", "--batch_size", "16", "--num_generations", "8", "--max_new_tokens", "24",
+             "--learning_rate", "1e-4", "--warmup_iters", "5", "--reward", "exact"]
+RL_SAMPLES = 8  # the report's pass@8 on the held-out RL checks
 
 # Model and schedule chosen to fit the 10-minute budget on 2 CPU cores (see docs/demo.md).
 FULL = dict(
@@ -59,6 +70,7 @@ FULL = dict(
     # loss weighted 1 (PPO-ptx), keeps them (the weights tried: docs/demo.md)
     dpo=["--max_steps", "40", "--batch_size", "32", "--learning_rate", "2e-4", "--warmup_iters", "5",
          "--beta", "0.05", "--nll_weight", "1.0", "--ptx_weight", "1.0"],
+    grpo=GRPO_PLAN,
     eval_limit=None,
 )
 # What the end-to-end test runs: the same world, model and SFT, half the pretraining, DPO at half the rate, 300 eval
@@ -67,6 +79,7 @@ FULL = dict(
 QUICK = {**FULL,
          "pretrain": ["--max_steps", "800", *FULL["pretrain"][2:]],
          "dpo": [*FULL["dpo"][:4], "--learning_rate", "1e-4", *FULL["dpo"][6:]],
+         "grpo": ["--max_steps", "80", *FULL["grpo"][2:]],
          "eval_limit": 300}
 # The demo world uses ~340 distinct characters: a 1024-token vocabulary holds each as one token and makes the
 # output layer 6x cheaper than the default 6400.
@@ -78,7 +91,7 @@ COMMON = ["--dtype", "auto", "--log_interval", "10", "--save_interval", "100000"
 # Tool calling (docs/tools.md): the calculator conversations are mixed into both SFT stages; the chat models after
 # them are scored on eval_tools.jsonl with the tool loop and without it (the model alone)
 TOOL_SFT_FILE = "sft_data_tools.jsonl"
-TOOL_EVAL_MODELS = ("sft_multi", "dpo")
+TOOL_EVAL_MODELS = ("sft_multi", CHAT_STAGES[-1])  # where SFT taught it, and the final model
 TOOL_MAX_NEW_TOKENS = 48  # a call is ~30 tokens of the demo's tokenizer, an answer ~16
 
 
@@ -131,9 +144,13 @@ def main():
          "--init_from", runs["sft_single"], "--out_dir", runs["sft_multi"], *plan["sft_multi"], *COMMON)
     step("dpo", script("4-dpo.py"), "--data_path", os.path.join(data, "dpo_data.jsonl"),
          "--init_from", runs["sft_multi"], "--out_dir", runs["dpo"], *plan["dpo"], *ptx, *COMMON)
+    replay = ["--replay_data"] + [os.path.join(data, name) for name in ("sft_data_single.jsonl", "sft_data_multi.jsonl",
+                                                                        TOOL_SFT_FILE, "dpo_data.jsonl")]
+    step("grpo", script("5-grpo.py"), "--data_path", os.path.join(data, "grpo_data.jsonl"),
+         "--init_from", runs["dpo"], "--out_dir", runs["grpo"], *plan["grpo"], *replay, *COMMON)
     if args.lora:  # the same three stages, same data and steps, as LoRA from the same pretrained model
         lr = lambda stage: ["--learning_rate", LORA["learning_rate"][stage]]  # noqa: E731 (argparse: last wins)
-        runs.update({f"{name}_lora": os.path.join(out, f"{name}_lora") for name in CHAT_STAGES})
+        runs.update({f"{name}_lora": os.path.join(out, f"{name}_lora") for name in LORA_STAGES})
         step("sft_single_lora", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_single.jsonl"),
              tools, "--init_from", runs["pretrain"], "--out_dir", runs["sft_single_lora"], *plan["sft_single"], *ptx,
              *COMMON,
@@ -150,6 +167,7 @@ def main():
     results["dpo_heldout_pairs"] = score_preference_pairs(runs, os.path.join(data, "dpo_eval.jsonl"),
                                                           float(plan["dpo"][plan["dpo"].index("--beta") + 1]))
     results["tools"] = evaluate_tools(runs, data, plan["eval_limit"])
+    results["rl"] = score_rl_task(runs, os.path.join(data, "eval_rl.jsonl"), plan["eval_limit"])
     times["eval"] = time.time() - t0
     with open(os.path.join(out, "scores.json"), "w", encoding="utf-8") as f:
         json.dump({k: v for k, v in results.items() if k != "samples"}, f, ensure_ascii=False, indent=1)
@@ -179,7 +197,7 @@ def evaluate_all(runs, data, limit):
     with open(os.path.join(data, "eval_chat.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     samples = [records[i] for i in range(0, len(records), max(1, len(records) // 6))][:6]
-    model, tokenizer, _ = load_checkpoint(runs["dpo"])
+    model, tokenizer, _ = load_checkpoint(runs[CHAT_STAGES[-1]])  # the final chat model
     replies = generate_batch(model, tokenizer, [encode_chat(tokenizer, r["messages"]) for r in samples],
                              max_new_tokens=48)
     results["samples"] = [(r["messages"], reply, r["answer"]) for r, reply in zip(samples, replies)]
@@ -227,7 +245,7 @@ def tool_card(results):
     """The report card's line for tool calling, on the final model (none when tools were not evaluated)."""
     if "tools" not in results:
         return []
-    rates, well_formed = tool_rates(results["tools"]["dpo"])
+    rates, well_formed = tool_rates(results["tools"][CHAT_STAGES[-1]])
     direct = [c for c in rates if c.startswith("direct_")]
     return [f"- **Tools** (dpo, the calculator declared): held-out 3-digit products {rates['tool_mul'][0]:.1%} "
             f"alone → {rates['tool_mul'][1]:.1%} with the tool loop, quotients {rates['tool_div'][0]:.1%} → "
@@ -255,7 +273,7 @@ def tool_report(results):
         lines.append(f"| {name} | replies with a call: well formed | | {well_formed:.1%} ({tools['well_formed']}/"
                      f"{tools['attempts']}, {tools['format_errors']} format errors) | |")
     lines += ["", "Sample transcripts (dpo, with the tool loop):", ""]
-    for record in results["tools"]["dpo"]["samples"]:
+    for record in results["tools"][CHAT_STAGES[-1]]["samples"]:
         turns = [f"user: {record['messages'][-1]['content']}"]
         for message in record["transcript"]:
             if message.get("tool_calls"):
@@ -287,6 +305,43 @@ def score_preference_pairs(runs, path, beta):
     margin = chosen - rejected
     return {"n": len(margin), "reward_accuracy": (margin > 0).float().mean().item(),
             "reward_margin": margin.mean().item(), "path": path}
+
+
+def score_rl_task(runs, path, limit):
+    """The RL task before (DPO) and after (GRPO): greedy accuracy on the held-out checks, pass@1 and pass@8 of
+    samples at temperature 1 (both by eval_chat's rule: the gold, here the worked answer, in the first line), and the
+    share of repeated n-grams in the greedy answers to every chat check (it must not grow)."""
+    import torch
+
+    from model.chat import encode_chat
+    from model.evaluate import first_line, load_checkpoint, read_eval_file, score_eval_file
+    from model.grpo import sample_groups, sample_seed
+    from model.rewards import repeated_ngram_share
+
+    scores = {}
+    for name in ("dpo", "grpo"):
+        model, tokenizer, _ = load_checkpoint(runs[name])
+        subset = sample_lines(path, limit, runs[name])
+        greedy = score_eval_file(model, tokenizer, subset, "chat", max_new_tokens=24,
+                                 out_path=os.path.join(runs[name], "rl_answers.jsonl"))
+        records, _ = read_eval_file(subset, "chat")
+        hits = []
+        for start in range(0, len(records), 32):
+            batch = records[start:start + 32]
+            with torch.no_grad():
+                out = sample_groups(model, [encode_chat(tokenizer, r["messages"]) for r in batch], RL_SAMPLES, 24, 1.0,
+                                    tokenizer.eos_token_id, tokenizer.pad_token_id or 0,
+                                    [sample_seed(0, 0, start + i) for i in range(len(batch))])
+            for row, (ids, mask) in enumerate(zip(out["completion_ids"].tolist(), out["completion_mask"].tolist())):
+                text = tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+                hits.append(float(batch[row // RL_SAMPLES]["answer"] in first_line(text)))
+        hits = torch.tensor(hits).view(-1, RL_SAMPLES)
+        with open(os.path.join(runs[name], "chat_answers.jsonl"), encoding="utf-8") as f:
+            answers = [json.loads(line)["generated"] for line in f]
+        scores[name] = {"greedy": greedy["overall"], "pass@1": hits.mean().item(),
+                        "pass@8": (hits.max(dim=1).values > 0).float().mean().item(), "n": len(records),
+                        "repeated_ngrams": sum(map(repeated_ngram_share, answers)) / max(1, len(answers))}
+    return scores
 
 
 def sample_lines(path, limit, out_dir):
@@ -329,7 +384,23 @@ def stage_card(results):
         f"- **DPO**: {moved('unknown_person_refusal', 'sft_multi', 'dpo')}, known people "
         f"{moved('people_qa', 'sft_multi', 'dpo')}; held-out pairs: reward accuracy {pairs['reward_accuracy']:.0%}, "
         f"margin {pairs['reward_margin']:.2f}",
-    ]
+    ] + rl_card(results)
+
+
+def rl_card(results):
+    """GRPO's line: the RL task before -> after, and the largest move of any other category (the 2-point rule)."""
+    if "rl" not in results or "grpo" not in results:
+        return []
+    rl = results["rl"]
+    before, after = results["dpo"]["per_category"], results["grpo"]["per_category"]
+    moves = {c: after[c][2] - before[c][2] for c in before if c in after}
+    worst = min(moves, key=moves.get)
+    return [f"- **GRPO**: sums in new phrasings (arith_rl) {rl['dpo']['greedy']:.1%} → {rl['grpo']['greedy']:.1%} "
+            f"(sampled pass@1 {rl['dpo']['pass@1']:.1%} → {rl['grpo']['pass@1']:.1%}, pass@{RL_SAMPLES} "
+            f"{rl['dpo']['pass@8']:.1%} → {rl['grpo']['pass@8']:.1%}); every other category within "
+            f"{max(abs(m) for m in moves.values()) * 100:.1f} points of DPO (lowest: {worst} "
+            f"{moves[worst] * 100:+.1f}); repeated n-grams {rl['dpo']['repeated_ngrams']:.3f} → "
+            f"{rl['grpo']['repeated_ngrams']:.3f}"]
 
 
 def lora_comparison(runs, results, times, peak_rss):
@@ -346,7 +417,7 @@ def lora_comparison(runs, results, times, peak_rss):
         with safe_open(path, "pt") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     n_base = n_params(os.path.join(runs["pretrain"], "model.safetensors"))
-    for stage in CHAT_STAGES:
+    for stage in LORA_STAGES:
         for name in (stage, f"{stage}_lora"):
             n_train = n_params(os.path.join(runs[name], "adapter_model.safetensors")) if name.endswith("_lora") \
                 else n_base
@@ -384,10 +455,12 @@ def write_report(out, plan, runs, results, times, total, peak_rss=None):
               f"with 4-dpo.py's log-probs against the sft_multi model: reward accuracy {pairs['reward_accuracy']:.1%}, "
               f"mean reward margin {pairs['reward_margin']:.3f}.", "", "## Loss curves", ""]
     lines += [f"![{name}]({os.path.relpath(os.path.join(runs[name], 'loss.png'), out)})" for name in runs]
+    if os.path.exists(os.path.join(runs.get("grpo", ""), "reward.png")):  # RL: reward, length, shares, time
+        lines += [f"![grpo rewards]({os.path.relpath(os.path.join(runs['grpo'], 'reward.png'), out)})"]
     lines += [""] + tool_report(results)
     if "dpo_lora" in runs:
         lines += lora_comparison(runs, results, times, peak_rss or {})
-    lines += ["", "## Sample chats (DPO model)", ""]
+    lines += ["", f"## Sample chats ({CHAT_STAGES[-1]} model)", ""]
     for messages, reply, answer in results["samples"]:
         turns = " / ".join(f"{m['role']}: {m['content']}" for m in messages)
         lines.append(f"- {turns}\n  - **assistant:** {reply}  (gold: {answer})")

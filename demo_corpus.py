@@ -45,6 +45,8 @@ Files written to out_dir (one JSON object per line, UTF-8, ensure_ascii=False):
     dpo_data.jsonl         {"chosen": [msgs], "rejected": [msgs]}  same prompt, last assistant turn differs
     dpo_eval.jsonl         same format, held-out pairs (eval unknown names, held-out people): DPO reward accuracy
     eval_chat.jsonl        {"category", "messages", "answer", ...}  chat checks (2-eval.py --eval_file)
+    grpo_data.jsonl        {"conversations", "answer"}  RL prompts (5-grpo.py): training sums in new phrasings
+    eval_rl.jsonl          eval_chat's format: held-out sums in those phrasings (category arith_rl)
     eval_pretrain.jsonl    {"category", "prompt", "answer", ...}    completion checks (0-eval_pretrain.py)
     eval_tools.jsonl       {"category", "messages", "tools", "answer"}  held-out products and quotients, and
                            questions that need no tool, all with the calculator declared (2-eval.py --eval_file)
@@ -648,6 +650,32 @@ def tool_corpus(world, seed, eval_size):
                         "eval": eval_tools(world, tool_world, rng, eval_size)}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# RL (5-grpo.py): the demo's arithmetic asked in phrasings no SFT or DPO record uses. The DPO model rarely answers
+# them right (it writes an equation with other numbers) but sometimes does when sampled: the signal RL needs.
+# Training prompts ask training triples, the held-out check asks held-out triples: the sets are disjoint.
+
+RL_QUESTIONS = ["{a}{op}{b}等于几？", "请问{a}{op}{b}等于几？", "{a}{op}{b}=？", "算一算：{a}{op}{b}"]
+
+
+def rl_question(op, a, b, rng):
+    return rng.choice(RL_QUESTIONS).format(a=a, b=b, op=op, op_zh="加" if op == "+" else "减")
+
+
+def rl_prompts(world, rng, n_prompts=2000, eval_size=200):
+    """(training prompts for 5-grpo.py, held-out checks in eval_chat's format). A prompt carries the result
+    ("answer", for the accuracy reward) and the worked answer the SFT data writes ("reference", for the exact
+    reward); a check's gold is the worked answer: the right result from operands copied wrong ("79-76等于几？" ->
+    "78-75=3。", the DPO model's habit) does not count."""
+    train = [{"conversations": [user(rl_question(op, a, b, rng))], "answer": str(arith_result(op, a, b)),
+              "reference": arith_statement(op, a, b)}
+             for op, a, b in rng.sample(world["arith_train"], min(n_prompts, len(world["arith_train"])))]
+    checks = [{"category": "arith_rl", "messages": [user(rl_question(op, a, b, rng))],
+               "answer": arith_statement(op, a, b)}
+              for op, a, b in rng.sample(world["arith_heldout"], min(eval_size, len(world["arith_heldout"])))]
+    return train, checks
+
+
 def charset_lines(width=100):
     """GB2312 symbols and level-1 hanzi (3 times, so they win ties), then level-2 hanzi (twice): lets a 6400-token tokenizer trained on
     cover common Chinese characters as single tokens, not only the ~600 the demo world uses."""
@@ -707,6 +735,9 @@ def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0
     tokenizer_text += tool_files["pretrain"] + ["\n".join(text for _, text in chat_turns(r["conversations"], r["tools"]))
                                                 for r in tool_files["sft"]]
 
+    # RL's prompts and checks from a stream of their own, after everything else: no other file changes
+    rl_train, rl_eval = rl_prompts(world, random.Random(seed + 3), eval_size=eval_size)
+
     files = {
         "tokenizer_train.jsonl": [{"text": t} for t in tokenizer_text],
         "pretrain_data.jsonl": [{"text": t} for t in pretrain],
@@ -718,6 +749,8 @@ def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0
         "eval_chat.jsonl": chat_eval,
         "eval_pretrain.jsonl": completion_eval,
         "eval_tools.jsonl": tool_files["eval"],
+        "grpo_data.jsonl": rl_train,
+        "eval_rl.jsonl": rl_eval,
     }
     os.makedirs(out_dir, exist_ok=True)
     for name, records in files.items():

@@ -265,7 +265,8 @@ def main():
     parser.add_argument("--shots", type=int, default=0, help="solved examples from dev/ before each question")
     parser.add_argument("--subjects", default=None, help="comma-separated subjects to score (default: all)")
     parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint directory (default: the newest of out/dpo_*, out/sft_multi_*, out/sft_single_*, "
+                        help="checkpoint directory (default: the newest of out/grpo_*, out/dpo_*, out/sft_multi_*, "
+                             "out/sft_single_*, "
                              "also one folder down as in out/demo/dpo; with --no_chat_template the newest pretrain run)")
     parser.add_argument("--tokenizer_dir", default=None,
                         help="tokenizer directory (default: the checkpoint's copy, else model/tokenizer)")

@@ -13,8 +13,9 @@ Then open http://127.0.0.1:8000/ for the chat page, or use any OpenAI client:
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret or anything without --api_key")
     client.chat.completions.create(model="nano-llm", messages=[{"role": "user", "content": "你好"}])
 
-The checkpoint defaults to the newest of out/dpo_* > out/sft_multi_* > out/sft_single_* > out/pretrain_* (as in
-2-eval.py, then pretraining; also one folder down, e.g. out/demo/dpo after make demo), and the server prints which.
+The checkpoint defaults to the newest of out/grpo_* > out/dpo_* > out/sft_multi_* > out/sft_single_* >
+out/pretrain_* (as in 2-eval.py, then pretraining; also one folder down, e.g. out/demo/dpo after make demo), and the
+server prints which.
 Any stage works; a pretrained model is for /v1/completions (plain continuation).
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET / (chat page).

@@ -201,9 +201,10 @@ def save_checkpoint(run_dir: str, model, training_state: dict, keep_last: int):
 # Settings a resumed run must share with the run it continues: each decides which example a step sees, what it
 # holds, or what an id means. total_steps may change (a longer --max_steps): the schedule is then re-fitted from
 # there on. ptx_*: the pretraining replay (None: no replay) and its file's length in rows, which the rows drawn
-# depend on; doc_mask: whether packed documents see each other.
-MUST_MATCH = ("batch_size", "accumulation_steps", "world_size", "seed", "data", "n_examples", "tokenizer_sha256",
-              "doc_mask", "ptx_data", "ptx_file_rows", "ptx_rows", "ptx_seq_len")
+# depend on; doc_mask: whether packed documents see each other; batch_repeats: steps per batch (GRPO's
+# --num_iterations); replay_data: GRPO's replayed conversations.
+MUST_MATCH = ("batch_size", "accumulation_steps", "batch_repeats", "world_size", "seed", "data", "n_examples",
+              "tokenizer_sha256", "doc_mask", "ptx_data", "ptx_file_rows", "ptx_rows", "ptx_seq_len", "replay_data")
 
 
 def check_settings(saved: dict, current: dict, where: str):

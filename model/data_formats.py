@@ -21,6 +21,9 @@ Canonical records:
               role "tool" with tool_call_id) and ShareGPT `function_call` / `observation` turns (LLaMA-Factory's
               glaive files), with `tools` a list or a JSON string of one.
     dpo       {"chosen": [messages], "rejected": [messages]}  same prompt turns, different last assistant turn
+    prompt    {"conversations": [messages], "answer": ..., any other field}  (RL, 5-grpo.py) optional system, then
+              user/assistant alternating, ending with the user turn the model answers; the fields are what
+              the rewards read
 """
 import ast
 import csv
@@ -517,6 +520,31 @@ def to_conversation(record):
                      {"role": "assistant", "content": _field(record, "a")}]
         return check_conversation(messages)
     raise BadRecord("missing field", "none of conversations / messages / instruction+output / q+a")
+
+
+CONVERSATION_FIELDS = ("conversations", "messages", "instruction", "input", "output", "history", "system", "q", "a")
+
+
+def to_prompt(record):
+    """Any supported SFT record -> a prompt record for RL: {"conversations": messages ending with a user turn, ...}.
+    A conversation that ends with the assistant (an SFT record) is cut before that turn, whose content becomes
+    "answer" unless the record has one; every field that is not part of the conversation is kept for the rewards."""
+    if not isinstance(record, dict):
+        raise BadRecord("wrong type", f"record is {type(record).__name__}, expected an object")
+    key = next((k for k in ("conversations", "messages") if k in record), None)
+    if key is not None:
+        messages = [normalize_message(m) for m in _field(record, key, list)]
+        if messages and messages[-1]["role"] == "user":  # a prompt: check it as the conversation it starts
+            check_conversation(messages + [{"role": "assistant", "content": "-"}])
+        else:
+            check_conversation(messages)
+    else:
+        messages = to_conversation(record)
+    extra = {k: v for k, v in record.items() if k not in CONVERSATION_FIELDS}
+    if messages[-1]["role"] == "assistant":
+        extra.setdefault("answer", messages[-1]["content"])
+        messages = messages[:-1]
+    return {"conversations": messages, **extra}
 
 
 def _as_messages(value, name):

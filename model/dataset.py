@@ -22,6 +22,12 @@ Datasets for the three training stages. Each item is a dict of tensors; a batch 
               assistant turn, i.e. the response); collate pads both sides to ONE length, so they can be
               concatenated into one forward pass, and adds chosen_attention_mask / rejected_attention_mask
 
+    ChosenDataset(path, tokenizer, max_seq_len)            a DPO file's chosen conversations, as SFTDataset items
+        (open_conversations picks it or SFTDataset by the file's first record; 5-grpo.py --replay_data)
+    PromptDataset(path, tokenizer, max_prompt_len)       RL prompts (5-grpo.py): {"conversations": [... user turn],
+        "answer": ...} or any SFT format (data_formats.to_prompt); item: {"index": i}; the rollouts take the
+        prompt's ids (prompt_ids) and its record (record_of) by index
+
 Order, sharding and exact resume are the sampler's job (model.trainer.ResumableBatchSampler: a permutation from
 (seed, epoch), sharded by rank, starting at any batch). Items here depend only on the index, so any sampler
 works, and the datasets hold no open file or memmap when pickled to DataLoader workers.
@@ -485,6 +491,29 @@ class SFTDataset(_JsonlRecords):
         return out
 
 
+class ChosenDataset(SFTDataset):
+    """The chosen side of DPO pairs as SFT conversations (the loss on every assistant turn): what 5-grpo.py
+    --replay_data replays from a preference file."""
+
+    kind, command = 'DPO records ({"chosen": [...], "rejected": [...]})', "data_process.py dpo"
+
+    def messages(self, record, where):
+        if not isinstance(record, dict) or "chosen" not in record:
+            raise ValueError(f'{where}: expected {{"chosen": [...], "rejected": [...]}}')
+        return _check_messages(record["chosen"], f"{where} (chosen)")
+
+
+def open_conversations(path, tokenizer, max_seq_len):
+    """SFT conversations, or the chosen conversations of a DPO file (told apart by the first record)."""
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"{}")
+    try:
+        is_preference = "chosen" in json.loads(first)
+    except (ValueError, TypeError):
+        is_preference = False  # the dataset names the bad line
+    return (ChosenDataset if is_preference else SFTDataset)(path, tokenizer, max_seq_len)
+
+
 class DPODataset(_JsonlRecords):
     """Preference pairs; labels only on the final assistant turn (the response), prompts encoded as in SFT.
     Every record is checked at construction: a bad one is a StageError naming file:line before step 1."""
@@ -532,3 +561,42 @@ def token_fractions(batch):
     mask = batch.get("attention_mask", batch.get("chosen_attention_mask"))
     labels = batch.get("labels", batch.get("chosen_labels"))
     return {"non_pad": mask.float().mean().item(), "labelled": (labels != IGNORE_INDEX).float().mean().item()}
+
+
+class PromptDataset(_JsonlRecords):
+    """RL prompts: the conversation the model answers and the fields its rewards read. Every record is checked and
+    encoded at construction (a bad one, or a prompt longer than max_prompt_len tokens, is a StageError naming
+    file:line before anything is written); items are indices, the rollouts read prompt_ids / record_of."""
+
+    kind, command = 'prompt records ({"conversations": [..., user turn], "answer": ...})', "data_process.py grpo"
+
+    def __init__(self, path, tokenizer, max_prompt_len):
+        super().__init__(path, tokenizer, None)
+        self.max_prompt_len = max_prompt_len
+        self.records, self.ids, self.where = [], [], []
+        self.validate(each=self._keep)
+
+    def messages(self, record, where):
+        from .data_formats import BadRecord, to_prompt
+        try:
+            record = to_prompt(record)
+        except BadRecord as err:
+            raise ValueError(f"{where}: {err}") from None
+        ids = self.encoder.prompt(record["conversations"])
+        if len(ids) > self.max_prompt_len:
+            raise ValueError(f"{where}: the prompt is {len(ids)} tokens; with the completion's --max_new_tokens "
+                             f"it fits the context only up to {self.max_prompt_len}")
+        return record, ids
+
+    def _keep(self, i, parsed):
+        record, ids = parsed
+        self.records.append(record)
+        self.ids.append(ids)
+        self.where.append(f"{self.path}:{self.line_nos[i]}")
+
+    def __getitem__(self, i):
+        return {"index": torch.tensor(i)}
+
+    @staticmethod
+    def collate(batch):
+        return {"index": torch.stack([item["index"] for item in batch])}

@@ -1,6 +1,7 @@
 """
 What a run logs: the progress bar, metrics.jsonl in the run directory (one JSON row per log interval /
-validation pass, written by rank 0), optionally Weights & Biases, and loss.png at the end of the stage.
+validation pass, written by rank 0), optionally Weights & Biases, and loss.png at the end of the stage (plot_panels:
+more curves, e.g. 5-grpo.py's reward.png).
 """
 import json
 import os
@@ -74,6 +75,46 @@ class MetricsLog:
         plt.close(fig)
 
 
+def metric_means(names, sums, targets) -> dict:
+    """The logged value of each metric a loss_fn returned as a sum: per target by default; a metric named
+    `x/n_y` is per unit of the count metric `n_y` (e.g. a reward per completion) and logged as `x`; the counts
+    (`n_*`) themselves are only denominators."""
+    by_name = dict(zip(names, sums))
+    means = {}
+    for name, value in by_name.items():
+        if name.startswith("n_"):
+            continue
+        base, _, per = name.partition("/")
+        means[base] = round(value / max(by_name[per] if per else targets, 1), 5)
+    return means
+
+
+def plot_panels(run_dir: str, panels, file_name: str, title: str):
+    """Curves of metrics.jsonl in a grid of panels [(y label, [metric keys])], saved as run_dir/file_name (5-grpo.py's
+    reward.png beside loss.png). Keys the log does not hold are left out."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_rows(path)
+    n_rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(n_rows, 2, figsize=(10, 3.2 * n_rows), squeeze=False)
+    for ax, (label, keys) in zip(axes.flat, panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), "-", label=key, markersize=3)
+        ax.set_xlabel("step"), ax.set_ylabel(label), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, file_name), dpi=100)
+    plt.close(fig)
+
+
 class StepLog:
     """The progress bar, metrics.jsonl rows every log_interval steps, and the closing lines (rank 0)."""
 
@@ -85,20 +126,23 @@ class StepLog:
         self.reset()
 
     def reset(self):
-        self.since, self.time = [], time.time()  # sums over the steps since the last row
+        self.since, self.time, self.seconds, self.steps = [], time.time(), 0.0, 0  # sums since the last row
 
-    def step(self, step, epoch, lr, grad_norm, sums, metric_names, finite):
-        """sums: [loss, metric..., targets, tokens] over all processes for this step."""
+    def step(self, step, epoch, lr, grad_norm, sums, metric_names, finite, seconds=None):
+        """sums: [loss, metric..., targets, tokens] over all processes for this step; seconds: the step's time."""
         self.bar.update(1)
         if finite:
             self.since = sums if not self.since else [a + b for a, b in zip(self.since, sums)]
+            self.seconds, self.steps = self.seconds + (seconds or 0.0), self.steps + 1
         if step % self.args.log_interval and step != self.total_steps or not self.since:
             return
         *values, targets, tokens = self.since
         tokens_per_s = tokens / max(time.time() - self.time, 1e-9)
         row = {"step": step, "epoch": epoch, "loss": round(values[0] / max(targets, 1), 5), "lr": lr,
                "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_per_s, 1)}
-        row.update({name: round(v / max(targets, 1), 5) for name, v in zip(metric_names, values[1:])})
+        row.update(metric_means(metric_names, values[1:], targets))
+        if seconds is not None:
+            row["step_s"] = round(self.seconds / max(self.steps, 1), 4)
         self.metrics.log(row)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
         self.reset()

@@ -9,6 +9,8 @@ text, never guess it (no reward model).
 Built in (names for --reward):
     accuracy    1.0 when the last number on the reply's first line equals record["answer"] as a number
                 ("10" = "10.0" = "１０"), else 0.0
+    exact       1.0 when the reply's first line is record["reference"] (surrounding whitespace aside), else 0.0:
+                the whole worked answer, e.g. "37+45=82。" (accuracy alone also pays "38+44=82。")
     format      1.0 when the reply is one line that ends in a number (closing punctuation allowed), else 0.0
     repetition  minus the share of repeated n-grams (0 = none repeated, -1 at most): n-grams over units, each CJK
                 character and each Latin word or number one unit, so degenerate Chinese output is caught (a split
@@ -72,6 +74,12 @@ def accuracy(prompt, completion, record) -> float:
     return float(bool(found) and found[-1] == gold)
 
 
+def exact(prompt, completion, record) -> float:
+    if not isinstance(record.get("reference"), str):
+        raise ValueError("the record has no string 'reference' field (the exact reward compares with it)")
+    return float(first_line(completion).strip() == record["reference"].strip())
+
+
 def format_reward(prompt, completion, record) -> float:
     line = completion.strip()
     if not line or "\n" in line:
@@ -97,7 +105,7 @@ def repetition(prompt, completion, record) -> float:
     return -repeated_ngram_share(completion)
 
 
-BUILT_IN = {"accuracy": accuracy, "format": format_reward, "repetition": repetition}
+BUILT_IN = {"accuracy": accuracy, "exact": exact, "format": format_reward, "repetition": repetition}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ STAGES = {
     "sft_single": Stage("3-full_sft.py", ("pretrain",)),
     "sft_multi": Stage("3-full_sft.py", ("sft_single",)),
     "dpo": Stage("4-dpo.py", ("sft_multi", "sft_single")),
+    "grpo": Stage("5-grpo.py", ("dpo", "sft_multi")),
 }
 CHAT_STAGES = tuple(reversed([name for name, stage in STAGES.items() if stage.chat]))  # the newest stage first
 PRETRAIN_STAGES = tuple(name for name, stage in STAGES.items() if not stage.chat)

@@ -167,10 +167,12 @@ def lm_loss(model, batch):
 # ----------------------------------------------------------------------------------------------------------
 # one step, validation
 
-def step_batches(train_set, collate_fn, sampler, steps_per_epoch, first_step, args, runtime):
-    """Each optimizer step's micro-batches, from first_step on, epoch after epoch. The data position is a
-    function of the step alone, which is what makes a resume exact."""
-    epoch, step_in_epoch = divmod(first_step, steps_per_epoch)
+def step_batches(train_set, collate_fn, sampler, steps_per_epoch, first_step, args, runtime, repeats=1):
+    """Each optimizer step's micro-batches, from first_step on, epoch after epoch; each batch `repeats` steps in a
+    row (RL's several updates on one batch of rollouts). The data position is a function of the step alone, which
+    is what makes a resume exact."""
+    data_step, repeat = divmod(first_step, repeats)
+    epoch, step_in_epoch = divmod(data_step, steps_per_epoch)
     while True:
         sampler.set_epoch(epoch, step_in_epoch * args.accumulation_steps)
         # Own generator: creating the iterator draws a seed, which must not come from the global RNG (a resumed
@@ -179,7 +181,10 @@ def step_batches(train_set, collate_fn, sampler, steps_per_epoch, first_step, ar
                                  num_workers=args.num_workers, pin_memory=runtime.device.type == "cuda",
                                  generator=torch.Generator().manual_seed(args.seed + epoch)))
         for _ in range(step_in_epoch, steps_per_epoch):
-            yield epoch, [next(loader) for _ in range(args.accumulation_steps)]
+            micro_batches = [next(loader) for _ in range(args.accumulation_steps)]
+            for _ in range(repeat, repeats):
+                yield epoch, micro_batches
+            repeat = 0
         epoch, step_in_epoch = epoch + 1, 0
 
 
@@ -289,7 +294,7 @@ def agree_on_step(sums, grad_norm, stop_received: bool, seconds: float, runtime)
 
 def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: str, val_set=None,
         title="training", extra_state=None, count_fn=count_labelled_tokens, settings=None, resuming=None,
-        make_batches=None):
+        make_batches=None, batch_repeats=1):
     """Train, checkpoint, resume, log; returns the trained (unwrapped) model.
 
     extra_state: a dict of tensors saved with every checkpoint and restored on resume (e.g. DPO's cached
@@ -298,6 +303,8 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
     into the run directory); None = prepare it here. make_batches(epoch, micro_batches, step) -> micro_batches:
     the hook for batches the model itself produces (an RL stage turns a step's prompts into scored rollouts of
     the model being trained); it must depend only on the step, the batches and the weights, so a resume is exact.
+    batch_repeats: each batch of train_set is trained on this many steps in a row (an epoch takes that many times
+    the steps): GRPO's --num_iterations, several updates on one batch of rollouts, each its own optimizer step.
     """
     dtype = training_precision(args.dtype, runtime.device)
     torch.manual_seed(args.seed)  # dropout's stream: two fresh runs with one --seed train alike (resume restores it)
@@ -305,8 +312,9 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
     steps_per_epoch = len(sampler) // args.accumulation_steps
     if steps_per_epoch == 0:
         raise StageError(f"{len(sampler)} batches per epoch is fewer than --accumulation_steps {args.accumulation_steps}")
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    total_steps = args.max_steps or args.epochs * steps_per_epoch * batch_repeats
     settings = {**(settings or {}), "batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps,
+                "batch_repeats": batch_repeats,
                 "world_size": runtime.world_size, "seed": args.seed, "n_examples": len(train_set),
                 "total_steps": total_steps, "trainable_params": sum(p.numel() for p in model.parameters()
                                                                     if p.requires_grad)}
@@ -321,7 +329,7 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
     save = lambda: save_training(run_dir, model, optimizer, scaler, step, epoch, extra_state, settings, args, runtime)  # noqa: E731
     model.train()
     bad_steps, last_saved, stop, carry = 0, step if resuming else -1, None, 0.0
-    batches = step_batches(train_set, collate_fn, sampler, steps_per_epoch, step, args, runtime)
+    batches = step_batches(train_set, collate_fn, sampler, steps_per_epoch, step, args, runtime, batch_repeats)
     while step < total_steps and not stop and not budget.time_up:
         t_step = time.perf_counter()
         lr = set_learning_rate(optimizer, step, budget, total_steps, args)
@@ -350,7 +358,7 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
             raise StageError(f"{bad_steps} steps in a row had a NaN/Inf loss or gradient (last at step {step}); "
                              f"stopping. The last good checkpoint is in {run_dir}. Try a lower --learning_rate, "
                              f"--dtype bfloat16/float32, or check the data")
-        log.step(step, epoch, lr, float(grad_norm), sums, metric_names, finite)
+        log.step(step, epoch, lr, float(grad_norm), sums, metric_names, finite, seconds)
         carry = time.perf_counter() - t_reduce
         if val_set is not None and args.eval_interval and (step % args.eval_interval == 0 or step == total_steps
                                                            or budget.time_up):

@@ -394,6 +394,27 @@ def test_dpo_bad_records_and_atomic_failure(tmp_path, capsys):
     assert out.read_text() == "OLD" and sorted(os.listdir(tmp_path)) == ["dpo.jsonl", "dpo_data.jsonl"]
 
 
+def test_grpo_prompts_from_prompt_records_and_sft_formats(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"conversations": [{"role": "user", "content": "37+45等于几？"}], "answer": "82", "level": 1},
+        {"instruction": "37+45等于几？", "output": "82"},                      # the answer from the SFT reply
+        {"conversations": conv(("1+1=?", "2")), "answer": 2},               # a given answer wins over the reply
+        {"conversations": [{"role": "assistant", "content": "82"}]},       # bad: no user turn
+        {"conversations": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}]},  # bad: two users
+    ])
+    out = tmp_path / "grpo_data.jsonl"
+    with pytest.raises(SystemExit):  # 2 bad lines of 5 is over the default --max_bad_ratio: nothing written
+        data_process.main(["grpo", "--data_path", path, "--out_path", str(out)])
+    err = capsys.readouterr().err
+    assert f"{path}:4: invalid conversation: message 0 is assistant" in err and f"{path}:5: invalid conversation" in err
+    assert not out.exists()
+    data_process.main(["grpo", "--data_path", path, "--out_path", str(out), "--max_bad_ratio", "0.5"])
+    user = [{"role": "user", "content": "37+45等于几？"}]
+    assert read_jsonl(out) == [{"conversations": user, "answer": "82", "level": 1},
+                               {"conversations": user, "answer": "82"},
+                               {"conversations": [{"role": "user", "content": "1+1=?"}], "answer": 2}]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the demo corpus
 
@@ -620,6 +641,30 @@ def test_demo_dpo_history_pairs_reject_an_earlier_answer_or_a_refusal_of_the_ide
     assert {"first", "previous", "refusal", "wrong result", "wrong operand"} <= kinds and late_identity >= 100
 
 
+def test_demo_rl_prompts_are_new_phrasings_of_training_sums_and_held_out_from_the_rl_checks(demo_dir):
+    load = lambda name: read_jsonl(os.path.join(demo_dir, name))  # noqa: E731
+    world = json.load(open(os.path.join(demo_dir, "world.json"), encoding="utf-8"))
+    sums = lambda text: [tuple(map(int, m)) for m in re.findall(r"(\d+)\D{1,2}(\d+)", text)][:1]  # noqa: E731
+    train, checks = load("grpo_data.jsonl"), load("eval_rl.jsonl")
+    assert len(train) == 2000 and len(checks) == 200 and {r["category"] for r in checks} == {"arith_rl"}
+    train_pairs = {(a, b) for op, a, b in world["arith_train"]}
+    heldout_pairs = {(a, b) for op, a, b in world["arith_heldout"]}
+    for record in train:
+        (pair,) = sums(record["conversations"][0]["content"])
+        assert pair in train_pairs and int(record["answer"]) in (pair[0] + pair[1], pair[0] - pair[1])
+    check_pairs = {sums(r["messages"][0]["content"])[0] for r in checks}
+    assert check_pairs <= heldout_pairs
+    # phrasings SFT and DPO never use: what RL adds is answering them, not recalling an answer
+    questions = {m["content"] for name in ("sft_data_single.jsonl", "sft_data_multi.jsonl")
+                 for r in load(name) for m in r["conversations"] if m["role"] == "user"}
+    questions |= {m["content"] for r in load("dpo_data.jsonl") for m in r["chosen"] if m["role"] == "user"}
+    for template in demo_corpus.RL_QUESTIONS:
+        pattern = re.escape(template).replace(r"\{a\}", r"\d+").replace(r"\{b\}", r"\d+")
+        pattern = pattern.replace(r"\{op\}", "[+-]").replace(r"\{op_zh\}", "[加减]")
+        assert not any(re.fullmatch(pattern, q) for q in questions), template
+        assert any(re.fullmatch(pattern, r["messages"][0]["content"]) for r in checks), template
+
+
 def test_demo_gold_answers_are_unambiguous_substrings(demo_dir):
     """Scoring is "gold answer in the generated line": no gold may hide inside another candidate answer."""
     values = [v for spec in demo_corpus.ATTRIBUTES.values() for v in spec["values"]]
@@ -634,7 +679,7 @@ def test_demo_subcommand_writes_every_file_and_packs(tmp_path, capsys):
     data_process.main(["demo", "--out_dir", str(out), "--n_people", "20", "--num_workers", "1"])
     expected = {"tokenizer_train.jsonl", "pretrain_data.jsonl", "sft_data_single.jsonl", "sft_data_multi.jsonl",
                 "dpo_data.jsonl", "dpo_eval.jsonl", "eval_chat.jsonl", "eval_pretrain.jsonl", "world.json",
-                "sft_data_tools.jsonl", "eval_tools.jsonl"}
+                "sft_data_tools.jsonl", "eval_tools.jsonl", "grpo_data.jsonl", "eval_rl.jsonl"}
     expected |= {f"pretrain_data{split}.{ext}" for split in ("", ".val") for ext in ("bin", "idx.npy", "meta.json")}
     assert set(os.listdir(out)) == expected
     docs = decode_packed(str(out / "pretrain_data")) + decode_packed(str(out / "pretrain_data.val"))

@@ -469,3 +469,15 @@ def test_dpo_labels_only_the_response_and_prompts_match(tmp_path, tokenizer):
     assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
     n = len(item["chosen_input_ids"])
     assert batch["chosen_attention_mask"][0].sum() == n and (batch["chosen_labels"][0, n:] == IGNORE).all()
+
+
+def test_replay_conversations_from_sft_or_dpo_files(tmp_path, tokenizer):
+    from model.dataset import ChosenDataset, SFTDataset, open_conversations
+    chat = [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}]
+    sft, dpo = tmp_path / "sft.jsonl", tmp_path / "dpo.jsonl"
+    sft.write_text(json.dumps({"conversations": chat}) + "\n")
+    dpo.write_text("\n" + json.dumps({"chosen": chat, "rejected": chat[:1] + [{"role": "assistant", "content": "3"}]})
+                   + "\n")
+    a, b = open_conversations(str(sft), tokenizer, 64), open_conversations(str(dpo), tokenizer, 64)
+    assert type(a) is SFTDataset and type(b) is ChosenDataset
+    assert torch.equal(a[0]["input_ids"], b[0]["input_ids"]) and torch.equal(a[0]["labels"], b[0]["labels"])

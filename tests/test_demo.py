@@ -96,9 +96,12 @@ def test_quick_demo_every_stage_adds_its_behaviour(quick_demo):
         if accuracy > maximum:
             failures.append(f"{stage}/{category}: {accuracy:.1%} > {maximum:.0%}")
     assert not failures, "\n".join(failures) + "\n" + report
-    for stage in ("pretrain", "sft_single", "sft_multi", "dpo"):
+    for stage in ("pretrain", "sft_single", "sft_multi", "dpo", "grpo"):
         assert (quick_demo / "out/demo" / stage / "loss.png").exists()
         assert f"| {stage} |" in report
+    assert (quick_demo / "out/demo/grpo/reward.png").exists() and "- **GRPO**: sums in new phrasings" in report
+    assert set(scores["rl"]) == {"dpo", "grpo"} and all(0 <= scores["rl"]["grpo"][k] <= 1 for k in ("greedy", "pass@1",
+                                                                                                 "pass@8"))
     assert "## What each stage added" in report and "unknown_person_refusal" in report
     assert "reward accuracy" in report
 

@@ -18,9 +18,10 @@ def fake_run(path, mtime):
 
 
 def test_chat_stages_are_newest_first_and_each_starts_from_a_known_stage():
-    assert stages.CHAT_STAGES == ("dpo", "sft_multi", "sft_single")
+    assert stages.CHAT_STAGES == ("grpo", "dpo", "sft_multi", "sft_single")
     assert stages.PRETRAIN_STAGES == ("pretrain",)
     assert stages.STAGES["dpo"].starts_from == ("sft_multi", "sft_single")
+    assert stages.STAGES["grpo"].starts_from == ("dpo", "sft_multi")
 
 
 def test_find_start_prefers_the_first_starting_stage_and_narrows_by_shape(tmp_path):
@@ -43,6 +44,8 @@ def test_the_newest_chat_model_is_found_in_out_and_in_the_demo_folder(tmp_path):
     newer_dpo = fake_run(tmp_path / "dpo_512", 400)       # same stage: the newest weights win
     assert stages.find_newest(stages.CHAT_STAGES, root) == newer_dpo
     assert resolve_checkpoint(None, stages.CHAT_STAGES, root) == newer_dpo
+    demo_grpo = fake_run(tmp_path / "demo" / "grpo", 50)  # RL is the latest stage: its run is the chat model
+    assert stages.find_newest(stages.CHAT_STAGES, root) == demo_grpo
     assert stages.find_newest(stages.PRETRAIN_STAGES, root) is None
 
 

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from model.errors import StageError
-from model.rewards import (accuracy, format_reward, numbers, parse_rewards, repeated_ngram_share, repetition)
+from model.rewards import (accuracy, exact, format_reward, numbers, parse_rewards, repeated_ngram_share, repetition)
 
 RECORD = {"conversations": [{"role": "user", "content": "37+45等于几？"}], "answer": "82"}
 
@@ -39,6 +39,15 @@ def test_accuracy_gold_forms_and_signs():
         accuracy([], "82", {"answer": "37+45"})
     with pytest.raises(ValueError, match="holds 0 numbers"):
         accuracy([], "82", {"answer": "八十二"})
+
+
+def test_exact_wants_the_whole_worked_answer():
+    record = {"answer": "82", "reference": "37+45=82。"}
+    assert exact([], "37+45=82。", record) == 1.0 and exact([], " 37+45=82。\n还有", record) == 1.0
+    # right result from operands copied wrong: accuracy pays it, exact does not
+    assert accuracy([], "38+44=82。", record) == 1.0 and exact([], "38+44=82。", record) == 0.0
+    with pytest.raises(ValueError, match="no string 'reference'"):
+        exact([], "82", {"answer": "82"})
 
 
 @pytest.mark.parametrize("completion, expected", [
