@@ -500,7 +500,7 @@ class ChosenDataset(SFTDataset):
     def messages(self, record, where):
         if not isinstance(record, dict) or "chosen" not in record:
             raise ValueError(f'{where}: expected {{"chosen": [...], "rejected": [...]}}')
-        return _check_messages(record["chosen"], f"{where} (chosen)")
+        return _check_messages(record["chosen"], f"{where} (chosen)"), None  # (messages, tools): SFTDataset's shape
 
 
 def open_conversations(path, tokenizer, max_seq_len):
