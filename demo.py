@@ -277,7 +277,7 @@ def tool_report(results):
         tools = scores["with"]["tools"]
         lines.append(f"| {name} | replies with a call: well formed | | {well_formed:.1%} ({tools['well_formed']}/"
                      f"{tools['attempts']}, {tools['format_errors']} format errors) | |")
-    lines += ["", "Sample transcripts (dpo, with the tool loop):", ""]
+    lines += ["", f"Sample transcripts ({CHAT_STAGES[-1]}, with the tool loop):", ""]
     for record in results["tools"][CHAT_STAGES[-1]]["samples"]:
         turns = [f"user: {record['messages'][-1]['content']}"]
         for message in record["transcript"]:
