@@ -52,6 +52,8 @@ def add_args(parser):
       help="grpo: divide advantages by the group's std (TRL: scale_rewards group / none)")
     a("--grpo_threads", type=int, default=1, help="grpo: torch threads of each side")
     a("--grpo_seed", type=int, default=0, help="grpo: seed of both sides")
+    a("--grpo_work", default=None, help="grpo: keep the runs, logs and held-out answers in this directory "
+      "(default: a temporary one, removed)")
     a("--grpo_child", choices=["trl"], default=None, help=__import__("argparse").SUPPRESS)
     a("--grpo_child_dir", default=None, help=__import__("argparse").SUPPRESS)
 
@@ -245,7 +247,11 @@ def run(args, results) -> dict:
     torch.set_num_threads(args.grpo_threads)
     env = child_env(args)
     out = {"settings": settings(args), "init": args.grpo_init, "data": args.grpo_data, "eval": args.grpo_eval}
-    with tempfile.TemporaryDirectory(prefix="bench_grpo_") as work:
+    with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
+        work = args.grpo_work or tmp
+        if args.grpo_work and os.path.exists(os.path.join(work, "ours")):
+            sys.exit(f"python -m bench grpo: --grpo_work {work} holds an earlier run; pass an empty directory")
+        os.makedirs(work, exist_ok=True)
         start = os.path.join(work, "start_hf")
         run_measured([sys.executable, os.path.join(ROOT, "export_model.py"), "--checkpoint", args.grpo_init,
                       "--out_dir", start], os.path.join(work, "export.log"), env)
@@ -259,7 +265,7 @@ def run(args, results) -> dict:
 
         command = [sys.executable, "-m", "bench", "grpo", "--grpo_child", "trl", "--grpo_child_dir", work,
                    *[token for key, value in vars(args).items() if key.startswith("grpo_") and
-                     key not in ("grpo_child", "grpo_child_dir", "grpo_scale_rewards")
+                     key not in ("grpo_child", "grpo_child_dir", "grpo_scale_rewards", "grpo_work")
                      for token in (f"--{key}", str(value))],
                    "--grpo_scale_rewards" if args.grpo_scale_rewards else "--no-grpo_scale_rewards"]
         wall, rss = run_measured(command, os.path.join(work, "trl.log"), env)
