@@ -73,9 +73,10 @@ def child_env(args) -> dict:
 
 
 def run_measured(command, log_path, env) -> tuple:
-    """Run command (output to log_path); -> (seconds, peak RSS in MiB of that process). Exits with the log's tail
-    if it fails."""
-    start = time.perf_counter()
+    """Run command (output to log_path); -> (seconds, peak RSS in MiB of that process, the machine's 1-minute load
+    average when it started: the sides run one after the other, so a load that changed between them shows here).
+    Exits with the log's tail if it fails."""
+    start, load = time.perf_counter(), os.getloadavg()[0]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)  # this process's own rusage (ru_maxrss: KiB on Linux)
@@ -84,7 +85,7 @@ def run_measured(command, log_path, env) -> tuple:
         with open(log_path) as f:
             tail = f.read()[-3000:]
         sys.exit(f"python -m bench grpo: {' '.join(command[:3])} failed:\n{tail}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_maxrss / 1024, load
 
 
 def ours_command(args, out_dir) -> list:
@@ -257,8 +258,9 @@ def run(args, results) -> dict:
                       "--out_dir", start], os.path.join(work, "export.log"), env)
 
         command = ours_command(args, os.path.join(work, "ours"))
-        wall, rss = run_measured(command, os.path.join(work, "ours.log"), env)
+        wall, rss, load = run_measured(command, os.path.join(work, "ours.log"), env)
         out["ours"] = {**summary(ours_times(os.path.join(work, "ours"))), "wall_s": wall, "peak_rss_mib": rss,
+                       "load_at_start": load,
                        "config": " ".join(["python"] + [os.path.relpath(c, ROOT) if c.startswith(ROOT) else c
                                                         for c in command[1:]]).replace(work, "$TMP")}
         print(f"[grpo: ours done in {wall:.0f} s]", file=sys.stderr, flush=True)
@@ -268,12 +270,13 @@ def run(args, results) -> dict:
                      key not in ("grpo_child", "grpo_child_dir", "grpo_scale_rewards", "grpo_work")
                      for token in (f"--{key}", str(value))],
                    "--grpo_scale_rewards" if args.grpo_scale_rewards else "--no-grpo_scale_rewards"]
-        wall, rss = run_measured(command, os.path.join(work, "trl.log"), env)
+        wall, rss, load = run_measured(command, os.path.join(work, "trl.log"), env)
         with open(os.path.join(work, "trl_times.json")) as f:
             trl_run = json.load(f)
         with open(os.path.join(work, "trl.log")) as f:
             loss_line = next((line.strip() for line in f if line.startswith("TRL GRPOTrainer")), "")
-        out["trl"] = {**summary(trl_run), "wall_s": wall, "peak_rss_mib": rss, "config": trl_run["config"],
+        out["trl"] = {**summary(trl_run), "wall_s": wall, "peak_rss_mib": rss, "load_at_start": load,
+                      "config": trl_run["config"],
                       "version": trl.__version__, "loss_line": loss_line}
         print(f"[grpo: TRL done in {wall:.0f} s]", file=sys.stderr, flush=True)
 
@@ -297,11 +300,11 @@ def table(grpo: dict) -> list:
              f"  TRL:  GRPOConfig({', '.join(f'{k}={v!r}' for k, v in trl['config'].items())})",
              f"  TRL:  {trl['loss_line']}",
              f"  {'':22s} {'step s':>7s} {'rollout s':>9s} {'update s':>8s} {'reward 5 first->last':>21s} "
-             f"{'held-out':>8s} {'peak RSS MiB':>12s} {'run s':>6s}"]
+             f"{'held-out':>8s} {'peak RSS MiB':>12s} {'run s':>6s} {'load':>5s}"]
     for name, label, r in (("ours", "ours (5-grpo.py)", ours), ("trl", "TRL GRPOTrainer", trl)):
         lines.append(f"  {label:22s} {r['step_s']:7.2f} {r['rollout_s']:9.2f} {r['update_s']:8.2f} "
                      f"{r['reward_first']:10.3f} -> {r['reward_last']:6.3f} {100 * acc[name]:7.1f}% "
-                     f"{r['peak_rss_mib']:12.0f} {r['wall_s']:6.0f}")
+                     f"{r['peak_rss_mib']:12.0f} {r['wall_s']:6.0f} {r.get('load_at_start', float('nan')):5.1f}")
     lines += [f"  start model held-out {100 * acc['start']:.1f}%; step time median over {ours['steps']} / "
               f"{trl['steps']} steps; ours {grpo['speedup']:.2f}x faster per step than TRL, held-out accuracy "
               f"{100 * (acc['ours'] - acc['trl']):+.1f} points vs TRL"]
