@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # (not just this one's instruction set), so the wheel pip caches also works on another machine.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: setup test test-fast demo serve clean
+.PHONY: setup test test-fast demo serve bench-trl clean
 
 # Idempotent: one stamp per requirements file, so re-running only installs what changed.
 $(VENV)/.installed: requirements.txt
@@ -24,6 +24,12 @@ $(VENV)/.installed-test: requirements-test.txt | $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -r requirements-test.txt
 	touch $@
 
+# trl, for `python -m bench grpo` only (5-grpo.py side by side with TRL's GRPOTrainer, docs/rl.md): neither setup nor
+# test installs it.
+$(VENV)/.installed-bench: requirements-bench.txt | $(VENV)/.installed
+	$(PY) -m pip install -r requirements-bench.txt
+	touch $@
+
 setup: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
@@ -34,6 +40,11 @@ test-fast: $(VENV)/.installed-test
 
 demo: setup
 	$(PY) demo.py
+
+# After `make demo` (its DPO model and prompts are the defaults); override e.g. BENCH_TRL_ARGS="--grpo_steps 10".
+BENCH_TRL_ARGS ?=
+bench-trl: $(VENV)/.installed-bench
+	$(PY) -m bench grpo $(BENCH_TRL_ARGS)
 
 # OpenAI-compatible API + chat page on the newest checkpoint; override e.g. SERVE_ARGS="--port 9000".
 SERVE_ARGS ?=

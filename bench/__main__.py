@@ -14,6 +14,8 @@ median of the per-round ratios. Run from the repository root:
     python -m bench serve                    # the HTTP server under 1, 4, 16 streaming clients (docs/serving.md)
     python -m bench soak --soak_s 150        # the HTTP server under abuse beside well-behaved clients
     python -m bench gguf                     # llama.cpp's decoding per GGUF outtype (docs/gguf.md)
+    python -m bench grpo                     # 5-grpo.py vs TRL's GRPOTrainer on the demo's DPO model (docs/rl.md;
+                                             # needs `make bench-trl`)
     python -m bench gpu                      # MFU on one GPU; runs alone, with its own flags:
     python -m bench gpu --help
 
@@ -28,6 +30,8 @@ Sections (bench/<section>.py says how each one measures)
     soak    serve_openai_api.py for --soak_s seconds: abusive clients beside greedy streaming ones; 5xx, wrong
             answers, /health p99, memory
     gguf    llama.cpp on each GGUF outtype vs generate_stream, same weights, same tokens (checked)
+    grpo    5-grpo.py vs TRL's GRPOTrainer, same start, prompts, reward and settings: seconds per step (rollout,
+            update), held-out accuracy after --grpo_steps, peak RSS (--grpo_* flags)
     gpu     MFU of training a ~100M-parameter model on one GPU
 """
 import argparse
@@ -36,7 +40,7 @@ import json
 import sys
 
 DEFAULT_SECTIONS = ["peak", "train", "decode", "alloc", "data"]
-SECTIONS = ["peak", "train", "decode", "moe", "alloc", "data", "serve", "soak", "gguf"]  # the order they run and print in
+SECTIONS = ["peak", "train", "decode", "moe", "alloc", "data", "serve", "soak", "gguf", "grpo"]  # the order they run and print in
 
 
 def parse_args(argv):
@@ -77,6 +81,7 @@ def parse_args(argv):
     parser.add_argument("--serve_requests", type=int, default=3, help="serve: requests per client, back to back")
     parser.add_argument("--soak_s", type=float, default=150, help="soak: seconds of abuse (after a warm-up)")
     parser.add_argument("--soak_tokens", type=int, default=32, help="soak: max_tokens of the well-behaved requests")
+    section("grpo").add_args(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--save_json", default=None, help="also write the JSON to this file")
     parser.add_argument("--table_from", default=None, help="print the table of a JSON file saved earlier, and exit")
@@ -116,6 +121,8 @@ def main(argv=None):
             return print(table(json.load(f)))
     if args.alloc_child:
         return section("alloc").child(args)
+    if args.grpo_child:
+        return section("grpo").trl_child(args)
 
     from bench.common import machine  # imported here so that --help does not wait for torch
     results = {"machine": machine(), "command": "python -m bench " + " ".join(argv),

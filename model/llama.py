@@ -3,9 +3,11 @@ Conversion of a dense nano-LLM Transformer to transformers' LlamaForCausalLM (sa
 weights map one-to-one and only the names change). export_model.py writes the result to disk; bench/ and the
 tests compare against it in memory.
 
-    from model.llama import to_llama
+    from model.llama import from_llama, to_llama
     llama = to_llama(model)          # LlamaForCausalLM with the same weights and the same logits
+    model = from_llama(llama, model.config)   # and back (e.g. after training it in transformers)
 """
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .LMConfig import LMConfig
@@ -73,3 +75,25 @@ def to_llama(model: Transformer) -> LlamaForCausalLM:
     llama.load_state_dict(state, strict=True)
     llama.tie_weights()
     return llama.to(next(model.parameters()).dtype)
+
+
+def from_llama(llama: LlamaForCausalLM, config: LMConfig) -> Transformer:
+    """The inverse of to_llama: a Transformer of config holding llama's weights, e.g. a model trained in
+    transformers (python -m bench grpo scores TRL's GRPO result with this project's evaluation). The output layer
+    must still be the embedding (tied), as to_llama made it."""
+    ours = {llama_name: name for name, llama_name in LAYER_NAMES.items()}
+    state = {}
+    for name, tensor in llama.state_dict().items():
+        if name == "lm_head.weight":
+            if not torch.equal(tensor, llama.model.embed_tokens.weight):
+                raise ValueError("the Llama model's lm_head is not its embedding; nano-LLM ties them")
+        elif name == "model.embed_tokens.weight":
+            state["tok_embeddings.weight"] = state["output.weight"] = tensor
+        elif name == "model.norm.weight":
+            state["norm.weight"] = tensor
+        else:
+            _, _, index, rest = name.split(".", 3)  # model.layers.<i>.<module>.weight
+            state[f"layers.{index}.{ours[rest.rsplit('.', 1)[0]]}.weight"] = tensor
+    model = Transformer(config)
+    model.load_state_dict(state, strict=True)
+    return model.to(next(llama.parameters()).dtype)

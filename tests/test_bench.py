@@ -101,3 +101,54 @@ def test_bench_smoke_soak_reports_the_server_under_abuse():
     assert soak["good"]["requests"] > 0 and soak["good"]["mismatches"] == 0 and soak["n_5xx"] == 0
     assert soak["abuse_requests"] > 0 and soak["unexpected"] == [] and soak["server_tracebacks"] == 0
     assert soak["health"]["n"] > 0 and soak["rss_mib"]["end"] > 0
+
+
+@pytest.fixture(scope="module")
+def grpo_files(tmp_path_factory):
+    """A tiny chat checkpoint (random weights, the shipped tokenizer), prompts whose answer is 7, held-out checks."""
+    import torch
+    from model.LMConfig import LMConfig
+    from model.chat import DEFAULT_TOKENIZER_DIR
+    from model.checkpoint import copy_tokenizer
+    from model.model import Transformer
+    work = tmp_path_factory.mktemp("bench_grpo")
+    torch.manual_seed(0)
+    Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400, max_seq_len=64,
+                         dropout=0.0)).save_pretrained(work / "start")
+    copy_tokenizer(DEFAULT_TOKENIZER_DIR, str(work / "start"))
+    question = [{"role": "user", "content": "说一个数字。"}]
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"conversations": question, "answer": "7"}) + "\n"
+                                                for _ in range(8)))
+    (work / "eval.jsonl").write_text("".join(json.dumps({"messages": question, "answer": str(d)}) + "\n"
+                                             for d in range(4)))
+    return ["--grpo_init", str(work / "start"), "--grpo_data", str(work / "prompts.jsonl"), "--grpo_eval",
+            str(work / "eval.jsonl")]
+
+
+def test_bench_smoke_grpo_runs_ours_and_trl_with_the_same_settings(grpo_files):
+    pytest.importorskip("trl")  # a benchmark-only dependency (requirements-bench.txt): CI does not install it
+    cmd = [sys.executable, "-m", "bench", "grpo", "--json", *grpo_files, "--grpo_steps", "3", "--grpo_batch", "2",
+           "--grpo_generations", "2", "--grpo_max_new_tokens", "4"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grpo = json.loads(result.stdout)["grpo"]
+    config = grpo["trl"]["config"]
+    assert config["loss_type"] == "dapo" and config["top_k"] == 0 and config["top_p"] == 1.0
+    assert config["gradient_checkpointing"] is False and config["learning_rate"] == 1e-4 and config["use_cpu"]
+    assert config["per_device_train_batch_size"] == 4 and config["num_generations"] == 2
+    assert "--learning_rate 0.0001" in grpo["ours"]["config"] and "--num_generations 2" in grpo["ours"]["config"]
+    assert "'dapo'" in grpo["trl"]["loss_line"] and "1 thread" in grpo["trl"]["loss_line"]
+    for side in ("ours", "trl"):
+        r = grpo[side]
+        assert r["steps"] == 3 and 0 < r["rollout_s"] < r["step_s"] and r["peak_rss_mib"] > 0, (side, r)
+    assert set(grpo["held_out"]) == {"start", "ours", "trl"} and all(0 <= a <= 1 for a in grpo["held_out"].values())
+    assert grpo["speedup"] > 0
+
+
+def test_bench_grpo_without_trl_says_how_to_install_it(grpo_files, tmp_path):
+    (tmp_path / "trl").mkdir()  # a trl that fails to import, first on the path
+    (tmp_path / "trl" / "__init__.py").write_text("raise ImportError('No module named trl')\n")
+    result = subprocess.run([sys.executable, "-m", "bench", "grpo", *grpo_files], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "requirements-bench.txt" in result.stderr

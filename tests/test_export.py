@@ -52,6 +52,29 @@ def test_llama_state_dict_has_exactly_llamas_names():
     assert all(ours[k].shape == theirs[k].shape for k in ours)
 
 
+def test_a_llama_model_comes_back_as_ours_with_every_weight_in_its_place(tmp_path):
+    """from_llama (python -m bench grpo scores TRL's result with it): exported, changed in transformers, saved and
+    loaded, then back: the same weights under our names, the same logits."""
+    from model.llama import from_llama, to_llama
+    torch.manual_seed(0)
+    model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64)).eval()
+    llama = to_llama(model)
+    with torch.no_grad():  # every weight different from the start, so a swapped name would show
+        for p in llama.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    llama.save_pretrained(tmp_path / "hf")
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    back = from_llama(llama, model.config).eval()
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        assert (back(x).logits - llama(x).logits).abs().max().item() <= 1e-4
+    assert back.output.weight is back.tok_embeddings.weight  # still tied
+    with torch.no_grad():
+        llama.lm_head.weight = torch.nn.Parameter(llama.lm_head.weight + 1)
+    with pytest.raises(ValueError, match="lm_head"):
+        from_llama(llama, model.config)
+
+
 def test_moe_export_is_refused_clearly(tmp_path):
     config = LMConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, use_moe=True)
     Transformer(config).save_pretrained(tmp_path / "moe")
