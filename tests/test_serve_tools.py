@@ -45,7 +45,7 @@ TAUGHT = [
 ]
 
 
-def train_tool_checkpoint(run_dir, steps=140):
+def train_tool_checkpoint(run_dir, steps=200):
     """A tiny model trained on TAUGHT (the loss on every assistant turn, as SFT trains) until it replays them."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(chat.DEFAULT_TOKENIZER_DIR)
@@ -61,7 +61,7 @@ def train_tool_checkpoint(run_dir, steps=140):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert loss.item() < 0.05
+    assert loss.item() < 0.01  # near 0.05 a reply's first token could still go either way
     model.save_pretrained(run_dir)
     copy_tokenizer(chat.DEFAULT_TOKENIZER_DIR, run_dir)
     return run_dir
