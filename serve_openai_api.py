@@ -17,15 +17,22 @@ The checkpoint defaults to the newest of out/dpo_* > out/sft_multi_* > out/sft_s
 2-eval.py, then pretraining; also one folder down, e.g. out/demo/dpo after make demo), and the server prints which.
 Any stage works; a pretrained model is for /v1/completions (plain continuation).
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET / (chat page).
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET / (chat page); for
+the chat page's tools: GET /v1/tools (the tools this server runs, model/tools.py), POST /v1/tools/run.
   - Supported fields: model, messages | prompt, max_tokens (max_completion_tokens), temperature, top_p, stop,
-    seed, stream, stream_options.include_usage, user; extra: top_k, repetition_penalty. Defaults follow OpenAI
-    (temperature 1, top_p 1; max_tokens: chat until </s> or the context is full, completions 16). top_p 0 and
-    temperatures below 1e-5 decode greedily.
-  - Refused with 400, never silently ignored: n > 1, tools / functions, logprobs, logit_bias, non-zero presence /
-    frequency penalties, response_format other than text, echo, suffix, best_of > 1, unknown fields; numbers that
-    are NaN, infinite or out of range; more than 2048 messages; more than 4 stop strings or one over 1000
-    characters.
+    seed, stream, stream_options.include_usage, user; chat: tools, tool_choice, parallel_tool_calls; extra: top_k,
+    repetition_penalty. Defaults follow OpenAI (temperature 1, top_p 1; max_tokens: chat until </s> or the context
+    is full, completions 16). top_p 0 and temperatures below 1e-5 decode greedily.
+  - Tool calling (docs/tools.md): tools are rendered in the chat format the model was trained with; messages may
+    hold assistant tool_calls and role "tool" results (tool_call_id). A reply whose <tool_call> blocks parse and
+    name declared tools -> message.tool_calls, finish_reason "tool_calls" (streamed: delta.tool_calls chunks);
+    a call that does not parse is returned as content. tool_choice "none" leaves the tools out of the prompt;
+    "required" and a named function write the start of the call for the model; parallel_tool_calls false keeps
+    the first call.
+  - Refused with 400, never silently ignored: n > 1, functions / function_call (use tools), logprobs, logit_bias,
+    non-zero presence / frequency penalties, response_format other than text, echo, suffix, best_of > 1, unknown
+    fields; numbers that are NaN, infinite or out of range; more than 2048 messages; more than 4 stop strings or
+    one over 1000 characters; malformed tools, tool_choice or tool messages (the error names the field).
   - model: the name GET /v1/models lists (the checkpoint directory's name) or the alias "nano-llm"; a missing
     model means this one. Any other name -> 404 model_not_found: one server serves one model, and answering
     "gpt-4o" with a 26M-parameter model would only hide a client's misconfiguration.
