@@ -8,6 +8,10 @@ so each rule is a plain function with its own test (tests/test_openai_protocol.p
     text = TextStream(tokenizer, params["stop"])
     piece, stopped = text.add(token_id)   # per generated token; text.flush() at the end
 
+Tools (docs/tools.md): tool_plan(body) reads tools / tool_choice / parallel_tool_calls into a ToolPlan (what the
+prompt declares, the start of a call it forces); chat_messages accepts assistant tool_calls and tool results;
+ToolCallReader(plan) turns the reply's text into content plus tool_calls, piece by piece for a stream.
+
 Limits (each refused with a 400 naming the field and the limit): MAX_MESSAGES messages, MAX_STOPS stop strings
 of at most MAX_STOP_CHARS characters, numbers finite and in OpenAI's ranges. The body's size, its Content-Type and
 the Host header are checked by the server before a body is read (check_content_type, host_allowed).
@@ -39,8 +43,7 @@ MAX_TOOL_NAME = 64           # OpenAI's limit on a function's name
 # Fields OpenAI defines that this server cannot honour: refused unless they hold their no-op value.
 UNSUPPORTED = {
     "n": (1,), "best_of": (1,), "functions": ([],), "function_call": ("none",), "logprobs": (False, 0),
-    "top_logprobs": (0,),
-    "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+    "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
     "response_format": ({"type": "text"},), "echo": (False,), "suffix": ("",), "audio": (), "modalities": (["text"],),
 }
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed",
@@ -479,7 +482,8 @@ def too_long(param, n_chars, token_bytes, max_len):
 
 def chat_prompt(tokenizer, messages, max_len, max_tokens, token_bytes=None, tools=None, prefix=""):
     """The prompt ids for a conversation: one tokenizer call counts every message, a message that alone fills
-    the context is refused, then the oldest turns are dropped until the prompt leaves room for the reply. tools:
+    the context is refused, then the oldest turns are dropped until the prompt leaves room for the reply (the
+    current turn, from the last user message on, is kept whole if the context holds it). tools:
     the declarations (their system turn is always kept); prefix: the forced start of the reply, after the
     generation header."""
     for k, message in enumerate(messages):
@@ -503,7 +507,11 @@ def chat_prompt(tokenizer, messages, max_len, max_tokens, token_bytes=None, tool
             raise bad(f"messages[{k}].content", f"messages[{k}] alone is {n + fixed} tokens with its chat "
                                                 f"template{' and the tools' if tools else ''}; the model's context "
                                                 f"is {max_len} tokens")
-    budget = max(context_budget(max_len, min(max_tokens or DEFAULT_TRIM_REPLY, max_len)), lengths[-1] + fixed)
+    # the current turn (the last user message and the calls and results after it) stays whole when it fits the
+    # context, at the cost of reply room: a tool's result without the call it answers would mean nothing
+    last_user = max((k for k, message in enumerate(messages) if message["role"] == "user"), default=len(messages) - 1)
+    current = min(sum(lengths[last_user:]) + fixed, max_len - 1)
+    budget = max(context_budget(max_len, min(max_tokens or DEFAULT_TRIM_REPLY, max_len)), lengths[-1] + fixed, current)
     header = len(encoder.header("assistant"))  # trim_history counts the header itself
     kept = trim_history(tokenizer, messages, budget - fixed + header, lengths)
     ids = encoder.prompt(kept, tools) + prefix_ids

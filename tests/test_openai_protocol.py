@@ -304,3 +304,15 @@ def test_tool_messages_and_calls_in_the_history():
         {**call, "function": {"name": "calculator", "arguments": '{ "expression" :"1+2" }'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "3"}]})
     assert chat.render_chat(spaced) == chat.render_chat(messages)
+
+
+def test_the_current_turn_with_its_calls_and_results_stays_whole(tokenizer):
+    tools = tool_schemas(["calculator"])
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "12*34"}}}
+    turn = [{"role": "user", "content": "12乘以34，56乘以78？"},
+            {"role": "assistant", "content": "我来算两次。", "tool_calls": [call] * 2}] + \
+        [{"role": "tool", "content": "408"}] * 2
+    history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}] + turn
+    whole = chat.encode_chat(tokenizer, turn, tools)
+    assert chat.context_budget(512, 200) < len(whole) < 512  # leaving 200 tokens to the reply would cut the turn
+    assert chat_prompt(tokenizer, history, 512, 200, tools=tools) == whole  # the older exchange goes, not the call
