@@ -5,7 +5,7 @@ ticked, a model trained to call the calculator (tests/test_serve_tools.py) shows
 Needs /usr/bin/chromium and chromedriver (Debian: apt-get install chromium chromium-driver; .ci/run installs
 them); skipped with that reason when they are absent. The screenshot goes to the test's temp dir; with
 UPDATE_SCREENSHOT=1 it also replaces docs/images/chat_page.png (the README's picture) and
-docs/images/chat_page_tools.png (docs/tools.md's).
+docs/images/chat_page_tools.png (a tool call, for docs/tools.md; take it where Chromium has a CJK font).
 """
 import os
 import shutil
