@@ -18,15 +18,22 @@ out/pretrain_* (as in 2-eval.py, then pretraining; also one folder down, e.g. ou
 server prints which.
 Any stage works; a pretrained model is for /v1/completions (plain continuation).
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET / (chat page).
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET / (chat page); for
+the chat page's tools: GET /v1/tools (the tools this server runs, model/tools.py), POST /v1/tools/run.
   - Supported fields: model, messages | prompt, max_tokens (max_completion_tokens), temperature, top_p, stop,
-    seed, stream, stream_options.include_usage, user; extra: top_k, repetition_penalty. Defaults follow OpenAI
-    (temperature 1, top_p 1; max_tokens: chat until </s> or the context is full, completions 16). top_p 0 and
-    temperatures below 1e-5 decode greedily.
-  - Refused with 400, never silently ignored: n > 1, tools / functions, logprobs, logit_bias, non-zero presence /
-    frequency penalties, response_format other than text, echo, suffix, best_of > 1, unknown fields; numbers that
-    are NaN, infinite or out of range; more than 2048 messages; more than 4 stop strings or one over 1000
-    characters.
+    seed, stream, stream_options.include_usage, user; chat: tools, tool_choice, parallel_tool_calls; extra: top_k,
+    repetition_penalty. Defaults follow OpenAI (temperature 1, top_p 1; max_tokens: chat until </s> or the context
+    is full, completions 16). top_p 0 and temperatures below 1e-5 decode greedily.
+  - Tool calling (docs/tools.md): tools are rendered in the chat format the model was trained with; messages may
+    hold assistant tool_calls and role "tool" results (tool_call_id). A reply whose <tool_call> blocks parse and
+    name declared tools -> message.tool_calls, finish_reason "tool_calls" (streamed: delta.tool_calls chunks);
+    a call that does not parse is returned as content. tool_choice "none" leaves the tools out of the prompt;
+    "required" and a named function write the start of the call for the model; parallel_tool_calls false keeps
+    the first call.
+  - Refused with 400, never silently ignored: n > 1, functions / function_call (use tools), logprobs, logit_bias,
+    non-zero presence / frequency penalties, response_format other than text, echo, suffix, best_of > 1, unknown
+    fields; numbers that are NaN, infinite or out of range; more than 2048 messages; more than 4 stop strings or
+    one over 1000 characters; malformed tools, tool_choice or tool messages (the error names the field).
   - model: the name GET /v1/models lists (the checkpoint directory's name) or the alias "nano-llm"; a missing
     model means this one. Any other name -> 404 model_not_found: one server serves one model, and answering
     "gpt-4o" with a 26M-parameter model would only hide a client's misconfiguration.
@@ -67,10 +74,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from model.openai_protocol import (CHAT_FIELDS, COMPLETION_FIELDS, COMPLETION_MAX_TOKENS, DEFAULT_MAX_BODY,
-                                   MODEL_ALIAS, APIError, body_too_large, chat_messages, chat_prompt, check_content_type,
-                                   check_fields, check_key, chunk_object, completion_object, completion_prompt,
-                                   completion_text, host_allowed, host_refused, max_token_bytes, parse_body,
-                                   sampling_params, server_error, shown, sse, usage_object, TextStream)
+                                   MODEL_ALIAS, APIError, bad, body_too_large, chat_messages, chat_prompt,
+                                   check_content_type, check_fields, check_key, chunk_object, completion_object,
+                                   completion_prompt, completion_text, host_allowed, host_refused, json_object_text,
+                                   max_token_bytes, parse_body, sampling_params, server_error, shown, sse,
+                                   tool_call_chunks, tool_plan, usage_object, TextStream, ToolCallReader)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CHAT_PAGE = os.path.join(ROOT, "web", "chat.html")
@@ -200,28 +208,39 @@ async def unless_client_leaves(http, work):
     return task.result() if task in done else None
 
 
-async def respond(state, http, prompt, params, chat):
+async def respond(state, http, prompt, params, chat, plan=None):
+    """Generate and answer, whole or streamed. plan (chat only): the request's tools (ToolPlan); the reply's text
+    goes through a ToolCallReader, which turns calls into tool_calls and passes everything else as content."""
     request, queue = submit(state, prompt, params)
     head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
             "model": state.model_id}
-    result, stops = {}, params["stop"]
+    result, stops, reader = {}, params["stop"], ToolCallReader(plan)
     usage = lambda: usage_object(len(prompt), result["completion_tokens"])  # noqa: E731
     if not params["stream"]:
         async def join():
-            return "".join([piece async for piece in text_pieces(state, request, queue, stops, result)])
+            return "".join([reader.add(piece) async for piece in text_pieces(state, request, queue, stops, result)])
         answer = await unless_client_leaves(http, join())
         if answer is None:  # nobody to answer: the generation stops at the engine's next step
             request.cancel()
             return Response(status_code=499)
-        return JSONResponse(completion_object(head, chat, answer, result["finish_reason"], usage()))
+        rest, calls = reader.finish()
+        finish_reason = "tool_calls" if calls else result["finish_reason"]
+        return JSONResponse(completion_object(head, chat, answer + rest, finish_reason, usage(), calls))
 
     async def events():
         try:
             if chat:
                 yield sse(chunk_object(head, chat, role=True))
             async for piece in text_pieces(state, request, queue, stops, result):
-                yield sse(chunk_object(head, chat, piece))
-            yield sse(chunk_object(head, chat, finish_reason=result["finish_reason"]))
+                content = reader.add(piece)
+                if content:
+                    yield sse(chunk_object(head, chat, content))
+            rest, calls = reader.finish()
+            if rest:
+                yield sse(chunk_object(head, chat, rest))
+            for chunk in tool_call_chunks(head, calls or []):
+                yield sse(chunk)
+            yield sse(chunk_object(head, chat, finish_reason="tool_calls" if calls else result["finish_reason"]))
             if params["include_usage"]:
                 yield sse({**head, "object": chunk_object(head, chat)["object"], "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
@@ -266,10 +285,12 @@ async def chat_completions(state, http):
     body = await read_json(state, http)
     check_fields(body, CHAT_FIELDS)
     params = sampling_params(body, state.names, None, "max_completion_tokens")
+    plan = tool_plan(body)
     messages = chat_messages(body)
+    # tokenizing a long history in a worker thread: it must not stall other clients
     prompt = await asyncio.to_thread(chat_prompt, state.tokenizer, messages, state.max_len, params["max_tokens"],
-                                     state.token_bytes)  # tokenizing a long history must not stall other clients
-    return await respond(state, http, prompt, params, chat=True)
+                                     state.token_bytes, plan.declared, plan.prefix)
+    return await respond(state, http, prompt, params, chat=True, plan=plan)
 
 
 async def completions(state, http):
@@ -281,6 +302,27 @@ async def completions(state, http):
     return await respond(state, http, prompt, params, chat=False)
 
 
+async def list_tools(state, http):
+    """The tools this server can run (model/tools.py's registry), as a request's 'tools' declares them."""
+    from model.tools import tool_schemas
+    return {"object": "list", "data": tool_schemas()}
+
+
+async def run_tool(state, http):
+    """Run one call of a registry tool for the chat page: {"name", "arguments"} -> {"name", "content", "error"}.
+    Only the registry's tools run (the calculator parses arithmetic itself and bounds its size); a call they
+    refuse is answered with "error: <why>" as its content, as the tool loop answers the model."""
+    from model.tools import TOOLS, run_call, tool_schemas
+    body = await read_json(state, http)
+    name = body.get("name")
+    if not isinstance(name, str) or name not in TOOLS:
+        raise bad("name", f"'name' must name a tool this server runs ({', '.join(TOOLS)}), not {shown(name)}")
+    arguments = json_object_text(body.get("arguments"), "arguments")
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    result = await asyncio.to_thread(run_call, call, tool_schemas([name]))
+    return {"name": name, "content": result.content, "error": result.error}
+
+
 ROUTES = [
     ("GET", "/health", health),
     ("GET", "/", chat_page),
@@ -288,6 +330,8 @@ ROUTES = [
     ("GET", "/v1/models/{name}", get_model),
     ("POST", "/v1/chat/completions", chat_completions),
     ("POST", "/v1/completions", completions),
+    ("GET", "/v1/tools", list_tools),
+    ("POST", "/v1/tools/run", run_tool),
 ]
 
 

@@ -1,9 +1,11 @@
 """The chat page (web/chat.html at GET /) in a real headless Chromium, driven by selenium, against a real server:
-ask, watch the answer stream in, ask a follow-up that needs the history, start a new chat.
+ask, watch the answer stream in, ask a follow-up that needs the history, start a new chat; with the tools box
+ticked, a model trained to call the calculator (tests/test_serve_tools.py) shows its call, the result and the answer.
 
 Needs /usr/bin/chromium and chromedriver (Debian: apt-get install chromium chromium-driver; .ci/run installs
 them); skipped with that reason when they are absent. The screenshot goes to the test's temp dir; with
-UPDATE_SCREENSHOT=1 it also replaces docs/images/chat_page.png (the README's picture).
+UPDATE_SCREENSHOT=1 it also replaces docs/images/chat_page.png (the README's picture) and
+docs/images/chat_page_tools.png (a tool call, for docs/tools.md; take it where Chromium has a CJK font).
 """
 import os
 import shutil
@@ -97,3 +99,49 @@ def test_chat_page_streams_answers_keeps_history_and_starts_over(server, browser
     # a new conversation: the same question gets the same first answer, without the old turns
     assert ask("你好", 1) == TAUGHT[0][1]
     assert server.health()["running"] == 0
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    from test_serve_tools import shared_tool_checkpoint
+    server = Server(shared_tool_checkpoint(tmp_path_factory), tmp_path_factory.mktemp("log") / "page_tools.log",
+                    "--max_batch", "4")
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_chat_page_shows_a_tool_call_and_its_result(tool_server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from test_serve_tools import ASK
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(tool_server.url + "/")
+    wait.until(lambda d: "calculator" in d.find_element(By.ID, "tool-names").text)
+    for field, value in (("temperature", "0"), ("max_tokens", "200")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "use-tools").click()
+    box = browser.find_element(By.ID, "input")
+    box.send_keys(ASK)  # 123乘以456等于多少？
+    box.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='1']"))
+    shown = [(e.get_attribute("class"), e.text) for e in browser.find_elements(By.CSS_SELECTOR, ".msg")]
+    assert shown == [("msg user", ASK), ("msg call", '调用 calculator {"expression": "123*456"}'),
+                     ("msg tool", "结果 56088"), ("msg assistant", "123×456=56088。")]
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    screenshot = str(tmp_path / "chat_page_tools.png")
+    assert browser.save_screenshot(screenshot)
+    if os.environ.get("UPDATE_SCREENSHOT") == "1":
+        shutil.copy(screenshot, os.path.join(ROOT, "docs", "images", "chat_page_tools.png"))
+    # the history holds the call and its result: the page sent them back as OpenAI messages, and the server
+    # accepted them (a follow-up without the box ticked still goes through)
+    history = browser.execute_script("return history")
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+    assert history[1]["tool_calls"][0]["function"]["name"] == "calculator"
+    assert history[2]["tool_call_id"] == history[1]["tool_calls"][0]["id"]
+    assert tool_server.health()["running"] == 0

@@ -6,8 +6,10 @@ import time
 import pytest
 
 from model import chat
-from model.openai_protocol import (MAX_STOP_CHARS, APIError, StopStrings, TextStream, chat_prompt,
-                                   check_content_type, host_allowed, max_token_bytes, parse_body, sampling_params)
+from model.openai_protocol import (MAX_STOP_CHARS, APIError, StopStrings, TextStream, ToolCallReader, chat_messages,
+                                   chat_prompt, check_content_type, host_allowed, max_token_bytes, parse_body,
+                                   sampling_params, tool_plan)
+from model.tools import tool_schemas
 
 NAMES = ["sft_single_64", "nano-llm"]
 
@@ -208,3 +210,109 @@ def test_chat_prompt_counts_once_trims_and_refuses_huge_messages_untokenized(tok
         chat_prompt(Counted(), [{"role": "user", "content": "你好"}, {"role": "user", "content": "长" * 300}], 128,
                     None, token_bytes)
     assert err.value.param == "messages[1].content" and "alone is" in err.value.message and max(calls) == 2
+
+
+def test_chat_prompt_keeps_the_tools_and_trims_the_history_around_them(tokenizer):
+    tools = tool_schemas(["calculator"])
+    history = [{"role": "user" if k % 2 == 0 else "assistant", "content": f"第{k}句"} for k in range(201)]
+    ids = chat_prompt(tokenizer, history, max_len=512, max_tokens=64, tools=tools)
+    assert len(ids) <= chat.context_budget(512, 64) and ids[:5] == chat.encode_chat(tokenizer, history[-1:], tools)[:5]
+    assert chat.render_chat(history, tools).startswith(tokenizer.decode(ids[:20], skip_special_tokens=False))
+    with pytest.raises(APIError) as err:  # the declarations alone fill a 128-token context
+        chat_prompt(tokenizer, history[:1], max_len=128, max_tokens=None, tools=tools)
+    assert err.value.param == "tools" and "128 tokens" in err.value.message
+    prefix = '<tool_call>\n{"name": "calculator", "arguments": '
+    assert chat_prompt(tokenizer, history[:1], 512, 64, tools=tools, prefix=prefix) == \
+        chat.encode_chat(tokenizer, history[:1], tools) + chat.encode_texts(tokenizer, [prefix])[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tools: the request's fields, and reading calls out of the reply as it streams
+
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+2"}}\n</tool_call>'
+
+
+def read(plan_body, text, pieces=1):
+    """-> (content sent while streaming, the rest at the end, calls) for the reply `text` fed in pieces of
+    `pieces` characters."""
+    reader, sent = ToolCallReader(tool_plan(plan_body)), []
+    for k in range(0, len(text), pieces):
+        sent.append(reader.add(text[k:k + pieces]))
+    rest, calls = reader.finish()
+    return "".join(sent), rest, calls
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 1000])
+def test_the_reader_holds_back_what_could_start_a_call(pieces):
+    body = {"tools": tool_schemas(["calculator"])}
+    sent, rest, calls = read(body, "我算一下。\n" + CALL, pieces)
+    assert sent + rest == "我算一下。" and "<" not in sent and "\n" not in sent
+    assert [c["function"] for c in calls] == [{"name": "calculator", "arguments": '{"expression": "1+2"}'}]
+    assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function"
+    # text that only looks like the start of a tag is sent, at the latest at the end
+    sent, rest, calls = read(body, "a<b\n<tool 不是调用", pieces)
+    assert sent + rest == "a<b\n<tool 不是调用" and calls is None
+    # a broken call, or one of an undeclared tool: all of it is content
+    for text in (CALL[:-3], CALL.replace("calculator", "weather"), CALL + "然后呢", "前" + CALL.replace("}}", "}")):
+        sent, rest, calls = read(body, text, pieces)
+        assert (sent + rest, calls) == (text, None)
+    # several calls; parallel_tool_calls false keeps the first
+    two = CALL + "\n" + CALL.replace("1+2", "3*4")
+    assert len(read(body, two, pieces)[2]) == 2
+    assert len(read({**body, "parallel_tool_calls": False}, two, pieces)[2]) == 1
+    # without tools, or with tool_choice none, a call is text and nothing is held back
+    for plain in ({}, {**body, "tool_choice": "none"}):
+        sent, rest, calls = read(plain, CALL, pieces)
+        assert (sent, rest, calls) == (CALL, "", None)
+
+
+def test_tool_choice_required_or_named_forces_the_start_of_the_call():
+    calculator = tool_schemas(["calculator"])
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    named = tool_plan({"tools": calculator + [weather], "tool_choice": {"type": "function",
+                                                                        "function": {"name": "weather"}}})
+    assert named.prefix == '<tool_call>\n{"name": "weather", "arguments": '
+    assert tool_plan({"tools": calculator, "tool_choice": "required"}).prefix == \
+        '<tool_call>\n{"name": "calculator", "arguments": '
+    assert tool_plan({"tools": calculator + [weather], "tool_choice": "required"}).prefix == '<tool_call>\n{"name": "'
+    assert tool_plan({"tools": calculator}).prefix == "" and tool_plan({"tools": calculator}).declared == calculator
+    assert tool_plan({"tools": calculator, "tool_choice": "none"}).declared is None
+    reader = ToolCallReader(named)  # the model writes the rest of the call
+    assert reader.add('{"city": "杭州"}}\n</tool_call>') == ""
+    rest, calls = reader.finish()
+    assert rest == "" and calls[0]["function"] == {"name": "weather", "arguments": '{"city": "杭州"}'}
+
+
+def test_declarations_are_rendered_in_the_training_key_order():
+    messy = {"type": "function", "function": {"parameters": {"type": "object"}, "description": "d", "name": "f",
+                                              "strict": False}}
+    assert tool_plan({"tools": [messy]}).declared == [{"type": "function", "function": {
+        "name": "f", "description": "d", "parameters": {"type": "object"}}}]
+
+
+def test_tool_messages_and_calls_in_the_history():
+    call = {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1+2"}'}}
+    messages = chat_messages({"messages": [
+        {"role": "user", "content": "1+2?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "3"}]}]})
+    assert messages == [{"role": "user", "content": "1+2?"},
+                        {"role": "assistant", "content": "", "tool_calls": [
+                            {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "1+2"}}}]},
+                        {"role": "tool", "content": "3"}]
+    # the arguments are rendered as training data renders them, whatever spacing the client used
+    spaced = chat_messages({"messages": [messages[0], {"role": "assistant", "tool_calls": [
+        {**call, "function": {"name": "calculator", "arguments": '{ "expression" :"1+2" }'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}]})
+    assert chat.render_chat(spaced) == chat.render_chat(messages)
+
+
+def test_the_current_turn_with_its_calls_and_results_stays_whole(tokenizer):
+    tools = tool_schemas(["calculator"])
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "12*34"}}}
+    turn = [{"role": "user", "content": "12乘以34，56乘以78？"},
+            {"role": "assistant", "content": "我来算两次。", "tool_calls": [call] * 2}] + \
+        [{"role": "tool", "content": "408"}] * 2
+    history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}] + turn
+    whole = chat.encode_chat(tokenizer, turn, tools)
+    assert chat.context_budget(512, 200) < len(whole) < 512  # leaving 200 tokens to the reply would cut the turn
+    assert chat_prompt(tokenizer, history, 512, 200, tools=tools) == whole  # the older exchange goes, not the call

@@ -396,7 +396,7 @@ BAD_REQUESTS = [
     ("fractional max_tokens", {"messages": USER, "max_tokens": 2.5}, 400, "max_tokens"),
     ("top_p out of range", {"messages": USER, "top_p": 1.5}, 400, "top_p"),
     ("n = 2", {"messages": USER, "n": 2}, 400, "n"),
-    ("tools", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("functions (tools replace them)", {"messages": USER, "functions": [{"name": "f"}]}, 400, "functions"),
     ("logprobs", {"messages": USER, "logprobs": True}, 400, "logprobs"),
     ("stream not a boolean", {"messages": USER, "stream": "yes"}, 400, "stream"),
     ("five stop strings", {"messages": USER, "stop": list("abcde")}, 400, "stop"),

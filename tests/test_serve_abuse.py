@@ -12,6 +12,7 @@ import pytest
 
 from bench.soak import soak
 from model import chat, evaluate
+from model.tools import tool_schemas
 from test_serve import TAUGHT, Server, greedy, messages, shared_chat_checkpoint
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -54,6 +55,8 @@ def test_soak_abusive_clients_beside_well_behaved_ones(server, checkpoint):
 # ----------------------------------------------------------------------------------------------------------
 # the fuzzer: any body gets a 2xx or a 4xx with OpenAI's error object, never a 5xx
 
+CALCULATOR = tool_schemas(["calculator"])
+CALL = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1"}'}}
 json_leaf = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2 ** 63, max_value=2 ** 70)
              | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
              | st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=2))
@@ -64,7 +67,8 @@ message = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "robot"]) | json_value,
      "content": text | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}), max_size=2)
      | json_value},
-    optional={"name": text})
+    optional={"name": text, "tool_call_id": st.sampled_from(["call_1", "call_2"]) | json_value,
+              "tool_calls": st.just([CALL]) | json_value})
 last_user = st.builds(lambda content: {"role": "user", "content": content}, text)
 conversation = st.builds(lambda head, last: head + [last], st.lists(message, max_size=4), last_user)
 number = st.floats(allow_nan=True, allow_infinity=True) | st.floats(0, 2) | st.integers(-3, 3) | json_value
@@ -76,7 +80,10 @@ FIELDS = {
     "stream": st.booleans() | json_value,
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | json_value}) | json_value,
     "n": st.integers(0, 2) | json_value, "logprobs": st.booleans() | json_value, "user": text | json_value,
-    "presence_penalty": number, "response_format": json_value, "tools": json_value, "echo": json_value,
+    "presence_penalty": number, "response_format": json_value, "echo": json_value,
+    "tools": st.just(CALCULATOR) | st.lists(st.just(CALCULATOR[0]) | json_value, max_size=2) | json_value,
+    "tool_choice": st.sampled_from(["auto", "none", "required", {"type": "function", "function": {
+        "name": "calculator"}}]) | json_value, "parallel_tool_calls": st.booleans() | json_value,
 }
 common = st.fixed_dictionaries({"max_tokens": st.integers(1, 6) | json_value}, optional=FIELDS)
 extra = st.dictionaries(st.text(max_size=8), json_value, max_size=1)
