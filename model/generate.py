@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from . import fast_decode
+
 
 class KVCache:
     """Keys/values for every layer in one preallocated buffer, filled left to right.
@@ -89,16 +91,37 @@ def generate_stream(model, input_ids, max_new_tokens=256, temperature=1.0, top_k
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     B, T = input_ids.shape
     max_len = T + max_new_tokens
-    param = next(model.parameters())
-    cache = KVCache(model.config, B, max_len, param.device, param.dtype)
+    # The compiled decode step where it applies (a float32 model on the CPU, no padding; model/fast_decode.py),
+    # else the eager model. Either way the eager model prefills the prompt.
+    fast = fast_decode.start(model, B, max_len, attention_mask)
+    try:
+        if fast is not None:
+            cache = fast.cache
+        else:
+            param = next(model.parameters())
+            cache = KVCache(model.config, B, max_len, param.device, param.dtype)
+        yield from _decode(model, input_ids, max_len, cache, fast, attention_mask, eos_token_id,
+                           (temperature, top_k, top_p, repetition_penalty))
+    finally:
+        if fast is not None:
+            fast.close()
+
+
+def _decode(model, input_ids, max_len, cache, fast, attention_mask, eos_token_id, sampling):
+    B, T = input_ids.shape
     # Tokens so far, preallocated: the repetition penalty reads them, nothing else does.
     tokens = torch.empty(B, max_len, dtype=input_ids.dtype, device=input_ids.device)
     tokens[:, :T] = input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device) if eos_token_id is not None else None
     step_ids = input_ids
     for t in range(T, max_len):
-        logits = model(step_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
-        next_ids = sample_next(logits, tokens[:, :t], temperature, top_k, top_p, repetition_penalty)
+        if fast is not None and fast.step_fn is not None and t > T:
+            logits = fast.step(step_ids, t - 1)
+        else:
+            logits = model(step_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+            if fast is not None and t > T:
+                fast.count_eager(1)
+        next_ids = sample_next(logits, tokens[:, :t], *sampling)
         if finished is not None:
             next_ids = next_ids.masked_fill(finished, eos_token_id)
             finished |= next_ids == eos_token_id

@@ -1,0 +1,349 @@
+"""
+Fast decoding on CPU: the decode step (one new token per row, after the prompt) as one compiled graph over a
+static KV cache. model/generate.py's generate_stream uses it by itself, so every caller (2-eval.py, the server's
+engine, RL rollouts) gets it; the eager model stays the reference, and the prompt is always prefilled by it.
+
+    from model import fast_decode
+    fast_decode.set_mode("on")                      # compile at the first generation ("auto" / "off", below)
+    fast_decode.warm_up(model, background=True)     # or compile now, in a thread, while the user types
+
+Why it is faster (measured in docs/performance.md):
+- One row's matrix-vector product is written as (W * x).sum(-1): inductor emits one vectorised reduction that
+  reads W once, close to memory speed, where nn.Linear's one-row MKL kernel reads it at about half that (batches
+  of rows use F.linear: a GEMM reads W once for all of them).
+- The whole step (8 layers, sampling excluded) is one graph: no per-op dispatch, no mask or RoPE tables built
+  per token. The position is a tensor and the cache has a fixed size, so the step compiles once per (batch size,
+  cache size, thread count), not once per position. Attention runs over every slot of the cache with a mask.
+- The graph reads the model's own parameters (no fused copies, no frozen constants): a training step or
+  load_state_dict between two generations is used at once, and no memory is spent on a second set of weights.
+
+When it compiles (set_mode, or NANOLLM_FAST_DECODE=auto|on|off in the environment):
+    auto  (default) the eager model decodes until this process has generated COMPILE_AFTER_TOKENS tokens with
+          this model at this batch size, then the step is compiled (tens of seconds the first time on a machine,
+          a few once inductor's on-disk cache holds it) and used from then on. A short run never compiles, so it
+          is never slower; a long one (a chat session, a server, RL rollouts) soon earns the compile back.
+    on    compile at the first generation.
+    off   never: the eager model only.
+Only a plain float32 Transformer on the CPU, not training, without padding in its batch takes the fast path;
+anything else (a GPU, bf16, a peft model, left-padded batches) decodes eagerly, as before. If compiling fails
+(say, no C++ compiler), one warning is printed and this process decodes eagerly from then on.
+"""
+import os
+import sys
+import threading
+import time
+import types
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .model import Transformer, rope_cos_sin
+
+MODES = ("auto", "on", "off")
+COMPILE_AFTER_TOKENS = 2000  # auto: ~30 s of eager decoding at the default size, about one cold compile
+_mode = os.environ.get("NANOLLM_FAST_DECODE", "auto")
+if _mode not in MODES:
+    raise ValueError(f"NANOLLM_FAST_DECODE must be one of {', '.join(MODES)}, not {_mode!r}")
+_broken = None  # the error that made compiling fail: eager from then on
+
+
+def set_mode(mode: str):
+    """auto | on | off (see the module docstring); applies to every model in this process."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"fast decode mode must be one of {', '.join(MODES)}, not {mode!r}")
+    _mode = mode
+
+
+def get_mode() -> str:
+    return _mode
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the step
+
+class StaticCache:
+    """Keys/values as one (B, kv_heads, capacity, head_dim) tensor per layer: separate tensors, so the compiled step
+    writes each in place (views of one buffer would be aliased graph inputs, which the compiler copies). Also
+    implements the two methods the model's attention calls, so the eager model prefills straight into it."""
+
+    def __init__(self, config, batch_size: int, capacity: int, device="cpu", dtype=torch.float32):
+        shape = (batch_size, config.n_kv_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.n_layers, self.capacity, self.length = config.n_layers, capacity, 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def update(self, k, v, layer_idx: int):
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        if layer_idx == self.n_layers - 1:
+            self.length = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
+def step_weights(model: Transformer, capacity: int):
+    """The tensors decode_step reads, as nested tuples: the model's own parameters (no copies) and RoPE tables for
+    positions 0..capacity-1, made by the function the model uses, so they are the eager path's values exactly."""
+    c = model.config
+    cos, sin = rope_cos_sin(torch.arange(capacity, device=model.device)[None], c.head_dim, c.rope_theta,
+                            model.tok_embeddings.weight.dtype)
+
+    def ffn(f):
+        return f.w1.weight, f.w3.weight, f.w2.weight
+
+    layers = []
+    for layer in model.layers:
+        a, f = layer.attention, layer.feed_forward
+        if c.use_moe:
+            mlp = (f.gate.weight, tuple(ffn(e) for e in f.experts), tuple(ffn(e) for e in f.shared_experts))
+        else:
+            mlp = ffn(f)
+        layers.append((layer.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight, a.wo.weight,
+                       layer.ffn_norm.weight, mlp))
+    return model.tok_embeddings.weight, model.norm.weight, model.output.weight, cos[0], sin[0], tuple(layers)
+
+
+def _matvec(x, w):
+    """x (B, K) @ w (N, K)^T. One row: a fused elementwise-product reduction (reads w once, vectorised); more
+    rows: F.linear, which reads w once for all of them."""
+    if x.shape[0] == 1:
+        return (w * x).sum(-1, keepdim=True).T
+    return F.linear(x, w)
+
+
+def _rms_norm(x, weight, eps: float):
+    # RMSNorm.forward, float32 in and out
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _swiglu(x, w1, w3, w2):
+    return _matvec(F.silu(_matvec(x, w1)) * _matvec(x, w3), w2)
+
+
+def decode_step(shape, weights, tokens, positions, starts, column, keys, values):
+    """One token per row through the whole model: logits (B, vocab).
+
+    shape: (n_heads, n_kv_heads, head_dim, norm_eps, use_moe, top_k, norm_topk_prob), plain values (the compiler
+    specialises on them). tokens (B,) this step's inputs; positions (B,) their RoPE positions; starts (B,) the
+    first cache column each row may attend to; column (1,) the column this step's keys/values are written to
+    (every row sees columns starts[b]..column). keys, values: StaticCache's per-layer lists, written in place.
+    """
+    n_heads, n_kv_heads, head_dim, eps, use_moe, top_k, norm_topk_prob = shape
+    embedding, final_norm, output, cos_table, sin_table, layers = weights
+    B = tokens.shape[0]
+    rep = n_heads // n_kv_heads
+    x = F.embedding(tokens, embedding)                                   # (B, D)
+    cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # (B, 1, head_dim), over heads
+    slots = torch.arange(keys[0].shape[2], device=tokens.device)
+    hidden = (slots[None] < starts[:, None]) | (slots[None] > column)    # (B, S): not this row's, or not yet
+    hidden = hidden[:, None, None, :]
+
+    def rope(t):  # apply_rope's formula
+        return t * cos + t.roll(head_dim // 2, dims=-1) * sin
+
+    for i, (attn_norm, wq, wk, wv, wo, ffn_norm, mlp) in enumerate(layers):
+        h = _rms_norm(x, attn_norm, eps)
+        q = rope(_matvec(h, wq).view(B, n_heads, head_dim))
+        k = rope(_matvec(h, wk).view(B, n_kv_heads, head_dim))
+        v = _matvec(h, wv).view(B, n_kv_heads, head_dim)
+        keys[i].index_copy_(2, column, k[:, :, None, :])
+        values[i].index_copy_(2, column, v[:, :, None, :])
+        q = q.view(B, n_kv_heads, rep, 1, head_dim)                       # GQA: rep query heads per kv head
+        scores = (q * keys[i][:, :, None]).sum(-1) * head_dim ** -0.5     # (B, kv, rep, S)
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+        y = (probs[..., None] * values[i][:, :, None]).sum(-2)           # (B, kv, rep, head_dim)
+        x = x + _matvec(y.reshape(B, n_heads * head_dim), wo)
+        h = _rms_norm(x, ffn_norm, eps)
+        if use_moe:
+            gate, experts, shared = mlp
+            # The gate as MoEGate computes it; then every expert runs, weighted 0 when not chosen (no
+            # data-dependent shapes, at the price of reading every expert's weights).
+            scores = F.linear(h, gate).softmax(-1)
+            topk_weight, topk_idx = torch.topk(scores, k=top_k, dim=-1, sorted=False)
+            if top_k > 1 and norm_topk_prob:
+                topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+            expert_weight = torch.zeros_like(scores).scatter(1, topk_idx, topk_weight)
+            y = sum(_swiglu(h, *e) * expert_weight[:, j:j + 1] for j, e in enumerate(experts))
+            for e in shared:
+                y = y + _swiglu(h, *e)
+            x = x + y
+        else:
+            x = x + _swiglu(h, *mlp)
+    return _matvec(_rms_norm(x, final_norm, eps), output)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per model: compiled steps, caches, the policy
+
+class _Decoder:
+    """What one model keeps between generations: its compiled steps and its free caches (by batch size and
+    capacity), and the tokens it decoded eagerly (the auto policy's count). Holds no reference to the model."""
+
+    def __init__(self):
+        self.steps = {}        # (batch, capacity, threads) -> compiled decode_step
+        self.free_caches = {}  # (batch, capacity) -> [StaticCache]
+        self.eager_tokens = {}  # batch -> tokens decoded eagerly
+        self.lock = threading.Lock()          # the cache pool
+        self.compile_lock = threading.Lock()  # one compile at a time; generations go on eagerly meanwhile
+
+
+_decoders = weakref.WeakKeyDictionary()
+_decoders_lock = threading.Lock()
+
+
+def _decoder(model) -> _Decoder:
+    with _decoders_lock:
+        if model not in _decoders:
+            _decoders[model] = _Decoder()
+        return _decoders[model]
+
+
+def supported(model, attention_mask=None) -> bool:
+    """Whether generation with this model (and this mask) can take the fast path at all."""
+    if _mode == "off" or _broken is not None or not isinstance(model, Transformer):
+        return False
+    param = model.tok_embeddings.weight
+    if param.device.type != "cpu" or param.dtype != torch.float32:
+        return False
+    if model.training and model.config.dropout > 0:
+        return False
+    return attention_mask is None or bool(attention_mask.all())
+
+
+def capacity_for(model, length: int) -> int:
+    """Cache size for a generation that ends at `length` tokens: max_seq_len, or a multiple of it past the
+    context (one more compile), so the compiled step's shapes do not change with the prompt."""
+    n = model.config.max_seq_len
+    return max(1, -(-length // n)) * n
+
+
+def _new_step_fn():
+    """A fresh copy of decode_step for torch.compile: each copy has its own code object, hence its own compile
+    cache. Needed because the generated C++ bakes in the thread count it was compiled with, while the compile
+    cache would not notice torch.set_num_threads: a step per thread count must be a separate function."""
+    code = decode_step.__code__
+    return types.FunctionType(code.replace(), decode_step.__globals__, code.co_name, decode_step.__defaults__,
+                              decode_step.__closure__)
+
+
+def _shape(config):
+    return (config.n_heads, config.n_kv_heads, config.head_dim, float(config.norm_eps), bool(config.use_moe),
+            int(config.num_experts_per_tok), bool(config.norm_topk_prob))
+
+
+class Session:
+    """One generation's view of the fast path: its cache (taken from the model's pool, given back by close) and
+    `step`, the compiled step, or None while the eager model decodes (count_eager moves the auto policy on)."""
+
+    def __init__(self, model, batch_size: int, length: int):
+        self.decoder, self.batch_size = _decoder(model), batch_size
+        self.capacity = capacity_for(model, length)
+        self.config = model.config
+        with self.decoder.lock:
+            pool = self.decoder.free_caches.setdefault((batch_size, self.capacity), [])
+            self.cache = pool.pop() if pool else StaticCache(model.config, batch_size, self.capacity)
+        self.cache.length = 0
+        self.weights = None
+        self._model = weakref.ref(model)
+        # the step's inputs live in tensors of their own: a slice of the caller's token buffer would have a stride
+        # that depends on the generation's length, and every new stride is a recompile
+        self._tokens = torch.zeros(batch_size, dtype=torch.long)
+        self._positions = torch.zeros(batch_size, dtype=torch.long)
+        self._starts = torch.zeros(batch_size, dtype=torch.long)
+        self._column = torch.zeros(1, dtype=torch.long)
+        self.step_fn = self._compiled(compile_now=_mode == "on")
+
+    def _key(self):
+        return self.batch_size, self.capacity, torch.get_num_threads()
+
+    def _compiled(self, compile_now: bool):
+        step = self.decoder.steps.get(self._key())
+        if step is None and compile_now:
+            step = compile_step(self._model(), self.batch_size, self.capacity)
+        if step is not None and self.weights is None:
+            self.weights = step_weights(self._model(), self.capacity)
+        return step
+
+    def count_eager(self, n_tokens: int):
+        """The eager model decoded n_tokens more; under auto, compile once the model has done enough."""
+        if self.step_fn is not None or _mode != "auto" or _broken is not None:
+            return
+        done = self.decoder.eager_tokens.get(self.batch_size, 0) + n_tokens
+        self.decoder.eager_tokens[self.batch_size] = done
+        self.step_fn = self._compiled(compile_now=done >= COMPILE_AFTER_TOKENS)
+
+    def step(self, tokens, position: int):
+        """tokens (B, 1) at `position` (the same for every row: no padding here) -> logits (B, vocab)."""
+        self._tokens.copy_(tokens[:, 0])
+        self._positions.fill_(position)
+        self._column.fill_(position)
+        logits = self.step_fn(_shape(self.config), self.weights, self._tokens, self._positions, self._starts,
+                              self._column, self.cache.keys, self.cache.values)
+        self.cache.length = position + 1
+        return logits
+
+    def close(self):
+        with self.decoder.lock:
+            self.decoder.free_caches[(self.batch_size, self.capacity)].append(self.cache)
+        self.cache = None
+
+
+def start(model, batch_size: int, length: int, attention_mask=None):
+    """A Session for a generation of `batch_size` rows that ends at `length` tokens, or None when the fast path
+    does not apply (see supported): the caller then decodes eagerly with its own cache."""
+    if not supported(model, attention_mask):
+        return None
+    return Session(model, batch_size, length)
+
+
+def compile_step(model, batch_size: int, capacity: int):
+    """Compile decode_step for this model at this batch size, cache capacity and thread count (running it once on
+    a scratch cache), remember it, and return it; None (and eager from then on, after one warning) if the
+    compiler fails."""
+    global _broken
+    decoder = _decoder(model)
+    key = (batch_size, capacity, torch.get_num_threads())
+    with decoder.compile_lock:
+        if key in decoder.steps:
+            return decoder.steps[key]
+        step = torch.compile(_new_step_fn(), dynamic=False, fullgraph=True)
+        cache = StaticCache(model.config, batch_size, capacity)
+        zeros = torch.zeros(batch_size, dtype=torch.long)
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                step(_shape(model.config), step_weights(model, capacity), zeros, zeros, zeros,
+                     torch.zeros(1, dtype=torch.long), cache.keys, cache.values)
+        except Exception as err:  # no C++ compiler, an unsupported platform: decode eagerly, say it once
+            _broken = err
+            print(f"fast decode: compiling the decode step failed ({type(err).__name__}: {str(err)[:200]}); "
+                  f"decoding eagerly", file=sys.stderr)
+            return None
+        decoder.steps[key] = step
+        decoder.compile_seconds = time.perf_counter() - t0
+        return step
+
+
+def warm_up(model, batch_size: int = 1, capacity: int | None = None, background: bool = False):
+    """Compile the step for generations of batch_size rows now (so the first one does not wait), in a daemon
+    thread when background; does nothing when the fast path does not apply or the mode is off."""
+    if not supported(model):
+        return None
+    capacity = capacity or model.config.max_seq_len
+    if not background:
+        return compile_step(model, batch_size, capacity)
+    threads = torch.get_num_threads()
+
+    def run():
+        torch.set_num_threads(threads)  # the caller's setting, so the step is the one the caller will look up
+        compile_step(model, batch_size, capacity)
+    thread = threading.Thread(target=run, name="fast-decode-compile", daemon=True)
+    thread.start()
+    return thread
