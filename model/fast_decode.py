@@ -4,24 +4,27 @@ static KV cache. model/generate.py's generate_stream uses it by itself, so every
 engine, RL rollouts) gets it; the eager model stays the reference, and the prompt is always prefilled by it.
 
     from model import fast_decode
-    fast_decode.set_mode("on")                      # compile at the first generation ("auto" / "off", below)
-    fast_decode.warm_up(model, background=True)     # or compile now, in a thread, while the user types
+    fast_decode.set_mode("on")           # compile at the first generation ("auto" / "off", below)
+    fast_decode.warm_up(model)           # or compile now (a server, before its first request)
 
 Why it is faster (measured in docs/performance.md):
 - One row's matrix-vector product is written as (W * x).sum(-1): inductor emits one vectorised reduction that
   reads W once, close to memory speed, where nn.Linear's one-row MKL kernel reads it at about half that (batches
   of rows use F.linear: a GEMM reads W once for all of them).
-- The whole step (8 layers, sampling excluded) is one graph: no per-op dispatch, no mask or RoPE tables built
-  per token. The position is a tensor and the cache has a fixed size, so the step compiles once per (batch size,
-  cache size, thread count), not once per position. Attention runs over every slot of the cache with a mask.
+- The whole step (every layer, sampling excluded) is one graph: no per-op dispatch, no mask or RoPE tables
+  built per token. The cache is preallocated and written in place; the position is a tensor and the number of
+  cache columns attended to is the graph's one dynamic size, so the step compiles once per (batch size, cache
+  size, thread count), not once per position.
 - The graph reads the model's own parameters (no fused copies, no frozen constants): a training step or
   load_state_dict between two generations is used at once, and no memory is spent on a second set of weights.
 
 When it compiles (set_mode, or NANOLLM_FAST_DECODE=auto|on|off in the environment):
-    auto  (default) the eager model decodes until this process has generated COMPILE_AFTER_TOKENS tokens with
-          this model at this batch size, then the step is compiled (tens of seconds the first time on a machine,
-          a few once inductor's on-disk cache holds it) and used from then on. A short run never compiles, so it
-          is never slower; a long one (a chat session, a server, RL rollouts) soon earns the compile back.
+    auto  (default) the eager model decodes until a generation starts whose max_new_tokens, added to the decode
+          steps this model already ran eagerly at this batch size, reach COMPILE_AFTER_TOKENS (2000); that
+          generation compiles the step (tens of seconds the first time on a machine, a few once inductor's
+          on-disk cache holds it; a line on stderr says so) and every later one uses it. A short run never
+          compiles, so it is never slower; a long one (a chat session, many prompts, RL rollouts) earns the
+          compile back. The compile happens before a generation's first token, never in the middle of it.
     on    compile at the first generation.
     off   never: the eager model only.
 Only a plain float32 Transformer on the CPU, not training, without padding in its batch takes the fast path;
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 from .model import Transformer, rope_cos_sin
 
 MODES = ("auto", "on", "off")
-COMPILE_AFTER_TOKENS = 2000  # auto: ~30 s of eager decoding at the default size, about one cold compile
+COMPILE_AFTER_TOKENS = 2000  # auto: eager steps (tokens at batch 1) so far + the ones asked for
 _mode = os.environ.get("NANOLLM_FAST_DECODE", "auto")
 if _mode not in MODES:
     raise ValueError(f"NANOLLM_FAST_DECODE must be one of {', '.join(MODES)}, not {_mode!r}")
@@ -127,23 +130,24 @@ def _swiglu(x, w1, w3, w2):
     return _matvec(F.silu(_matvec(x, w1)) * _matvec(x, w3), w2)
 
 
-def decode_step(shape, weights, tokens, positions, starts, column, keys, values):
+def decode_step(shape, weights, tokens, positions, starts, slots, keys, values):
     """One token per row through the whole model: logits (B, vocab).
 
     shape: (n_heads, n_kv_heads, head_dim, norm_eps, use_moe, top_k, norm_topk_prob), plain values (the compiler
-    specialises on them). tokens (B,) this step's inputs; positions (B,) their RoPE positions; starts (B,) the
-    first cache column each row may attend to; column (1,) the column this step's keys/values are written to
-    (every row sees columns starts[b]..column). keys, values: StaticCache's per-layer lists, written in place.
+    specialises on them). tokens (B,) this step's inputs; positions (B,) their RoPE positions; slots: arange(L),
+    the cache columns in use, this step's last (its keys/values are written there); its length is the one
+    dynamic size, so attention reads L columns, not the whole cache, without a compile per length. starts (B,):
+    the first column each row may attend to (rows of a batch may start later). keys, values: StaticCache's
+    per-layer lists, written in place.
     """
     n_heads, n_kv_heads, head_dim, eps, use_moe, top_k, norm_topk_prob = shape
     embedding, final_norm, output, cos_table, sin_table, layers = weights
-    B = tokens.shape[0]
+    B, L = tokens.shape[0], slots.shape[0]
     rep = n_heads // n_kv_heads
     x = F.embedding(tokens, embedding)                                   # (B, D)
     cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # (B, 1, head_dim), over heads
-    slots = torch.arange(keys[0].shape[2], device=tokens.device)
-    hidden = (slots[None] < starts[:, None]) | (slots[None] > column)    # (B, S): not this row's, or not yet
-    hidden = hidden[:, None, None, :]
+    column = slots[-1:]
+    hidden = (slots[None] < starts[:, None])[:, None, None, :]           # (B, 1, 1, L): not this row's
 
     def rope(t):  # apply_rope's formula
         return t * cos + t.roll(head_dim // 2, dims=-1) * sin
@@ -156,9 +160,9 @@ def decode_step(shape, weights, tokens, positions, starts, column, keys, values)
         keys[i].index_copy_(2, column, k[:, :, None, :])
         values[i].index_copy_(2, column, v[:, :, None, :])
         q = q.view(B, n_kv_heads, rep, 1, head_dim)                       # GQA: rep query heads per kv head
-        scores = (q * keys[i][:, :, None]).sum(-1) * head_dim ** -0.5     # (B, kv, rep, S)
+        scores = (q * keys[i][:, :, None, :L]).sum(-1) * head_dim ** -0.5   # (B, kv, rep, L)
         probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
-        y = (probs[..., None] * values[i][:, :, None]).sum(-2)           # (B, kv, rep, head_dim)
+        y = (probs[..., None] * values[i][:, :, None, :L]).sum(-2)          # (B, kv, rep, head_dim)
         x = x + _matvec(y.reshape(B, n_heads * head_dim), wo)
         h = _rms_norm(x, ffn_norm, eps)
         if use_moe:
@@ -189,9 +193,9 @@ class _Decoder:
     def __init__(self):
         self.steps = {}        # (batch, capacity, threads) -> compiled decode_step
         self.free_caches = {}  # (batch, capacity) -> [StaticCache]
-        self.eager_tokens = {}  # batch -> tokens decoded eagerly
+        self.eager_steps = {}  # batch size -> decode steps the eager model ran (the auto policy's count)
         self.lock = threading.Lock()          # the cache pool
-        self.compile_lock = threading.Lock()  # one compile at a time; generations go on eagerly meanwhile
+        self.compile_lock = threading.Lock()  # one compile at a time
 
 
 _decoders = weakref.WeakKeyDictionary()
@@ -240,52 +244,54 @@ def _shape(config):
 
 class Session:
     """One generation's view of the fast path: its cache (taken from the model's pool, given back by close) and
-    `step`, the compiled step, or None while the eager model decodes (count_eager moves the auto policy on)."""
+    step_fn, the compiled step, or None while the eager model decodes (count_eager keeps the auto policy's
+    count)."""
 
-    def __init__(self, model, batch_size: int, length: int):
+    def __init__(self, model, batch_size: int, length: int, new_tokens: int):
         self.decoder, self.batch_size = _decoder(model), batch_size
         self.capacity = capacity_for(model, length)
-        self.config = model.config
+        self.shape = _shape(model.config)
         with self.decoder.lock:
             pool = self.decoder.free_caches.setdefault((batch_size, self.capacity), [])
             self.cache = pool.pop() if pool else StaticCache(model.config, batch_size, self.capacity)
         self.cache.length = 0
-        self.weights = None
         self._model = weakref.ref(model)
         # the step's inputs live in tensors of their own: a slice of the caller's token buffer would have a stride
         # that depends on the generation's length, and every new stride is a recompile
         self._tokens = torch.zeros(batch_size, dtype=torch.long)
         self._positions = torch.zeros(batch_size, dtype=torch.long)
         self._starts = torch.zeros(batch_size, dtype=torch.long)
-        self._column = torch.zeros(1, dtype=torch.long)
-        self.step_fn = self._compiled(compile_now=_mode == "on")
+        self._slots = torch.arange(self.capacity)
+        self.step_fn, self.weights = None, None
+        steps_so_far = self.decoder.eager_steps.get(batch_size, 0)
+        if _mode == "on" or (_mode == "auto" and steps_so_far + new_tokens >= COMPILE_AFTER_TOKENS):
+            if self._key() not in self.decoder.steps and _mode == "auto":
+                print(f"fast decode: compiling the decode step for batch size {batch_size} after {steps_so_far} "
+                      f"eager steps (once per process; NANOLLM_FAST_DECODE=off skips it)", file=sys.stderr)
+            compile_step(model, batch_size, self.capacity)
+        self._use_compiled()
 
     def _key(self):
         return self.batch_size, self.capacity, torch.get_num_threads()
 
-    def _compiled(self, compile_now: bool):
-        step = self.decoder.steps.get(self._key())
-        if step is None and compile_now:
-            step = compile_step(self._model(), self.batch_size, self.capacity)
-        if step is not None and self.weights is None:
+    def _use_compiled(self):
+        self.step_fn = self.decoder.steps.get(self._key())
+        if self.step_fn is not None:
             self.weights = step_weights(self._model(), self.capacity)
-        return step
 
-    def count_eager(self, n_tokens: int):
-        """The eager model decoded n_tokens more; under auto, compile once the model has done enough."""
-        if self.step_fn is not None or _mode != "auto" or _broken is not None:
-            return
-        done = self.decoder.eager_tokens.get(self.batch_size, 0) + n_tokens
-        self.decoder.eager_tokens[self.batch_size] = done
-        self.step_fn = self._compiled(compile_now=done >= COMPILE_AFTER_TOKENS)
+    def count_eager(self, n_steps: int = 1):
+        """The eager model ran n_steps more decode steps (the auto policy's count); switch to the compiled step
+        if it has become ready meanwhile (warm_up in another thread)."""
+        self.decoder.eager_steps[self.batch_size] = self.decoder.eager_steps.get(self.batch_size, 0) + n_steps
+        if self._key() in self.decoder.steps:
+            self._use_compiled()
 
     def step(self, tokens, position: int):
         """tokens (B, 1) at `position` (the same for every row: no padding here) -> logits (B, vocab)."""
         self._tokens.copy_(tokens[:, 0])
         self._positions.fill_(position)
-        self._column.fill_(position)
-        logits = self.step_fn(_shape(self.config), self.weights, self._tokens, self._positions, self._starts,
-                              self._column, self.cache.keys, self.cache.values)
+        logits = self.step_fn(self.shape, self.weights, self._tokens, self._positions, self._starts,
+                              self._slots[:position + 1], self.cache.keys, self.cache.values)
         self.cache.length = position + 1
         return logits
 
@@ -295,12 +301,12 @@ class Session:
         self.cache = None
 
 
-def start(model, batch_size: int, length: int, attention_mask=None):
-    """A Session for a generation of `batch_size` rows that ends at `length` tokens, or None when the fast path
-    does not apply (see supported): the caller then decodes eagerly with its own cache."""
+def start(model, batch_size: int, prompt_length: int, new_tokens: int, attention_mask=None):
+    """A Session for a generation of `batch_size` rows, new_tokens after a prompt of prompt_length, or None when
+    the fast path does not apply (see supported): the caller then decodes eagerly with its own cache."""
     if not supported(model, attention_mask):
         return None
-    return Session(model, batch_size, length)
+    return Session(model, batch_size, prompt_length + new_tokens, new_tokens)
 
 
 def compile_step(model, batch_size: int, capacity: int):
@@ -313,14 +319,16 @@ def compile_step(model, batch_size: int, capacity: int):
     with decoder.compile_lock:
         if key in decoder.steps:
             return decoder.steps[key]
-        step = torch.compile(_new_step_fn(), dynamic=False, fullgraph=True)
+        step = torch.compile(_new_step_fn(), fullgraph=True)  # static shapes but for mark_dynamic below
         cache = StaticCache(model.config, batch_size, capacity)
         zeros = torch.zeros(batch_size, dtype=torch.long)
+        slots = torch.arange(min(3, capacity))
+        torch._dynamo.mark_dynamic(slots, 0)  # the attention length: one compile for every length
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                step(_shape(model.config), step_weights(model, capacity), zeros, zeros, zeros,
-                     torch.zeros(1, dtype=torch.long), cache.keys, cache.values)
+                step(_shape(model.config), step_weights(model, capacity), zeros, zeros, zeros, slots, cache.keys,
+                     cache.values)
         except Exception as err:  # no C++ compiler, an unsupported platform: decode eagerly, say it once
             _broken = err
             print(f"fast decode: compiling the decode step failed ({type(err).__name__}: {str(err)[:200]}); "
@@ -331,19 +339,9 @@ def compile_step(model, batch_size: int, capacity: int):
         return step
 
 
-def warm_up(model, batch_size: int = 1, capacity: int | None = None, background: bool = False):
-    """Compile the step for generations of batch_size rows now (so the first one does not wait), in a daemon
-    thread when background; does nothing when the fast path does not apply or the mode is off."""
+def warm_up(model, batch_size: int = 1, capacity: int | None = None):
+    """Compile the step for generations of batch_size rows now, so that no request waits for it later; does
+    nothing (None) when the fast path does not apply or the mode is off."""
     if not supported(model):
         return None
-    capacity = capacity or model.config.max_seq_len
-    if not background:
-        return compile_step(model, batch_size, capacity)
-    threads = torch.get_num_threads()
-
-    def run():
-        torch.set_num_threads(threads)  # the caller's setting, so the step is the one the caller will look up
-        compile_step(model, batch_size, capacity)
-    thread = threading.Thread(target=run, name="fast-decode-compile", daemon=True)
-    thread.start()
-    return thread
+    return compile_step(model, batch_size, capacity or model.config.max_seq_len)

@@ -93,7 +93,7 @@ def generate_stream(model, input_ids, max_new_tokens=256, temperature=1.0, top_k
     max_len = T + max_new_tokens
     # The compiled decode step where it applies (a float32 model on the CPU, no padding; model/fast_decode.py),
     # else the eager model. Either way the eager model prefills the prompt.
-    fast = fast_decode.start(model, B, max_len, attention_mask)
+    fast = fast_decode.start(model, B, T, max_new_tokens, attention_mask)
     try:
         if fast is not None:
             cache = fast.cache
@@ -120,7 +120,7 @@ def _decode(model, input_ids, max_len, cache, fast, attention_mask, eos_token_id
         else:
             logits = model(step_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
             if fast is not None and t > T:
-                fast.count_eager(1)
+                fast.count_eager()
         next_ids = sample_next(logits, tokens[:, :t], *sampling)
         if finished is not None:
             next_ids = next_ids.masked_fill(finished, eos_token_id)

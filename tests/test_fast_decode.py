@@ -90,12 +90,14 @@ def test_seeded_sampling_is_reproducible_and_draws_what_the_eager_path_draws(mod
 def test_auto_compiles_only_after_enough_tokens(monkeypatch):
     model = varied_model(seed=2)
     reference = tokens(model, [1, 5, 9], 25, "off")
-    monkeypatch.setattr(fast_decode, "COMPILE_AFTER_TOKENS", 40)
-    assert tokens(model, [1, 5, 9], 25, "auto") == reference  # 24 eager decode steps: under the threshold
+    assert tokens(model, [1, 5, 9], 25, "auto") == reference  # far under the default 2000: no compile
     assert compiled_steps(model) == {}
-    # the next generation crosses 40 at its 16th step: compiled there, the rest decoded by the step
+    monkeypatch.setattr(fast_decode, "COMPILE_AFTER_TOKENS", 60)
+    assert tokens(model, [1, 5, 9], 25, "auto") == reference  # 24 + 25 < 60: eager again
+    assert compiled_steps(model) == {}
+    # 48 eager steps so far + 25 asked for reach 60: this generation compiles before its first token
     assert tokens(model, [1, 5, 9], 25, "auto") == reference
-    assert len(compiled_steps(model)) == 1
+    assert len(compiled_steps(model)) == 1 and fast_decode._decoder(model).eager_steps == {1: 48}
 
 
 def test_a_failing_compiler_means_eager_decoding_and_one_warning(monkeypatch, capsys):
@@ -112,19 +114,19 @@ def test_a_failing_compiler_means_eager_decoding_and_one_warning(monkeypatch, ca
     assert tokens(model, [1, 5, 9], 10, "on") == reference
     err = capsys.readouterr().err
     assert err.count("fast decode: compiling the decode step failed") == 1 and "no C++ compiler" in err
-    assert fast_decode.start(model, 1, 10) is None
+    assert fast_decode.start(model, 1, 3, 7) is None
 
 
 def test_what_the_fast_path_does_not_take():
     model = varied_model(seed=4)
     padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    assert fast_decode.start(model, 2, 8, attention_mask=padded) is None
-    assert fast_decode.start(model, 2, 8, attention_mask=torch.ones_like(padded)) is not None
-    assert fast_decode.start(make_tiny_model(dropout=0.1).train(), 1, 8) is None
-    assert fast_decode.start(varied_model(seed=4).to(torch.bfloat16), 1, 8) is None
+    assert fast_decode.start(model, 2, 3, 5, attention_mask=padded) is None
+    assert fast_decode.start(model, 2, 3, 5, attention_mask=torch.ones_like(padded)) is not None
+    assert fast_decode.start(make_tiny_model(dropout=0.1).train(), 1, 3, 5) is None
+    assert fast_decode.start(varied_model(seed=4).to(torch.bfloat16), 1, 3, 5) is None
     fast_decode.set_mode("off")
     try:
-        assert fast_decode.start(model, 1, 8) is None
+        assert fast_decode.start(model, 1, 3, 5) is None
     finally:
         fast_decode.set_mode("auto")
     with pytest.raises(ValueError, match="fast decode mode"):
