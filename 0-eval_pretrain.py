@@ -18,7 +18,7 @@ written to <checkpoint>/<eval file name>.answers.jsonl (or --answers_out).
 import argparse
 import sys
 
-from model import evaluate, generate
+from model import chat, evaluate, generate, stages
 
 PROMPTS = [  # minimind-style completions: general knowledge a pretrained Chinese model should continue sensibly
     "马克思主义基本原理",
@@ -35,8 +35,8 @@ PROMPTS = [  # minimind-style completions: general knowledge a pretrained Chines
 
 
 def continue_text(model, tokenizer, prompt, settings):
-    ids, max_new = evaluate.fit_context(evaluate.encode_completion(tokenizer, prompt), settings["max_new_tokens"],
-                                        model.config.max_seq_len)
+    ids, max_new = chat.fit_context(chat.encode_completion(tokenizer, prompt), settings["max_new_tokens"],
+                                    model.config.max_seq_len)
     sampling = {k: v for k, v in settings.items() if k != "max_new_tokens"}
     print(prompt, end="", flush=True)
     for piece in generate.stream_reply(model, tokenizer, ids, max_new, **sampling):
@@ -57,7 +57,7 @@ def main():
                         help="--ppl: documents packed in one row do not attend to each other (as 1-pretrain.py --doc_mask)")
     args = parser.parse_args()
 
-    model, tokenizer, checkpoint = evaluate.load_for_cli(args, evaluate.PRETRAIN_STAGES)
+    model, tokenizer, checkpoint = evaluate.load_for_cli(args, stages.PRETRAIN_STAGES)
 
     if args.ppl:
         result = evaluate.perplexity(model, args.data_path, args.ppl_seq_len, batch_size=args.batch_size,

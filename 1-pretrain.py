@@ -16,9 +16,12 @@ import os
 
 import torch
 
-from model import LMConfig, Transformer, checkpoint, trainer
+from model import chat, checkpoint, stages, trainer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 from model.dataset import PretrainDataset, open_packed
-from model.runtime import StageError, init_runtime, run_stage
+from model.runtime import init_runtime, run_stage
+from model.errors import StageError
 
 
 def main():
@@ -41,26 +44,27 @@ def main():
         except ValueError as err:
             raise StageError(str(err)) from None
         tokenizer_dir = checkpoint.tokenizer_dir_for(args)
-        checkpoint.load_tokenizer(tokenizer_dir, config.vocab_size)
+        chat.load_tokenizer(tokenizer_dir, config.vocab_size)
         torch.manual_seed(args.seed)  # the same seed gives the same initial weights
         model = Transformer(config)
     config = model.config
 
     seq_len = config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
-    tokenizer_sha256 = checkpoint.tokenizer_sha256(tokenizer_dir)  # a file packed with another tokenizer is refused
+    tokenizer_sha256 = chat.tokenizer_sha256(tokenizer_dir)  # a file packed with another tokenizer is refused
     train_set = open_packed(args.data_path, seq_len, config.vocab_size, tokenizer_sha256, args.doc_mask)
     val_path = PretrainDataset.val_path(args.data_path)
     val_set = open_packed(val_path, seq_len, config.vocab_size, tokenizer_sha256, args.doc_mask,
                           what="validation data") if os.path.isfile(val_path) else None
 
-    run_dir = args.out_dir or os.path.join("out", checkpoint.run_name("pretrain", config))
+    run_dir = args.out_dir or os.path.join("out", stages.run_name("pretrain", config))
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     if runtime.is_master:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"pretraining {n_params / 1e6:.2f}M parameters on {len(train_set)} rows of {seq_len} tokens "
               f"-> {run_dir}")
         checkpoint.copy_tokenizer(tokenizer_dir, run_dir)
-    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": tokenizer_sha256}
+    settings = {"data": os.path.abspath(args.data_path), "tokenizer_sha256": tokenizer_sha256,
+                "doc_mask": args.doc_mask}
     trainer.fit(model, train_set, None, trainer.lm_loss, args, runtime, run_dir, val_set=val_set, title="pretrain",
                 settings=settings, resuming=resuming)
 

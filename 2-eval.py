@@ -10,9 +10,10 @@ Run as:
     python 2-eval.py --eval_file dataset/demo/eval_chat.jsonl   # accuracy per category
     python 2-eval.py --checkpoint out/sft_single_512 --temperature 0.7 --top_p 0.9
 
-The checkpoint defaults to the newest of out/dpo_* > out/sft_multi_* > out/sft_single_* (the latest stage you ran).
+The checkpoint defaults to the newest of out/dpo_* > out/sft_multi_* > out/sft_single_* (the latest stage you ran;
+also one folder down, e.g. out/demo/dpo after make demo).
 Prompts go through the tokenizer's chat template (`<s>{role}\\n{content}</s>\\n` per message, then `<s>assistant\\n`).
-Typed text stays text: a `<s>` or `</s>` in a question never becomes a control token (evaluate.encode_chat).
+Typed text stays text: a `<s>` or `</s>` in a question never becomes a control token (chat.encode_chat).
 Questions from the built-in list or --prompts are asked one by one, each on its own. In --interactive mode the
 conversation is kept: when it no longer fits in the model's context (max_seq_len minus --max_new_tokens) the
 oldest turns are dropped first. Commands: /reset forgets the conversation, /quit leaves.
@@ -23,7 +24,7 @@ user's): greedy answer, correct iff the gold answer is in its first line; every 
 import argparse
 import sys
 
-from model import evaluate, generate
+from model import chat, evaluate, generate, stages
 
 PROMPTS = [  # minimind-style questions
     "你叫什么名字？",
@@ -42,8 +43,8 @@ PROMPTS = [  # minimind-style questions
 
 def reply(model, tokenizer, messages, settings):
     """Stream the assistant's answer to `messages` (already trimmed) and return its text."""
-    ids, max_new = evaluate.fit_context(evaluate.encode_chat(tokenizer, messages), settings["max_new_tokens"],
-                                        model.config.max_seq_len)
+    ids, max_new = chat.fit_context(chat.encode_chat(tokenizer, messages), settings["max_new_tokens"],
+                                    model.config.max_seq_len)
     sampling = {k: v for k, v in settings.items() if k != "max_new_tokens"}
     pieces = []
     for piece in generate.stream_reply(model, tokenizer, ids, max_new, **sampling):
@@ -53,8 +54,8 @@ def reply(model, tokenizer, messages, settings):
     return "".join(pieces)
 
 
-def chat(model, tokenizer, settings, keep_history):
-    budget = evaluate.context_budget(model.config.max_seq_len, settings["max_new_tokens"])
+def interactive(model, tokenizer, settings, keep_history):
+    budget = chat.context_budget(model.config.max_seq_len, settings["max_new_tokens"])
     print("chat with the model; /reset forgets the conversation, Ctrl-D or Ctrl-C quits", file=sys.stderr)
     history = []
     while True:
@@ -68,7 +69,7 @@ def chat(model, tokenizer, settings, keep_history):
             history = []
             print("(conversation cleared)")
             continue
-        messages = evaluate.trim_history(tokenizer, history + [{"role": "user", "content": question}], budget)
+        messages = chat.trim_history(tokenizer, history + [{"role": "user", "content": question}], budget)
         print("🤖: ", end="", flush=True)
         try:
             answer = reply(model, tokenizer, messages, settings)
@@ -86,7 +87,7 @@ def main():
                         help="--interactive: answer every question on its own, without the earlier turns")
     args = parser.parse_args()
 
-    model, tokenizer, checkpoint = evaluate.load_for_cli(args, evaluate.CHAT_STAGES)
+    model, tokenizer, checkpoint = evaluate.load_for_cli(args, stages.CHAT_STAGES)
 
     if args.eval_file:
         settings = evaluate.sampling_kwargs(args, scoring=True)
@@ -97,7 +98,7 @@ def main():
         return
     settings = evaluate.sampling_kwargs(args, scoring=False)
     if args.interactive:
-        chat(model, tokenizer, settings, keep_history=not args.no_history)
+        interactive(model, tokenizer, settings, keep_history=not args.no_history)
         return
     for question in evaluate.read_prompts(args.prompts) if args.prompts else PROMPTS:
         print(f"👶: {question}")

@@ -21,11 +21,12 @@ import os
 
 from torch.utils.data import ConcatDataset
 
-from model import checkpoint, lora, trainer
+from model import chat, checkpoint, lora, stages, trainer
 from model.dataset import PretrainReplay, SFTDataset, open_packed
-from model.runtime import StageError, init_runtime, run_stage
+from model.runtime import init_runtime, run_stage
+from model.errors import StageError
 
-PREVIOUS = {"sft_single": "pretrain", "sft_multi": "sft_single"}
+SFT_STAGES = ("sft_single", "sft_multi")
 
 
 def count_multi_turn(paths) -> tuple:
@@ -50,7 +51,7 @@ def main():
     parser.add_argument("--data_path", nargs="+", default=["dataset/sft_data_single.jsonl"],
                         help="conversations JSONL file(s) (data_process.py sft writes sft_data_single/multi.jsonl); mixing in "
                              "some single-turn data keeps the multi-turn stage from forgetting it")
-    parser.add_argument("--stage", choices=list(PREVIOUS), default=None,
+    parser.add_argument("--stage", choices=SFT_STAGES, default=None,
                         help="sft_single (starts from out/pretrain_*) or sft_multi (starts from out/sft_single_*); "
                              "default: sft_multi when the data has multi-turn conversations")
     parser.add_argument("--init_from", default=None,
@@ -62,7 +63,7 @@ def main():
     parser.add_argument("--ptx_data", default=None,
                         help="packed pretraining tokens (data_process.py pretrain's .bin): rows of it are mixed into "
                         "the SFT rows, every token a target. SFT moves the model away from what pretraining stored; "
-                        "the replay keeps it (the demo's held-out people QA 81%% -> 93.5%%, docs/demo.md)")
+                        "the replay keeps it (measured in docs/demo.md)")
     parser.add_argument("--ptx_ratio", type=float, default=0.25,
                         help="with --ptx_data: replayed pretraining rows per SFT row")
     trainer.add_training_args(parser, batch_size=16, learning_rate=1e-4, warmup_iters=20, save_interval=200,
@@ -81,9 +82,9 @@ def main():
         stage = "sft_multi" if multi else "sft_single"
         if runtime.is_master:
             print(f"stage {stage}: {multi} of {total} conversations have several user turns (--stage overrides)")
-    previous = PREVIOUS[stage]
-    init_dir = args.init_from or checkpoint.find_run(previous, args.dim, args.use_moe)
+    init_dir = args.init_from or stages.find_start(stage, args.dim, args.use_moe)
     if init_dir is None:
+        previous = stages.STAGES[stage].starts_from[0]
         raise StageError(f"no out/{previous}_* checkpoint found to start {stage} from: run the previous "
                          f"stage first or pass --init_from DIR")
     model, tokenizer, tokenizer_dir = checkpoint.start_from_checkpoint(init_dir, args, trainer.model_overrides(args))
@@ -91,13 +92,13 @@ def main():
 
     seq_len = model.config.max_seq_len  # --max_seq_len is in the config (and so in the checkpoint)
     if args.pack and runtime.is_master:  # tokenize once, on one process, into memory-mapped files
-        for path in args.data_path:
+        for path in args.data_path + ([args.val_path] if args.val_path else []):
             SFTDataset.prepare(path, tokenizer, seq_len)
     runtime.barrier()
     parts = [SFTDataset(path, tokenizer, seq_len, pack=args.pack) for path in args.data_path]
     n_conversations = sum(len(p.offsets) for p in parts)
     settings = {"data": [os.path.abspath(p) for p in args.data_path],
-                "tokenizer_sha256": checkpoint.tokenizer_sha256(tokenizer_dir)}
+                "tokenizer_sha256": chat.tokenizer_sha256(tokenizer_dir), "ptx_data": None}
     if args.ptx_data:
         if args.ptx_ratio <= 0:
             raise StageError(f"--ptx_ratio must be positive with --ptx_data (got {args.ptx_ratio})")
@@ -105,11 +106,11 @@ def main():
                              what="--ptx_data")
         n_rows = max(1, round(args.ptx_ratio * sum(len(p) for p in parts)))
         parts.append(PretrainReplay(packed, n_rows, args.seed, with_positions=args.pack))
-        settings.update(ptx_data=os.path.abspath(args.ptx_data), ptx_rows=n_rows)
+        settings.update(ptx_data=os.path.abspath(args.ptx_data), ptx_file_rows=len(packed), ptx_rows=n_rows)
     train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     val_set = SFTDataset(args.val_path, tokenizer, seq_len, pack=args.pack) if args.val_path else None
 
-    run_dir = args.out_dir or os.path.join("out", checkpoint.run_name(stage, model.config))
+    run_dir = args.out_dir or os.path.join("out", stages.run_name(stage, model.config))
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     if runtime.is_master:
         replay = f" + {len(parts[-1])} rows of {args.ptx_data}" if args.ptx_data else ""

@@ -6,25 +6,30 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# llama-cpp-python (a test dependency) compiles llama.cpp when pip has no wheel for it: target any x86-64 CPU
+# llama-cpp-python (requirements-test.txt) compiles llama.cpp when pip has no wheel for it: target any x86-64 CPU
 # (not just this one's instruction set), so the wheel pip caches also works on another machine.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
 .PHONY: setup test test-fast demo serve clean
 
-# Idempotent: re-running only installs what is missing.
+# Idempotent: one stamp per requirements file, so re-running only installs what changed.
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(TORCH_SPEC)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+# What only the tests and benchmarks import, on top of setup's packages.
+$(VENV)/.installed-test: requirements-test.txt | $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -r requirements-test.txt
 	touch $@
 
 setup: $(VENV)/.installed
 
-test: setup
+test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup

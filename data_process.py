@@ -34,7 +34,6 @@ streamed: memory stays flat in the file size.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -43,13 +42,11 @@ from collections import Counter, deque
 import numpy as np
 from tqdm import tqdm
 
-from model.errors import BadLines  # model.errors and model.data_formats, not torch: packing starts at once
+# model.errors, model.chat and model.data_formats, not torch: packing starts at once
+from model.chat import DEFAULT_TOKENIZER_DIR, encode_documents, open_document_tokenizer, tokenizer_sha256
 from model.data_formats import (BadRecord, Unreadable, detect_format, iter_jsonl_raw, iter_records, parse_json_line,
-                                pretrain_text, publish, to_conversation, to_preference, tokenizer_sha256,
-                                zh_ratio)
-
-# the shipped tokenizer is part of the repo, so it is found wherever the script is run from
-DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "tokenizer")
+                                pretrain_text, publish, to_conversation, to_preference, zh_ratio)
+from model.errors import BadLines
 
 
 class AtomicOutput:
@@ -91,10 +88,7 @@ _worker = {}
 def init_worker(tokenizer_json, bos_id, eos_id, in_pool=True):
     if in_pool:  # the pool is the parallelism: no extra tokenizer threads inside each worker
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-    tokenizer = Tokenizer.from_file(tokenizer_json)
-    tokenizer.encode_special_tokens = True  # "<s>" written in a document is text, not a document boundary
-    _worker.update(tokenizer=tokenizer, bos_id=bos_id, eos_id=eos_id)
+    _worker.update(tokenizer=open_document_tokenizer(tokenizer_json), bos_id=bos_id, eos_id=eos_id)
 
 
 def encode_chunk(items):
@@ -112,9 +106,8 @@ def encode_chunk(items):
             texts.append(pretrain_text(record))
         except BadRecord as err:
             bad.append((path, line_no, str(err), err.kind))
-    encodings = _worker["tokenizer"].encode_batch(texts, add_special_tokens=False) if texts else []
-    bos, eos = _worker["bos_id"], _worker["eos_id"]
-    docs = [np.array([bos] + enc.ids + [eos], dtype=np.uint32) for enc in encodings]
+    docs = [np.array(ids, dtype=np.uint32)
+            for ids in encode_documents(_worker["tokenizer"], texts, _worker["bos_id"], _worker["eos_id"])]
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
     return bad, (np.concatenate(docs) if docs else np.zeros(0, np.uint32)), lengths
 
@@ -184,9 +177,13 @@ def packed_base(data_path, out_path=None):
     return os.path.splitext(data_path)[0]
 
 
-def run_pretrain(args):
-    check_inputs(args.data_path)
-    tokenizer_json = os.path.join(args.tokenizer_dir, "tokenizer.json")
+def pack_pretrain(data_paths, tokenizer_dir=DEFAULT_TOKENIZER_DIR, out_path=None, val_ratio=0.01, num_workers=1,
+                  chunk_bytes=1 << 20, report_limit=20, max_bad_ratio=0.01):
+    """Tokenize the documents of data_paths into <out_path>.bin (+ .idx.npy, .meta.json) and the .val.* part
+    (every 1/val_ratio-th document). out_path None: the first input without its extension. Nothing is written
+    when the input has more than max_bad_ratio bad lines (the first report_limit of them are listed)."""
+    check_inputs(data_paths)
+    tokenizer_json = os.path.join(tokenizer_dir, "tokenizer.json")
     if not os.path.isfile(tokenizer_json):
         sys.exit(f"error: {tokenizer_json}: no such file (train one with train_tokenizer.py)")
     from tokenizers import Tokenizer
@@ -195,19 +192,19 @@ def run_pretrain(args):
     if bos_id is None or eos_id is None:
         sys.exit(f"error: {tokenizer_json}: the tokenizer has no <s>/</s> tokens")
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    base = packed_base(args.data_path[0], args.out_path)
+    base = packed_base(data_paths[0], out_path)
     meta = {"format": "nano-llm packed tokens v1", "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
-            "tokenizer": args.tokenizer_dir, "tokenizer_sha256": tokenizer_sha256(args.tokenizer_dir),
-            "source": args.data_path, "val_ratio": args.val_ratio}
+            "tokenizer": tokenizer_dir, "tokenizer_sha256": tokenizer_sha256(tokenizer_dir),
+            "source": data_paths, "val_ratio": val_ratio}
     train, val = PackedSplit(base, dtype), PackedSplit(base + ".val", dtype)
-    report = BadLines(args.report_limit)
-    total_bytes = sum(os.path.getsize(p) for p in args.data_path)
+    report = BadLines(report_limit)
+    total_bytes = sum(os.path.getsize(p) for p in data_paths)
     t0, n_docs, published = time.time(), 0, False
     pool = None
     try:
-        if args.num_workers > 1:
+        if num_workers > 1:
             import multiprocessing
-            pool = multiprocessing.get_context().Pool(args.num_workers, init_worker, (tokenizer_json, bos_id, eos_id))
+            pool = multiprocessing.get_context().Pool(num_workers, init_worker, (tokenizer_json, bos_id, eos_id))
             submit = lambda chunk: pool.apply_async(encode_chunk, (chunk,))  # noqa: E731
         else:
             init_worker(tokenizer_json, bos_id, eos_id, in_pool=False)  # the tokenizer may use its own threads
@@ -223,22 +220,22 @@ def run_pretrain(args):
                         report.add(*item)
                     report.total += n_items
                     doc_ids = n_docs + np.arange(len(lengths))
-                    is_val = np.floor(doc_ids * args.val_ratio) != np.floor((doc_ids - 1) * args.val_ratio)
+                    is_val = np.floor(doc_ids * val_ratio) != np.floor((doc_ids - 1) * val_ratio)
                     token_is_val = np.repeat(is_val, lengths)
                     train.write(tokens[~token_is_val], lengths[~is_val])
                     val.write(tokens[token_is_val], lengths[is_val])
                     n_docs += len(lengths)
                     bar.update(size)
                     bar.set_postfix(docs=n_docs, tokens=train.n_tokens + val.n_tokens)
-            for chunk, size in read_chunks(args.data_path, args.chunk_bytes):
+            for chunk, size in read_chunks(data_paths, chunk_bytes):
                 pending.append((submit(chunk), size, len(chunk)))
-                drain(2 * max(1, args.num_workers))
+                drain(2 * max(1, num_workers))
             drain(0)
         elapsed = time.time() - t0
-        if not report.verdict(args.max_bad_ratio):
+        if not report.verdict(max_bad_ratio):
             sys.exit(1)
         if n_docs == 0:
-            sys.exit(f"error: no usable document in {', '.join(args.data_path)}")
+            sys.exit(f"error: no usable document in {', '.join(data_paths)}")
         train.commit({**meta, "split": "train"})
         if val.n_docs:
             val.commit({**meta, "split": "val"})
@@ -258,7 +255,12 @@ def run_pretrain(args):
     print(f"{n_docs} documents, {n_tokens} tokens ({train.n_tokens} train in {train.n_docs} docs, {val.n_tokens} val "
           f"in {val.n_docs} docs), {np.dtype(dtype).name}, vocab {vocab_size} -> {base}.bin, {base}.val.bin")
     print(f"throughput: {total_bytes / 1e6 / elapsed:.2f} MB/s, {n_tokens / elapsed:,.0f} tokens/s "
-          f"({elapsed:.1f} s, {max(1, args.num_workers)} process(es))", flush=True)
+          f"({elapsed:.1f} s, {max(1, num_workers)} process(es))", flush=True)
+
+
+def run_pretrain(args):
+    pack_pretrain(args.data_path, args.tokenizer_dir, args.out_path, args.val_ratio, args.num_workers,
+                  args.chunk_bytes, args.report_limit, args.max_bad_ratio)
 
 
 class _Done:
@@ -345,7 +347,7 @@ def run_dpo(args):
 
 
 def run_demo(args):
-    from model.demo_corpus import generate_demo
+    from demo_corpus import generate_demo
     t0 = time.time()
     counts = generate_demo(args.out_dir, args.seed, args.n_people, args.n_bios, args.sft_people_ratio,
                            args.heldout_pair_ratio, args.eval_size, args.dpo_people_ratio)
@@ -354,8 +356,8 @@ def run_demo(args):
         print(f"{path}: {n} records, {os.path.getsize(path) / 1e6:.2f} MB", flush=True)
     print(f"demo corpus generated in {time.time() - t0:.1f} s", flush=True)
     if not args.no_pack:
-        args.data_path, args.out_path = [os.path.join(args.out_dir, "pretrain_data.jsonl")], None
-        run_pretrain(args)
+        pack_pretrain([os.path.join(args.out_dir, "pretrain_data.jsonl")], args.tokenizer_dir, None, args.val_ratio,
+                      args.num_workers, args.chunk_bytes, args.report_limit, args.max_bad_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,10 +385,10 @@ def main(argv=None):
         p.add_argument("--chunk_bytes", type=int, default=1 << 20, help="input bytes sent to a worker at a time")
 
     p = commands.add_parser("demo", help="generate the demo corpus into dataset/demo/ and pack its pretraining text",
-                            description="Generate the demo world (model/demo_corpus.py) into --out_dir: every "
+                            description="Generate the demo world (demo_corpus.py) into --out_dir: every "
                             "canonical file, the eval files and world.json; then pack pretrain_data.jsonl with "
                             "--tokenizer_dir unless --no_pack.")
-    from model.demo_corpus import add_demo_args
+    from demo_corpus import add_demo_args
     add_demo_args(p)
     packing(p)
     common(p, None)

@@ -16,7 +16,7 @@ chat QA about people never seen in SFT, 他/她 follow-ups, refusals for people 
 held-out pairs, alone and after another exchange), DPO's reward accuracy on held-out preference pairs, and sample
 chats.
 
-The demo world (model/demo_corpus.py) holds facts about fictional people; some people are asked about in SFT,
+The demo world (demo_corpus.py) holds facts about fictional people; some people are asked about in SFT,
 the others only appear in the pretraining text. Answering questions about those held-out people, and doing
 arithmetic on number pairs that appear nowhere in training, is only possible if pretraining stored the facts
 and the rules and SFT taught the model to use them. DPO adds one behaviour SFT never shows: "我不知道X是谁。"
@@ -30,39 +30,39 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from model.stages import STAGES
 
-# Model and schedule chosen to fit the 10-minute budget on 2 CPU cores (see README's demo section).
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CHAT_STAGES = [name for name, stage in STAGES.items() if stage.chat]  # the demo trains each, in this order
+
+# Model and schedule chosen to fit the 10-minute budget on 2 CPU cores (see docs/demo.md).
 FULL = dict(
     data=["--n_people", "100", "--n_bios", "16", "--heldout_pair_ratio", "0.2", "--sft_people_ratio", "0.4",
           "--dpo_people_ratio", "0.2"],
     model=["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "256"],
-    # batch 8: twice the steps of batch 16 for ~1.15x the time; 100 people (not 120) and 1600 steps leave a margin
-    # for how much the stored facts vary from run to run (held-out facts completed 75-96%, docs/demo.md)
+    # batch 8: twice the steps of batch 16 for little more time; 100 people and 1600 steps leave a margin for how
+    # much the stored facts vary from run to run (docs/demo.md)
     pretrain=["--max_steps", "1600", "--batch_size", "8", "--learning_rate", "3e-3", "--warmup_iters", "60"],
     # embeddings frozen in the SFT stages: trained, the (tied) output layer learns the SFT people's names as
-    # likely answers to any question, and people never asked about in SFT get an SFT person's name (docs/demo.md:
-    # held-out people QA 52% -> 81% on the same pretrained model)
-    # + a quarter as many rows of the pretraining text as of conversations: SFT moved the model away from what
-    # pretraining stored, and the replay keeps it (held-out people QA 81% -> 93.5%, follow-ups after the
-    # multi-turn stage 76% -> 82%, docs/demo.md); in the multi-turn stage it cost sums asked after another exchange
+    # likely answers to any question, and people never asked about in SFT get an SFT person's name
+    # + a quarter as many rows of the pretraining text as of conversations: SFT moves the model away from what
+    # pretraining stored, and the replay keeps it; in the multi-turn stage it cost sums asked after another
+    # exchange, so that stage has none (both measured in docs/demo.md)
     sft_single=["--max_steps", "200", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "10",
                 "--freeze_embeddings", "--ptx_ratio", "0.25"],
     sft_multi=["--max_steps", "120", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "5",
                "--freeze_embeddings"],
     # the refusal about a person is an answer the SFT model never gives: plain DPO pushes chosen and rejected down
     # together and greedy output falls apart; the NLL term on the chosen answer (RPO) makes it likely. DPO also
-    # disturbs the recall of facts it never asks about (known people QA -1 to -10.5 points): one row of the
-    # pretraining text per pair, its next-token loss weighted 1 (PPO-ptx), keeps them (docs/demo.md; 0.3 was the
-    # better weight before SFT replayed the same text, 1 is now: -1 to +3.5 points in three worlds)
+    # disturbs the recall of facts it never asks about: one row of the pretraining text per pair, its next-token
+    # loss weighted 1 (PPO-ptx), keeps them (the weights tried: docs/demo.md)
     dpo=["--max_steps", "40", "--batch_size", "32", "--learning_rate", "2e-4", "--warmup_iters", "5",
          "--beta", "0.05", "--nll_weight", "1.0", "--ptx_weight", "1.0"],
     eval_limit=None,
 )
 # What the end-to-end test runs: the same world, model and SFT, half the pretraining, DPO at half the rate, 300 eval
-# records. With fewer SFT steps the quick model had not learned to copy a sum's numbers into its answer (125
-# single-turn steps: chat sums 2-12%); DPO at the full plan's rate took the half-pretrained model's greeting apart
-# ("你叫-LLM，…") and answered a follow-up with the identity in the scripted session (docs/demo.md).
+# records. Fewer SFT steps left the quick model unable to copy a sum's numbers into its answer, and DPO at the full
+# plan's rate took the half-pretrained model's greeting apart (docs/demo.md).
 QUICK = {**FULL,
          "pretrain": ["--max_steps", "800", *FULL["pretrain"][2:]],
          "dpo": [*FULL["dpo"][:4], "--learning_rate", "1e-4", *FULL["dpo"][6:]],
@@ -70,9 +70,8 @@ QUICK = {**FULL,
 # The demo world uses ~340 distinct characters: a 1024-token vocabulary holds each as one token and makes the
 # output layer 6x cheaper than the default 6400.
 VOCAB_SIZE = "1024"
-# --lora: rank 4 on every projection trains ~4% of this model's parameters; adapters take a 5-20x higher rate (on
-# the demo as it is now, the rates of the first LoRA runs, 5e-3 / 2.5e-3 / 1e-4, left the sums at 11-15% and the
-# refusal at 12%: docs/lora.md)
+# --lora: rank 4 on every projection trains a few % of this model's parameters; adapters take a 5-20x higher rate
+# than full fine-tuning (the rates tried: docs/lora.md)
 LORA = dict(flags=["--lora_rank", "4"], learning_rate={"sft_single": "2e-2", "sft_multi": "5e-3", "dpo": "1e-3"})
 COMMON = ["--dtype", "auto", "--log_interval", "10", "--save_interval", "100000"]
 
@@ -112,7 +111,7 @@ def main():
          "--out_dir", tokenizer_dir, "--vocab_size", VOCAB_SIZE, "--pretokenizer", "cjk_chars")  # prompts cut anywhere
     step("pack", script("data_process.py"), "pretrain", "--data_path", os.path.join(data, "pretrain_data.jsonl"),
          "--tokenizer_dir", tokenizer_dir)
-    runs = {name: os.path.join(out, name) for name in ("pretrain", "sft_single", "sft_multi", "dpo")}
+    runs = {name: os.path.join(out, name) for name in STAGES}  # out/demo/<stage>: the server and 2-eval.py find them
     step("pretrain", script("1-pretrain.py"), "--data_path", os.path.join(data, "pretrain_data.bin"),
          "--tokenizer_dir", tokenizer_dir, "--vocab_size", VOCAB_SIZE, "--out_dir", runs["pretrain"], *plan["model"],
          *plan["pretrain"], *COMMON, "--eval_interval", "100")
@@ -127,7 +126,7 @@ def main():
          "--init_from", runs["sft_multi"], "--out_dir", runs["dpo"], *plan["dpo"], *ptx, *COMMON)
     if args.lora:  # the same three stages, same data and steps, as LoRA from the same pretrained model
         lr = lambda stage: ["--learning_rate", LORA["learning_rate"][stage]]  # noqa: E731 (argparse: last wins)
-        runs.update({f"{name}_lora": os.path.join(out, f"{name}_lora") for name in ("sft_single", "sft_multi", "dpo")})
+        runs.update({f"{name}_lora": os.path.join(out, f"{name}_lora") for name in CHAT_STAGES})
         step("sft_single_lora", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_single.jsonl"),
              "--init_from", runs["pretrain"], "--out_dir", runs["sft_single_lora"], *plan["sft_single"], *ptx, *COMMON,
              *LORA["flags"], *lr("sft_single"))
@@ -153,7 +152,9 @@ def main():
 
 def evaluate_all(runs, data, limit):
     """Held-out accuracy of every stage's model (greedy), plus a few sample chats from the final model."""
-    from model.evaluate import encode_chat, generate_batch, load_checkpoint, score_eval_file
+    from model.chat import encode_chat
+    from model.evaluate import load_checkpoint, score_eval_file
+    from model.generate import generate_batch
 
     results = {}
     # the pretrained model is also asked the chat questions: the baseline that shows what SFT adds
@@ -179,23 +180,19 @@ def evaluate_all(runs, data, limit):
 def score_preference_pairs(runs, path, beta):
     """DPO's reward accuracy and mean margin on held-out preference pairs, with the log-prob code 4-dpo.py trains
     with: reward = beta * (log pi(answer) - log ref(answer)), pi = the DPO model, ref = its starting model."""
-    import importlib.util
-
     import torch
 
     from model.dataset import DPODataset
+    from model.dpo import policy_logps
     from model.evaluate import load_checkpoint
 
-    spec = importlib.util.spec_from_file_location("dpo_stage", os.path.join(ROOT, "4-dpo.py"))
-    dpo_stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dpo_stage)
     logps = {}
     for name in ("sft_multi", "dpo"):
         model, tokenizer, _ = load_checkpoint(runs[name], device="cpu", dtype="float32")
         dataset = DPODataset(path, tokenizer, model.config.max_seq_len)
         batch = dataset.collate([dataset[i] for i in range(len(dataset))])
         with torch.no_grad():
-            logps[name] = dpo_stage.policy_logps(model, batch)
+            logps[name] = policy_logps(model, batch)
     chosen = beta * (logps["dpo"][0] - logps["sft_multi"][0])
     rejected = beta * (logps["dpo"][1] - logps["sft_multi"][1])
     margin = chosen - rejected
@@ -260,7 +257,7 @@ def lora_comparison(runs, results, times, peak_rss):
         with safe_open(path, "pt") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     n_base = n_params(os.path.join(runs["pretrain"], "model.safetensors"))
-    for stage in ("sft_single", "sft_multi", "dpo"):
+    for stage in CHAT_STAGES:
         for name in (stage, f"{stage}_lora"):
             n_train = n_params(os.path.join(runs[name], "adapter_model.safetensors")) if name.endswith("_lora") \
                 else n_base
@@ -276,7 +273,7 @@ def write_report(out, plan, runs, results, times, total, peak_rss=None):
     lines = ["# nano-LLM demo report", "",
              f"Total wall time: **{total / 60:.1f} min** ({os.cpu_count()} CPU cores visible).", "",
              "## Config", "", "```", "model: " + " ".join(plan["model"])]
-    lines += [f"{stage}: " + " ".join(plan[stage]) for stage in ("pretrain", "sft_single", "sft_multi", "dpo")]
+    lines += [f"{stage}: " + " ".join(plan[stage]) for stage in STAGES]
     lines += ["```", "", "## Stages", "", "| stage | wall time | final train loss | final val loss |", "|---|---|---|---|"]
     for name, seconds in times.items():
         train, val = final_losses(runs[name]) if name in runs else (None, None)

@@ -39,8 +39,9 @@ import sys
 
 import torch
 
-from model import evaluate, generate
-from model.runtime import BadLines, StageError
+from model import evaluate, generate, stages
+from model.chat import encode_chat, encode_completion, encode_texts
+from model.errors import BadLines, StageError
 
 CHOICES = ("A", "B", "C", "D")
 REQUIRED = ("question", "a", "b", "c", "d", "answer")
@@ -143,19 +144,18 @@ def encode_prompt(tokenizer, q, shots, subject_name, chat=True):
     header = f"以下是中国关于{subject_name}考试的单项选择题，请选出其中的正确答案。\n\n"
     if not chat:
         text = header + "".join(question_block(s) + s["answer"] + "\n\n" for s in shots) + question_block(q)
-        return evaluate.encode_completion(tokenizer, text)
+        return encode_completion(tokenizer, text)
     messages = []
     for k, shot in enumerate(shots):
         messages += [{"role": "user", "content": (header if k == 0 else "") + question_block(shot)},
                      {"role": "assistant", "content": shot["answer"]}]
     messages.append({"role": "user", "content": ("" if shots else header) + question_block(q)})
-    return evaluate.encode_chat(tokenizer, messages)
+    return encode_chat(tokenizer, messages)
 
 
 def choice_token_ids(tokenizer):
     ids = []
-    for c in CHOICES:
-        encoded = tokenizer(c, add_special_tokens=False)["input_ids"]
+    for c, encoded in zip(CHOICES, encode_texts(tokenizer, CHOICES)):
         if len(encoded) != 1:
             raise StageError(f"the tokenizer splits {c!r} into {len(encoded)} tokens; choice scoring needs one")
         ids.append(encoded[0])
@@ -265,8 +265,8 @@ def main():
     parser.add_argument("--shots", type=int, default=0, help="solved examples from dev/ before each question")
     parser.add_argument("--subjects", default=None, help="comma-separated subjects to score (default: all)")
     parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint directory (default: the newest of out/dpo_*, out/sft_multi_*, out/sft_single_*; "
-                             "with --no_chat_template the newest out/pretrain_*)")
+                        help="checkpoint directory (default: the newest of out/dpo_*, out/sft_multi_*, out/sft_single_*, "
+                             "also one folder down as in out/demo/dpo; with --no_chat_template the newest pretrain run)")
     parser.add_argument("--tokenizer_dir", default=None,
                         help="tokenizer directory (default: the checkpoint's copy, else model/tokenizer)")
     parser.add_argument("--no_chat_template", action="store_true",
@@ -281,8 +281,8 @@ def main():
     if args.shots < 0 or args.batch_size < 1:
         raise StageError("--shots must be >= 0 and --batch_size >= 1")
 
-    stages = evaluate.PRETRAIN_STAGES if args.no_chat_template and not args.checkpoint else evaluate.CHAT_STAGES
-    model, tokenizer, checkpoint = evaluate.load_checkpoint(args.checkpoint, stages, args.device, args.dtype,
+    search = stages.PRETRAIN_STAGES if args.no_chat_template and not args.checkpoint else stages.CHAT_STAGES
+    model, tokenizer, checkpoint = evaluate.load_checkpoint(args.checkpoint, search, args.device, args.dtype,
                                                             args.tokenizer_dir)
     print(f"checkpoint {checkpoint}, {args.data_dir} ({args.split}), {args.shots}-shot", file=sys.stderr)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None

@@ -36,10 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import LMConfig, Transformer, checkpoint, corpora, trainer
+from model import checkpoint, corpora, trainer
+from model.LMConfig import LMConfig
+from model.model import Transformer
+from model.chat import IGNORE_INDEX, encode_completion, tokenizer_sha256
 from model.dataset import PretrainDataset
 from model.metrics import read_rows
-from model.runtime import StageError, autocast, init_runtime, resolve_dtype, run_stage
+from model.runtime import autocast, init_runtime, training_precision, run_stage
+from model.errors import StageError
 
 # Today's defaults (model/LMConfig.py, 1-pretrain.py) and the recipe measured best for 5 minutes on 2 CPU cores
 # (docs/speedrun.md). Flags given on the command line override either.
@@ -117,10 +121,8 @@ def prepare_data(args) -> str:
     train_tokenizer.save_tokenizer_dir(tokenizer, tok_dir)
     # train first: packing with --val_ratio 0 removes a stale <base>.val.*, which the val part then becomes
     for part, out in (("train", "train"), ("val", "train.val")):
-        data_process.run_pretrain(argparse.Namespace(
-            data_path=[os.path.join(data_dir, f"{part}.jsonl")], tokenizer_dir=tok_dir,
-            out_path=os.path.join(data_dir, out), val_ratio=0.0, num_workers=1, chunk_bytes=1 << 20,
-            report_limit=20, max_bad_ratio=0.01))
+        data_process.pack_pretrain([os.path.join(data_dir, f"{part}.jsonl")], tok_dir,
+                                   out_path=os.path.join(data_dir, out), val_ratio=0.0)
     with open(done, "w") as f:
         json.dump({"sources": sources, "train_docs": len(train), "val_docs": len(val),
                    "val_bytes": sum(len(t.encode("utf-8")) for t in val)}, f, indent=2)
@@ -143,14 +145,14 @@ def bits_per_byte(model, tokens, n_bytes: int, seq_len: int, batch_size: int, de
     for i in range(0, len(starts), batch_size):
         rows = starts[i:i + batch_size]
         x = torch.zeros(len(rows), seq_len, dtype=torch.long)
-        y = torch.full((len(rows), seq_len), trainer.IGNORE, dtype=torch.long)
+        y = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
         for r, s in enumerate(rows):
             n = min(seq_len, n_targets - s)
             x[r, :n], y[r, :n] = tokens[s:s + n], tokens[s + 1:s + 1 + n]
         with autocast(device, dtype):
             logits = model(input_ids=x.to(device)).logits
         nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
-                                      ignore_index=trainer.IGNORE, reduction="sum"))
+                                      ignore_index=IGNORE_INDEX, reduction="sum"))
     model.train(was_training)
     return {"val_bpb": nats / math.log(2) / n_bytes, "val_nats_per_token": nats / n_targets,
             "val_targets": n_targets, "val_bytes": n_bytes}
@@ -160,7 +162,7 @@ def bits_per_byte(model, tokens, n_bytes: int, seq_len: int, batch_size: int, de
 def greedy(model, tokenizer, prompt: str, max_new: int, device) -> str:
     """Greedy continuation of <s> + prompt (no KV cache: a handful of short prompts)."""
     model.eval()
-    ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = encode_completion(tokenizer, prompt)
     for _ in range(max_new):
         next_id = int(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].argmax())
         if next_id == tokenizer.eos_token_id:
@@ -176,7 +178,7 @@ def hf_loss(model, batch):
     """trainer.lm_loss for a model that takes no shift_labels: the summed next-token loss."""
     logits = model(input_ids=batch["input_ids"]).logits
     return F.cross_entropy(logits.float().flatten(0, 1), batch["shift_labels"].flatten(),
-                           ignore_index=trainer.IGNORE, reduction="sum"), {}
+                           ignore_index=IGNORE_INDEX, reduction="sum"), {}
 
 
 def z_loss_fn(coef: float):
@@ -185,8 +187,8 @@ def z_loss_fn(coef: float):
     def loss_fn(model, batch):
         logits = model(input_ids=batch["input_ids"]).logits.float().flatten(0, 1)
         labels = batch["shift_labels"].flatten()
-        keep = labels != trainer.IGNORE
-        ce = F.cross_entropy(logits, labels, ignore_index=trainer.IGNORE, reduction="sum")
+        keep = labels != IGNORE_INDEX
+        ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
         z = (torch.logsumexp(logits[keep], dim=-1) ** 2).sum()
         return ce + coef * z, {"z_loss": z.detach()}
     return loss_fn
@@ -220,7 +222,7 @@ def build_model(config, hf: bool, seed: int):
 def train_and_measure(args, config, data_dir, tokenizer, runtime, run_dir, hf=False) -> dict:
     tok_dir = os.path.join(data_dir, "tokenizer")
     train_set = PretrainDataset(os.path.join(data_dir, "train.bin"), config.max_seq_len,
-                                tokenizer_sha256=checkpoint.tokenizer_sha256(tok_dir))
+                                tokenizer_sha256=tokenizer_sha256(tok_dir))
     model = build_model(config, hf, args.seed)
     resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
     if runtime.is_master and not hf:
@@ -230,14 +232,14 @@ def train_and_measure(args, config, data_dir, tokenizer, runtime, run_dir, hf=Fa
     print(f"{'HF Llama' if hf else 'nano-LLM'}: {n_params / 1e6:.2f}M parameters, {len(train_set)} rows of "
           f"{config.max_seq_len} tokens, {args.max_minutes} min -> {run_dir}  (loadavg {' '.join(load_before)})")
     settings = {"data": os.path.abspath(os.path.join(data_dir, "train.bin")),
-                "tokenizer_sha256": checkpoint.tokenizer_sha256(tok_dir)}
+                "tokenizer_sha256": tokenizer_sha256(tok_dir)}
     loss_fn = z_loss_fn(args.z_loss) if args.z_loss else hf_loss if hf else trainer.lm_loss
     model = trainer.fit(model, train_set, None, loss_fn, args, runtime, run_dir,
                         title="speedrun" + (" (HF)" if hf else ""), settings=settings, resuming=resuming)
     load_after = open("/proc/loadavg").read().split()[:3]
     timing = [r for r in read_rows(os.path.join(run_dir, "metrics.jsonl")) if "train_seconds" in r][-1]
     tokens = timing["steps_this_run"] * args.batch_size * args.accumulation_steps * config.max_seq_len
-    dtype = resolve_dtype(args.dtype, runtime.device)
+    dtype = training_precision(args.dtype, runtime.device)
     with open(os.path.join(data_dir, "done.json")) as f:
         val_bytes = json.load(f)["val_bytes"]
     val_tokens = np.memmap(os.path.join(data_dir, "train.val.bin"),

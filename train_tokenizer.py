@@ -23,10 +23,12 @@ The tokenizer
     per character); every digit is its own piece, so numbers are read digit by digit (what lets a small model
     learn arithmetic). llama.cpp implements this exact pattern (pre-tokenizer "qwen2"), which is what lets
     export_model.py --gguf write a GGUF file that llama.cpp tokenizes exactly as we do.
-  cjk_chars: GPT-2's pattern with every CJK ideograph and every digit its own piece. A prompt cut between
-    any two characters ("张伟出生于" | "杭州") is then tokenised exactly as in training, which the demo's
-    completion prompts rely on (demo.py trains its own tokenizer with it). llama.cpp has no such
-    pre-tokenizer, so a model trained with it exports to transformers but not to GGUF.
+  cjk_chars: BPE is trained on GPT-2's pattern with every CJK ideograph and every digit its own piece, so it
+    learns no merge that joins two ideographs: side by side they stay one token each (or their own byte pieces),
+    and a prompt cut between any two characters ("张伟出生于" | "杭州") is tokenised exactly as in training,
+    which the demo's completion prompts rely on (demo.py trains its own tokenizer with it). The tokenizer it
+    writes splits with Qwen2's pattern, as the default does: it gives the same tokens as the training split on
+    every text of the demo corpus (tests/test_tokenizer.py), and llama.cpp runs it (export_model.py --gguf).
 - tokenizer_config.json carries the seed's chat template, so apply_chat_template works in any
   transformers-based tool:
       [<s>system\n{system}</s>\n] <s>user\n{q}</s>\n<s>assistant\n{a}</s>\n ...   (+ "<s>assistant\n" as generation prompt)
@@ -43,15 +45,10 @@ import time
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from model.chat import CHAT_TEMPLATE  # the chat format's one home; the tokenizer carries it for transformers/llama.cpp
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 in this order, as in the seed
 CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs (extension A, unified, compatibility)
-# No "-" whitespace control next to the newlines: "</s>\n" between turns is part of the format.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 
 
 PRETOKENIZERS = ("qwen2", "cjk_chars")
@@ -61,8 +58,9 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 
 
 def pretokenize_pattern(pretokenizer="qwen2"):
-    """The split regex of a --pretokenizer choice. cjk_chars is one regex for GPT-2's pattern + single digits +
-    single CJK ideographs (~1.5x faster than chaining Split + Digits + ByteLevel's own regex, same pieces)."""
+    """The split regex BPE is trained with for a --pretokenizer choice. cjk_chars is one regex for GPT-2's pattern +
+    single digits + single CJK ideographs (~1.5x faster than chaining Split + Digits + ByteLevel's own regex, same
+    pieces); every tokenizer is written with QWEN2_PATTERN (train())."""
     if pretokenizer == "qwen2":
         return QWEN2_PATTERN
     if pretokenizer == "cjk_chars":
@@ -154,6 +152,9 @@ def train(texts, vocab_size=6400, pretokenizer="qwen2", min_frequency=2):
     )
     t0 = time.time()
     tokenizer.train_from_iterator(texts, trainer=trainer)  # the reading bar has the ETA
+    # written with Qwen2's split, which llama.cpp implements; for cjk_chars, trained one ideograph per piece, no
+    # merge joins two ideographs, so the split changes no token of the demo corpus (tests/test_tokenizer.py)
+    tokenizer.pre_tokenizer = build_tokenizer("qwen2").pre_tokenizer
     print(f"trained {tokenizer.get_vocab_size()} tokens in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     for token_id, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == token_id, f"{token} must have id {token_id}"
@@ -174,7 +175,8 @@ def main():
                         help="a pair seen fewer times than this is never merged")
     parser.add_argument("--pretokenizer", choices=PRETOKENIZERS, default="qwen2",
                         help="qwen2: letter runs (CJK included) merge, digits single, llama.cpp/GGUF-compatible; "
-                             "cjk_chars: every CJK ideograph and digit its own piece (the demo's choice)")
+                             "cjk_chars: no merge across CJK ideographs or digits, each its own token, also llama.cpp/GGUF-"
+                             "compatible (the demo's choice)")
     parser.add_argument("--model_max_length", type=int, default=32768,
                         help="written to tokenizer_config.json; only a hint for external tools")
     args = parser.parse_args()

@@ -1,5 +1,5 @@
 """
-Checkpoints and run directories: find the previous stage's run, load it strictly, save training checkpoints
+Checkpoints and run directories: load the previous stage's run strictly (model/stages.py finds it), save training checkpoints
 atomically, list and prune them, restore the training state for an exact resume.
 
 Run directory layout (out/<stage>_<dim>[_moe]/):
@@ -14,7 +14,6 @@ previous one loadable. training_state.pt holds only tensors and plain types: it 
 """
 import os
 import random
-import re
 import shutil
 import time
 
@@ -24,34 +23,12 @@ import torch
 from . import lora
 from .LMConfig import LMConfig
 from .model import Transformer
-from .data_formats import tokenizer_sha256  # noqa: F401  (the run's tokenizer identity, as packed files record it)
-from .runtime import DEFAULT_TOKENIZER_DIR, StageError
+from .chat import DEFAULT_TOKENIZER_DIR, TOKENIZER_FILES, load_tokenizer, tokenizer_sha256
+from .errors import StageError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # Fields that change a tensor's shape: a checkpoint must agree on all of them to be loaded.
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "use_moe",
                 "n_routed_experts", "n_shared_experts")
-
-
-def run_name(stage: str, config: LMConfig) -> str:
-    return f"{stage}_{config.dim}{'_moe' if config.use_moe else ''}"
-
-
-def find_run(stage: str, dim=None, use_moe=None, root="out"):
-    """Newest out/<stage>_<dim>[_moe] directory holding weights (or a LoRA adapter), narrowed by dim/use_moe."""
-    pattern = re.compile(rf"^{re.escape(stage)}_(\d+)(_moe)?$")
-    found = []
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        match = pattern.match(name)
-        weights = os.path.join(root, name, "model.safetensors")
-        if lora.is_adapter_dir(os.path.join(root, name)):
-            weights = os.path.join(root, name, lora.ADAPTER_WEIGHTS)
-        if not match or not os.path.isfile(weights):
-            continue
-        if (dim is not None and int(match.group(1)) != dim) or (use_moe is not None and bool(match.group(2)) != use_moe):
-            continue
-        found.append((os.path.getmtime(weights), os.path.join(root, name)))
-    return max(found)[1] if found else None
 
 
 def load_init_model(init_dir: str, overrides: dict) -> Transformer:
@@ -97,20 +74,6 @@ def start_from_checkpoint(init_dir: str, args, overrides: dict):
                          f"{init_dir} was trained with (sha256 {tokenizer_sha256(init_dir)[:12]}): drop "
                          f"--tokenizer_dir to use the checkpoint's own")
     return model, load_tokenizer(tokenizer_dir, model.config.vocab_size), tokenizer_dir
-
-
-def load_tokenizer(tokenizer_dir, vocab_size: int):
-    """AutoTokenizer from a directory, checked against the model's vocabulary (a mismatch fails at step 0
-    with an index error otherwise)."""
-    from transformers import AutoTokenizer
-    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-        raise StageError(f"no tokenizer.json in {tokenizer_dir}: train one with train_tokenizer.py or pass --tokenizer_dir")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if len(tokenizer) != vocab_size:
-        raise StageError(f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{vocab_size}: pass --vocab_size {len(tokenizer)} (or edit model/LMConfig.py) when "
-                         f"pretraining, or use the tokenizer the model was trained with")
-    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,9 +198,12 @@ def save_checkpoint(run_dir: str, model, training_state: dict, keep_last: int):
 # ----------------------------------------------------------------------------------------------------------
 # resuming
 
-# Settings a resumed run must share with the run it continues: each decides which example a step sees or what
-# an id means. total_steps may change (a longer --max_steps): the schedule is then re-fitted from there on.
-MUST_MATCH = ("batch_size", "accumulation_steps", "world_size", "seed", "data", "n_examples", "tokenizer_sha256")
+# Settings a resumed run must share with the run it continues: each decides which example a step sees, what it
+# holds, or what an id means. total_steps may change (a longer --max_steps): the schedule is then re-fitted from
+# there on. ptx_*: the pretraining replay (None: no replay) and its file's length in rows, which the rows drawn
+# depend on; doc_mask: whether packed documents see each other.
+MUST_MATCH = ("batch_size", "accumulation_steps", "world_size", "seed", "data", "n_examples", "tokenizer_sha256",
+              "doc_mask", "ptx_data", "ptx_file_rows", "ptx_rows", "ptx_seq_len")
 
 
 def check_settings(saved: dict, current: dict, where: str):

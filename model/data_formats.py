@@ -18,7 +18,6 @@ Canonical records:
 """
 import ast
 import csv
-import hashlib
 import io
 import json
 import os
@@ -435,12 +434,3 @@ def zh_ratio(text):
     if not chars:
         return 0.0
     return sum("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in chars) / len(chars)
-
-
-def tokenizer_sha256(tokenizer_dir) -> str:
-    """sha256 of the tokenizer's tokenizer.json bytes: the identity recorded in packed files' meta.json."""
-    digest = hashlib.sha256()
-    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -25,14 +25,8 @@ Order, sharding and exact resume are the sampler's job (model.trainer.ResumableB
 (seed, epoch), sharded by rank, starting at any batch). Items here depend only on the index, so any sampler
 works, and the datasets hold no open file or memmap when pickled to DataLoader workers.
 
-Chat rendering is the tokenizer's chat template (train_tokenizer.py), built piece by piece so the label spans
-are exact: per message `<s>{role}\\n` + content + `</s>` + `\\n`. For normal text the ids equal
-tokenizer.apply_chat_template(messages) (tests/test_dataset.py checks it on the demo corpus). Message content is
-encoded with special tokens disabled: a "</s>" typed by a user is text, not an end of turn.
-Truncation to max_seq_len keeps the first max_seq_len tokens; if that would leave no label (a prompt longer
-than the window) the window moves to start max_seq_len // 2 tokens before the first labelled token (or to end
-at the last token, whichever is earlier). Labels are fixed per token before cutting, so truncation never puts a
-label on a prompt token.
+Conversations become ids and labels through model/chat.py's ChatEncoder (the one home of the chat format and of
+truncation to max_seq_len).
 
 Bad records: data_process.py validates and reports bad lines; SFTDataset and DPODataset check every record of
 their canonical file at construction (whatever pack is), list the bad ones as `file:line: reason` (BadLines) and
@@ -51,10 +45,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data_formats import publish, tokenizer_sha256  # noqa: F401  (model.dataset.tokenizer_sha256 as before)
+from .chat import IGNORE_INDEX, ChatEncoder
+from .data_formats import publish
 from .errors import BadLines, StageError
-
-IGNORE = -100
 
 
 _warned_unchecked = set()  # packed files already warned about (no tokenizer_sha256 in their meta)
@@ -72,7 +65,7 @@ class PretrainDataset(Dataset):
     token, so every token is a target exactly once and no row is padded."""
 
     def __init__(self, path, max_seq_len, doc_mask=False, tokenizer_sha256=None):
-        """tokenizer_sha256: the hash (model.dataset.tokenizer_sha256) of the tokenizer the run uses; a packed
+        """tokenizer_sha256: the hash (model.chat.tokenizer_sha256) of the tokenizer the run uses; a packed
         file made with another tokenizer is then a StageError (its ids would mean other tokens)."""
         meta_path = packed_meta_path(path)
         if not os.path.isfile(path) or not os.path.isfile(meta_path):
@@ -119,7 +112,7 @@ class PretrainDataset(Dataset):
             last_start = torch.cummax(torch.where(is_start, index, 0), dim=0).values
             item["position_ids"] = index - last_start
             # </s> -> next document's <s> crosses a boundary the model is not allowed to look across
-            item["shift_labels"][row[1:] == self.bos_id] = IGNORE
+            item["shift_labels"][row[1:] == self.bos_id] = IGNORE_INDEX
         return item
 
 
@@ -201,55 +194,6 @@ def index_lines(path):
                 line_nos.append(line_no)
             pos += len(raw)
     return np.array(offsets, dtype=np.int64), np.array(line_nos, dtype=np.int64)
-
-
-class ChatEncoder:
-    """Messages -> (input_ids, labels) with the chat template's layout and exact assistant label spans."""
-
-    def __init__(self, tokenizer, max_seq_len):
-        self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
-        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        self.newline = self._encode(["\n"])[0]
-        self._prefix = {}
-
-    def _encode(self, texts):
-        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
-
-    def prefix(self, role):
-        if role not in self._prefix:
-            self._prefix[role] = [self.bos_id] + self._encode([f"{role}\n"])[0]
-        return self._prefix[role]
-
-    def encode(self, messages, train_on="all"):
-        """train_on: "all" = every assistant turn (SFT), "last" = only the final assistant turn (DPO response)."""
-        return self.assemble(messages, self._encode([m["content"] for m in messages]), train_on)
-
-    def encode_many(self, conversations, train_on="all"):
-        """encode() of many conversations with one tokenizer call (the same result, faster)."""
-        contents = iter(self._encode([m["content"] for messages in conversations for m in messages]))
-        return [self.assemble(messages, [next(contents) for _ in messages], train_on) for messages in conversations]
-
-    def assemble(self, messages, contents, train_on="all"):
-        last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
-        ids, labels = [], []
-        for k, (message, content) in enumerate(zip(messages, contents)):
-            prefix, suffix = self.prefix(message["role"]), [self.eos_id] + self.newline
-            learn = message["role"] == "assistant" and (train_on == "all" or k == last)
-            ids += prefix + content + suffix
-            labels += [IGNORE] * len(prefix)
-            labels += content + [self.eos_id] if learn else [IGNORE] * (len(content) + 1)
-            labels += [IGNORE] * len(self.newline)
-        return self.truncate(ids, labels)
-
-    def truncate(self, ids, labels):
-        if len(ids) <= self.max_seq_len:
-            return ids, labels
-        start = 0
-        if all(label == IGNORE for label in labels[:self.max_seq_len]):  # the window would teach nothing
-            first = next(i for i, label in enumerate(labels) if label != IGNORE)
-            start = max(0, min(first - self.max_seq_len // 2, len(ids) - self.max_seq_len))
-        return ids[start:start + self.max_seq_len], labels[start:start + self.max_seq_len]
 
 
 def _check_messages(messages, where):
@@ -430,7 +374,7 @@ class SFTDataset(_JsonlRecords):
         def flush():
             for i, (ids, labels) in zip((i for i, _ in pending), self.encoder.encode_many([m for _, m in pending])):
                 ids, labels = np.array(ids, dtype=np.int64), np.array(labels, dtype=np.int64)
-                target = labels != IGNORE
+                target = labels != IGNORE_INDEX
                 assert (labels[target] == ids[target]).all()  # a label is always its own token: a mask suffices
                 ids_file.write(ids.astype(dtype).tobytes())
                 labels_file.write(target.astype(np.uint8).tobytes())
@@ -504,7 +448,7 @@ class SFTDataset(_JsonlRecords):
         bounds = np.asarray(starts[first:last + 1])
         a, b = int(bounds[0]), int(bounds[-1])
         ids = torch.from_numpy(ids_mm[a:b].astype(np.int64))
-        labels = torch.where(torch.from_numpy(labels_mm[a:b].astype(bool)), ids, IGNORE)
+        labels = torch.where(torch.from_numpy(labels_mm[a:b].astype(bool)), ids, IGNORE_INDEX)
         positions = torch.arange(b - a) - torch.from_numpy(np.repeat(bounds[:-1] - a, np.diff(bounds)))
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
@@ -512,7 +456,7 @@ class SFTDataset(_JsonlRecords):
         length = max(len(item["input_ids"]) for item in batch)
         out = {
             "input_ids": pad_right([b["input_ids"] for b in batch], self.pad_id, length),
-            "labels": pad_right([b["labels"] for b in batch], IGNORE, length),
+            "labels": pad_right([b["labels"] for b in batch], IGNORE_INDEX, length),
             "attention_mask": pad_right([torch.ones_like(b["input_ids"]) for b in batch], 0, length),
         }
         if "position_ids" in batch[0]:  # padding continues the last conversation's positions
@@ -529,6 +473,7 @@ class DPODataset(_JsonlRecords):
 
     def __init__(self, path, tokenizer, max_seq_len):
         super().__init__(path, tokenizer, max_seq_len)
+        self.whole = ChatEncoder(tokenizer)  # uncut: the window is chosen for the pair in __getitem__
         self.validate()
 
     def messages(self, record, where):
@@ -538,9 +483,16 @@ class DPODataset(_JsonlRecords):
 
     def __getitem__(self, i):
         sides = self.messages(*self.record(i))
+        pair = {side: self.whole.encode(sides[side], train_on="last") for side in ("chosen", "rejected")}
+        # One window start for both sides (each side's own start depends on its length: a prompt longer than the
+        # context was cut at two places, and the two responses were scored under different prompts). The later of
+        # the two keeps the start of both responses.
+        length = self.encoder.max_seq_len
+        start = max(self.encoder.window_start(labels, len(ids)) if len(ids) > length else 0
+                    for ids, labels in pair.values())
         item = {}
-        for side in ("chosen", "rejected"):
-            ids, labels = self.encoder.encode(sides[side], train_on="last")
+        for side, (ids, labels) in pair.items():
+            ids, labels = ids[start:start + length], labels[start:start + length]
             item[f"{side}_input_ids"], item[f"{side}_labels"] = torch.tensor(ids), torch.tensor(labels)
         return item
 
@@ -550,7 +502,7 @@ class DPODataset(_JsonlRecords):
         for side in ("chosen", "rejected"):
             ids = [b[f"{side}_input_ids"] for b in batch]
             out[f"{side}_input_ids"] = pad_right(ids, self.pad_id, length)
-            out[f"{side}_labels"] = pad_right([b[f"{side}_labels"] for b in batch], IGNORE, length)
+            out[f"{side}_labels"] = pad_right([b[f"{side}_labels"] for b in batch], IGNORE_INDEX, length)
             out[f"{side}_attention_mask"] = pad_right([torch.ones_like(x) for x in ids], 0, length)
         return out
 
@@ -559,4 +511,4 @@ def token_fractions(batch):
     """Useful-token measures of a collated chat batch: non-padding share and labelled share of all positions."""
     mask = batch.get("attention_mask", batch.get("chosen_attention_mask"))
     labels = batch.get("labels", batch.get("chosen_labels"))
-    return {"non_pad": mask.float().mean().item(), "labelled": (labels != IGNORE).float().mean().item()}
+    return {"non_pad": mask.float().mean().item(), "labelled": (labels != IGNORE_INDEX).float().mean().item()}

@@ -2,15 +2,15 @@
 Batched decoding engine for the server (serve_openai_api.py): many requests share one model and decode together.
 
 One background thread runs the loop. Each step it
-  1. drops the requests whose client went away (Request.cancel),
+  1. drops the requests whose client went away (GenerationRequest.cancel),
   2. admits waiting requests into free slots: prefill the prompt alone (exactly as generate_stream does), sample
      the first token, copy the prompt's keys/values into the request's slot of the shared cache,
   3. decodes one token for every active request in a single forward pass, and retires the finished ones.
 So a request joins at the next step, leaves when it is done, and its slot is reused at once.
 
     engine = Engine(model, eos_token_id=tokenizer.eos_token_id, max_batch=16, max_queue=64).start()
-    request = Request(prompt_ids, max_new_tokens=100, temperature=0.0, on_token=print)
-    engine.submit(request)     # raises EngineFull when max_batch + max_queue requests are in already
+    request = GenerationRequest(prompt_ids, max_new_tokens=100, temperature=0.0, on_token=print)
+    engine.submit(request)     # raises QueueFullError when max_batch + max_queue requests are in already
 
 Cache layout: rows 0..n-1 of a preallocated (layers, max_batch, kv_heads, max_seq_len, head_dim) buffer hold the
 n active requests, right-aligned: every row's tokens end at the shared column `end`, shorter rows start later and
@@ -32,11 +32,11 @@ import torch
 from .generate import KVCache, sample_next
 
 
-class EngineFull(Exception):
+class QueueFullError(Exception):
     """max_batch requests are decoding and max_queue more are waiting."""
 
 
-class Request:
+class GenerationRequest:
     """One generation. on_token(token_id) is called from the engine thread for every new token; on_done(reason,
     error) once at the end, reason "stop" (eos), "length" (max_new_tokens), "cancelled" or "error"."""
 
@@ -107,21 +107,31 @@ class Engine:
             self.wakeup.notify()
         self.thread.join(timeout=10)
 
-    def submit(self, request: Request):
+    def submit(self, request: GenerationRequest):
         if not 1 <= len(request.prompt) < self.max_len:
             raise ValueError(f"the prompt is {len(request.prompt)} tokens; the context holds {self.max_len}")
         # never past the context: the last token generated is not fed back, so prompt + new <= max_len fits
         request.max_new_tokens = max(1, min(request.max_new_tokens, self.max_len - len(request.prompt)))
         with self.wakeup:
+            self._drop_cancelled_waiting()
             if len(self.rows) + self.n_prefilling + len(self.waiting) >= self.max_batch + self.max_queue:
-                raise EngineFull(f"{self.max_batch} requests running and {self.max_queue} waiting")
+                raise QueueFullError(f"{self.max_batch} requests running and {self.max_queue} waiting")
             self.waiting.append(request)
             self.wakeup.notify()
 
     def load(self) -> dict:
         with self.wakeup:  # a request moves from prefilling to rows under this lock: never counted 0 or 2 times
+            self._drop_cancelled_waiting()
             return {"running": len(self.rows) + self.n_prefilling, "waiting": len(self.waiting),
                     "max_batch": self.max_batch, "max_queue": self.max_queue, "decode_steps": self.n_steps}
+
+    def _drop_cancelled_waiting(self):
+        """Requests cancelled while waiting leave the queue now (with the lock held), not when a slot frees up:
+        until then they would hold places of max_queue."""
+        if any(request.cancelled for request in self.waiting):
+            for request in [r for r in self.waiting if r.cancelled]:
+                self._finish(request, "cancelled")
+            self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
 
     # -- the loop ---------------------------------------------------------------------------------------------
 

@@ -7,12 +7,12 @@ Public API (stable; demo.py imports it):
 
     load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="auto", tokenizer_dir=None,
                     root="out") -> (model, tokenizer, checkpoint_dir)
-        checkpoint None = the newest run of the first stage in `stages` that has one (model.checkpoint.find_run):
-        PRETRAIN_STAGES = ("pretrain",), CHAT_STAGES = ("dpo", "sft_multi", "sft_single").
+        checkpoint None = the newest run of the first stage in `stages` that has one (model.stages.find_newest:
+        out/<stage>_<dim>, or out/*/<stage> as make demo writes); stages: model.stages.CHAT_STAGES / PRETRAIN_STAGES.
         A LoRA run directory (adapter + lora_base.json) loads as its checked base with the adapter merged in.
         Tokenizer: tokenizer_dir, else the checkpoint's own copy, else model/tokenizer/ (checked against
         vocab_size). Model in eval mode on `device` (auto: cuda > mps > cpu) in `dtype` (auto: bfloat16 on CUDA
-        when supported, else float32). Every problem a user can cause raises model.runtime.StageError.
+        when supported, else float32). Every problem a user can cause raises model.errors.StageError.
     resolve_checkpoint(checkpoint=None, stages=CHAT_STAGES, root="out") -> checkpoint_dir   (same rule, no loading)
 
     score_eval_file(model, tokenizer, path, mode, max_new_tokens=64, out_path=None, batch_size=64,
@@ -30,30 +30,14 @@ Public API (stable; demo.py imports it):
         was not loaded from a directory).
     format_scores(scores) -> str                          the per-category table score_eval_file's result prints as
 
-    generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=64, stop_at_newline=True,
-                   temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0) -> list[str]
-        prompts: token-id lists; batches of similar length, left-padded; returns the decoded continuations in
-        the prompts' order, each up to (excluding) </s> and, when stop_at_newline, up to (including) its first
-        newline, so a row's text never depends on the other rows of its batch.
-    encode_chat(tokenizer, messages) -> list[int]         chat template + generation prompt
-    encode_completion(tokenizer, text) -> list[int]       <s> + text (pretraining documents start with <s>)
-    trim_history(tokenizer, messages, max_tokens) -> messages
-        drops the oldest turns (a leading system message stays) until encode_chat fits in max_tokens; the newest
-        user message always stays, its text cut from the front if it alone is too long.
-    context_budget(max_seq_len, max_new_tokens) -> int    prompt tokens allowed: max_seq_len - max_new_tokens,
-                                                          at least max_seq_len // 2
-    fit_context(ids, max_new_tokens, max_seq_len) -> (ids, max_new_tokens)   keep prompt + reply within the context
     perplexity(model, data_path, max_seq_len=None, batch_size=8, max_batches=None, doc_mask=False) -> dict
         {"ppl", "loss", "n_tokens", "path"} over the packed validation split (PretrainDataset.val_path(data_path)).
-    stream_reply(model, tokenizer, ids, max_new_tokens, temperature=0.85, top_k=None, top_p=None,
-                 repetition_penalty=1.0) -> iterator of text pieces (one prompt, stops at </s>)
     add_common_args(parser) / sampling_kwargs(args, scoring) / read_prompts(path) / read_input(prompt) / run_cli(main)
         the command-line pieces 0-eval_pretrain.py and 2-eval.py share
 
-Why batched generation: per-step overhead dominates small models on a CPU. Measured with one CPU thread, the
-demo's 400 chat questions x 20 new tokens: dim 128 / 4 layers ~70 s one by one, ~7 s in batches of 16, ~4 s in
-batches of 64; dim 256 / 6 layers ~68 s, ~11 s, ~7 s. Greedy results are the same either way (tests/test_eval.py
-checks it), so batches of 64 are the default; lower --batch_size for a big model on a GPU with little memory.
+Prompts are encoded by model/chat.py (the chat format's one home); generation is model/generate.py's. Scoring
+runs in batches of 64 by default: on a CPU per-step overhead dominates small models, and greedy results are the
+same either way (tests/test_eval.py checks it; docs/performance.md has the timings).
 """
 import json
 import math
@@ -63,12 +47,13 @@ import sys
 import torch
 
 from . import lora
-from .checkpoint import find_run, load_init_model, load_tokenizer
-from .generate import check_sampling, generate_batch, left_pad, stream_reply  # re-exported: the eval scripts' API
-from .runtime import DEFAULT_TOKENIZER_DIR, BadLines, StageError, pick_device, pick_dtype, run_stage
+from .chat import DEFAULT_TOKENIZER_DIR, encode_chat, encode_completion, load_tokenizer
+from .checkpoint import load_init_model
+from .errors import BadLines, StageError
+from .generate import check_sampling, generate_batch
+from .runtime import pick_device, inference_dtype, run_stage
+from .stages import CHAT_STAGES, find_newest, searched
 
-PRETRAIN_STAGES = ("pretrain",)
-CHAT_STAGES = ("dpo", "sft_multi", "sft_single")
 MODES = ("chat", "completion")
 REPORT_LIMIT = 20  # bad lines printed per file; all are counted
 
@@ -95,12 +80,10 @@ def resolve_checkpoint(checkpoint=None, stages=CHAT_STAGES, root="out") -> str:
             raise StageError(f"no model.safetensors in {checkpoint}: not a checkpoint directory "
                              f"(pass a run directory such as out/pretrain_512)")
         return checkpoint
-    for stage in stages:
-        found = find_run(stage, root=root)
-        if found:
-            return found
-    names = ", ".join(f"{root}/{stage}_*" for stage in stages)
-    raise StageError(f"no checkpoint found ({names}): train one first or pass --checkpoint DIR")
+    found = find_newest(stages, root)
+    if found is None:
+        raise StageError(f"no checkpoint found ({searched(stages, root)}): train one first or pass --checkpoint DIR")
+    return found
 
 
 def load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="auto", tokenizer_dir=None,
@@ -118,67 +101,11 @@ def load_checkpoint(checkpoint=None, stages=CHAT_STAGES, device="auto", dtype="a
     tokenizer = load_tokenizer(tokenizer_dir, model.config.vocab_size)
     try:
         device = pick_device(device)
-        model = model.to(device=device, dtype=pick_dtype(dtype, device)).eval()
+        model = model.to(device=device, dtype=inference_dtype(dtype, device)).eval()
     except (RuntimeError, AssertionError) as err:  # e.g. --device cuda on a machine without CUDA
         raise StageError(f"cannot put the model on device {device}: {err}") from None
     model.checkpoint_dir = path
     return model, tokenizer, path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# prompts
-
-def encode_completion(tokenizer, text: str) -> list:
-    """<s> + the text, with special tokens disabled as data_process.py packs pretraining text: a "</s>" typed
-    into a prompt is text, not an end of document."""
-    return [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-
-def encode_chat(tokenizer, messages) -> list:
-    """The chat template's ids (`<s>{role}\\n` + content + `</s>\\n` per message, then `<s>assistant\\n`), built
-    piece by piece like model.dataset.ChatEncoder: a `<s>`, `</s>` or role header typed inside a message stays
-    text (split_special_tokens), so a user cannot forge a turn. Equal to apply_chat_template for normal text."""
-    def encode(texts):
-        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    roles = [m["role"] for m in messages] + ["assistant"]
-    headers = encode([f"{role}\n" for role in roles])
-    contents = encode([m["content"] for m in messages]) if messages else []
-    newline = encode(["\n"])[0]
-    ids = []
-    for header, content in zip(headers, contents):
-        ids += [bos] + header + content + [eos] + newline
-    return ids + [bos] + headers[-1]
-
-
-def context_budget(max_seq_len: int, max_new_tokens: int) -> int:
-    return max(max_seq_len - max_new_tokens, max_seq_len // 2)
-
-
-def fit_context(ids, max_new_tokens: int, max_seq_len: int):
-    """Keep prompt + reply within the trained context: cut the prompt from the front to at most
-    context_budget(...) tokens, then shorten the reply to what is left."""
-    ids = list(ids)[-context_budget(max_seq_len, max_new_tokens):]
-    return ids, max(1, min(max_new_tokens, max_seq_len - len(ids)))
-
-
-def trim_history(tokenizer, messages, max_tokens: int):
-    """Drop the oldest turns until the templated prompt fits in max_tokens (see the module docstring)."""
-    system = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
-    turns = list(messages[len(system):])
-    fits = lambda msgs: len(encode_chat(tokenizer, msgs)) <= max_tokens  # noqa: E731
-    while len(turns) > 1 and not fits(system + turns):
-        turns.pop(0)
-        while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation restarts with a user turn
-            turns.pop(0)
-    if system and not fits(system + turns):
-        system = []
-    last = dict(turns[-1])
-    while not fits([last]) and last["content"]:
-        overflow = len(encode_chat(tokenizer, [last])) - max_tokens
-        last["content"] = last["content"][max(1, overflow):]
-    return system + turns[:-1] + [last]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ class KVCache:
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily: logits / 1e-45 overflow to inf and sampling crashes
+
+
 def check_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
     """Reject settings that would crash or silently mean something else, with one message naming the value
     (top_p <= 0 would drop every token; a negative top_k is no k; a penalty <= 0 flips scores)."""
@@ -59,14 +62,15 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1
 
 
 def sample_next(logits, generated, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
-    """Pick the next token for each row from last-position logits (B, V). temperature 0 = greedy."""
+    """Pick the next token for each row from last-position logits (B, V). temperature 0 (or below GREEDY_BELOW)
+    = greedy."""
     logits = logits.float()
     if repetition_penalty != 1.0 and generated.numel():
         # CTRL-style penalty, as in transformers: shrink the scores of tokens already present.
         seen = logits.gather(1, generated)
         seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
         logits = logits.scatter(1, generated, seen)
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k:

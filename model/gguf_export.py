@@ -12,7 +12,7 @@ rotates adjacent pairs; our RoPE, like HF Llama's, rotates the two halves of eac
 
 The tokenizer goes in as a "gpt2" (byte-level BPE) vocabulary with pre-tokenizer "qwen2": llama.cpp has no way
 to take an arbitrary split regex, so only a tokenizer.json whose pre-tokenisation is exactly one llama.cpp
-implements is accepted (train_tokenizer.py --pretokenizer qwen2, the default and the shipped tokenizer's).
+implements is accepted (every tokenizer train_tokenizer.py writes: the shipped one, the demo's).
 """
 import json
 import os
@@ -77,7 +77,7 @@ def llama_cpp_tensors(model):
 
 def llama_cpp_pre_tokenizer(tokenizer_json):
     """The llama.cpp pre-tokenizer name equivalent to this tokenizer.json, or ValueError saying why none is."""
-    fix = "retrain it with train_tokenizer.py --pretokenizer qwen2 (the default), then retrain the model"
+    fix = "retrain it with train_tokenizer.py, then retrain the model"
     model, pre = tokenizer_json.get("model") or {}, tokenizer_json.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("ignore_merges") \
             or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
@@ -91,8 +91,8 @@ def llama_cpp_pre_tokenizer(tokenizer_json):
         regex = steps[0].get("pattern", {}).get("Regex")
         if regex in LLAMA_CPP_PRE_TOKENIZERS:
             return LLAMA_CPP_PRE_TOKENIZERS[regex]
-    raise ValueError(f"the tokenizer's pre-tokenizer is not one llama.cpp implements (e.g. --pretokenizer "
-                     f"cjk_chars, which the demo uses); {fix}")
+    raise ValueError(f"the tokenizer's pre-tokenizer is not one llama.cpp implements (e.g. a demo run made before "
+                     f"the demo's tokenizer split like Qwen2: run the demo again); {fix}")
 
 
 def load_tokenizer_files(tokenizer_dir):

@@ -1,6 +1,6 @@
 """
 Conversion of a dense nano-LLM Transformer to transformers' LlamaForCausalLM (same math, rotate-half RoPE; the
-weights map one-to-one and only the names change). export_model.py writes the result to disk; bench.py and the
+weights map one-to-one and only the names change). export_model.py writes the result to disk; bench/ and the
 tests compare against it in memory.
 
     from model.llama import to_llama

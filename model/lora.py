@@ -30,7 +30,7 @@ from contextlib import nullcontext
 import torch
 
 from .LMConfig import LMConfig
-from .runtime import StageError
+from .errors import StageError
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE = "adapter_config.json", "adapter_model.safetensors", "lora_base.json"
 ADAPTER_FILES = (BASE_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS)  # link order: the weights last

@@ -8,7 +8,7 @@ import time
 
 from tqdm import tqdm
 
-from .runtime import StageError
+from .errors import StageError
 
 
 def read_rows(path: str, up_to_step=None) -> list:

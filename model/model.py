@@ -8,7 +8,8 @@ attention with a document-causal BlockMask (CUDA, packed or padded rows), or exp
 MoE follows the seed: softmax gate, top-k, optional renormalisation, sequence- or batch-level balance loss,
 shared experts on every token. The balance loss is added to the training loss (the seed dropped it).
 
-    from model import LMConfig, Transformer
+    from model.LMConfig import LMConfig
+    from model.model import Transformer
     model = Transformer(LMConfig(dim=256, n_layers=4))
     out = model(input_ids, labels=input_ids)   # out.loss, out.logits, out.aux_loss, out.past_key_values
     model.save_pretrained("out/x"); Transformer.from_pretrained("out/x")   # strict: mismatches are errors
@@ -327,7 +328,7 @@ class Transformer(PreTrainedModel, GenerationMixin):
                             eps: float = 1e-8) -> torch.optim.AdamW:
         """AdamW with two groups: matrices decay; norms, other 1-D params and the (tied) embedding do not.
         Fused (one kernel for all tensors) on CUDA and CPU: on CPU 3-4x faster than the per-tensor loop that
-        AdamW uses by default there, and than foreach (bench.py measures it)."""
+        AdamW uses by default there, and than foreach (python -m bench train measures it)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:

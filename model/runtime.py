@@ -5,9 +5,8 @@ inference side by side, and the one reporter of bad input lines.
     run_stage(main)            a script's main(); a StageError becomes one line on stderr and exit code 1
     init_runtime(device)       pick cuda > mps > cpu, join the process group when launched by torchrun; on CPU,
                                keep freed memory for reuse (keep_freed_memory)
-    resolve_dtype / autocast   training precision (bf16 where it is fast, fp32 elsewhere)
-    pick_device / pick_dtype   inference device and weight dtype (fp32 on CPUs: scores do not depend on the CPU)
-    StageError, BadLines       (from model/errors.py, which data-only scripts import without torch)
+    training_precision / autocast  training precision (bf16 where it is fast, fp32 elsewhere)
+    pick_device / inference_dtype  inference device and weight dtype (fp32 on CPUs: scores do not depend on the CPU)
 """
 import ctypes
 import os
@@ -19,10 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import BadLines, StageError  # noqa: F401  (stages import them from here too)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TOKENIZER_DIR = os.path.join(ROOT, "model", "tokenizer")
+from .errors import StageError
 
 
 def run_stage(main):
@@ -120,7 +116,7 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
+def training_precision(dtype: str, device: torch.device) -> str:
     """Training precision: bf16 on CUDA (fp16 without bf16) and on CPUs with native bf16, fp32 elsewhere."""
     if dtype != "auto":
         return dtype
@@ -183,7 +179,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     # CPUs: float32 even where bf16 is fast, so scores do not depend on the machine's instruction set.
     if name == "auto":
         if device.type == "cuda":

@@ -24,12 +24,13 @@ from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
 from . import checkpoint, lora
+from .chat import IGNORE_INDEX
 from .metrics import StepLog
-from .optim import TimeBudget, budget_steps, build_optimizer, lr_at  # noqa: F401  (the stages' and tests' API)
-from .runtime import Runtime, StageError, StopSignals, all_reduce_sum, autocast, resolve_dtype
+from .optim import TimeBudget, build_optimizer, lr_at
+from .runtime import Runtime, StopSignals, all_reduce_sum, autocast, training_precision
+from .errors import StageError
 
 transformers_logging.disable_progress_bar()  # a bar per checkpoint write would bury the training bar
-IGNORE = -100
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,8 +151,8 @@ class ResumableBatchSampler:
 def count_labelled_tokens(batch) -> int:
     """Targets of a language-modelling batch: shift_labels (already shifted) or labels (shifted in the model)."""
     if "shift_labels" in batch:
-        return int((batch["shift_labels"] != IGNORE).sum())
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+        return int((batch["shift_labels"] != IGNORE_INDEX).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def lm_loss(model, batch):
@@ -223,31 +224,11 @@ def validation_loss(model, val_set, collate_fn, loss_fn, count_fn, args, runtime
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the loop
+# the pieces the loop is made of
 
-def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: str, val_set=None,
-        title="training", extra_state=None, count_fn=count_labelled_tokens, settings=None, resuming=None):
-    """Train, checkpoint, resume, log; returns the trained (unwrapped) model.
-
-    extra_state: a dict of tensors saved with every checkpoint and restored on resume (e.g. DPO's cached
-    reference log-probs). settings: what else a resumed run must share with the saved one (data, tokenizer).
-    resuming: what checkpoint.prepare_run_dir returned when the stage called it early (before writing anything
-    into the run directory); None = prepare it here.
-    """
-    dtype = resolve_dtype(args.dtype, runtime.device)
-    torch.manual_seed(args.seed)  # dropout's stream: two fresh runs with one --seed train alike (resume restores it)
-    sampler = ResumableBatchSampler(len(train_set), args.batch_size, args.seed, runtime.rank, runtime.world_size)
-    steps_per_epoch = len(sampler) // args.accumulation_steps
-    if steps_per_epoch == 0:
-        raise StageError(f"{len(sampler)} batches per epoch is fewer than --accumulation_steps {args.accumulation_steps}")
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    settings = {**(settings or {}), "batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps,
-                "world_size": runtime.world_size, "seed": args.seed, "n_examples": len(train_set),
-                "total_steps": total_steps, "trainable_params": sum(p.numel() for p in model.parameters()
-                                                                    if p.requires_grad)}
-
-    if resuming is None:
-        resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
+def start_training(model, args, runtime, run_dir, resuming, settings, dtype, extra_state, title):
+    """Model on the device, optimizer, loss scaler, the step to start from (restored on resume), and the model
+    the steps run through (DDP-wrapped, compiled). -> (optimizer, scaler, step, train_model)"""
     model.to(runtime.device)
     kind = getattr(args, "optimizer", "adamw")
     if kind != "adamw" and dtype == "float16":
@@ -266,56 +247,102 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
         if runtime.ddp else model
     if args.compile:  # after DDP wrapping, as PyTorch recommends (DDP's buckets then match compiled graphs)
         train_model = torch.compile(train_model)
+    return optimizer, scaler, step, train_model
 
-    def save():
-        # every rank's RNG travels in the file, so each resumes its own stream
-        rng = [checkpoint.rng_state()]
-        if runtime.ddp:
-            rng = [None] * runtime.world_size
-            torch.distributed.all_gather_object(rng, checkpoint.rng_state())
-        if runtime.is_master:
-            checkpoint.save_checkpoint(run_dir, model, {
-                "step": step, "epoch": epoch, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng, "extra": extra_state or {}, "settings": settings}, args.keep_last)
-        runtime.barrier()
 
+def save_training(run_dir, model, optimizer, scaler, step, epoch, extra_state, settings, args, runtime):
+    """A complete checkpoint (rank 0 writes it); every rank's RNG travels in the file, so each resumes its own
+    stream."""
+    rng = [checkpoint.rng_state()]
+    if runtime.ddp:
+        rng = [None] * runtime.world_size
+        torch.distributed.all_gather_object(rng, checkpoint.rng_state())
+    if runtime.is_master:
+        checkpoint.save_checkpoint(run_dir, model, {
+            "step": step, "epoch": epoch, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng, "extra": extra_state or {}, "settings": settings}, args.keep_last)
+    runtime.barrier()
+
+
+def set_learning_rate(optimizer, step, budget, total_steps, args) -> float:
+    """The schedule's rate for this step (fitted to the time budget when there is one), set on every group."""
+    planned, warmup = budget.plan(step, total_steps, args.warmup_iters)
+    lr = lr_at(step, planned, warmup, args.learning_rate, args.min_lr_ratio,
+               getattr(args, "lr_schedule", "cosine"), getattr(args, "decay_frac", 0.2))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def agree_on_step(sums, grad_norm, stop_received: bool, seconds: float, runtime):
+    """ONE all-reduce and ONE host sync per step answer everything: the step's sums over all processes, whether
+    the loss or the gradient was non-finite anywhere, whether any rank got a stop signal, and the step's time
+    (every rank then follows one clock: the same lr, the same last step). -> (sums, finite, stop, seconds)"""
+    flags = torch.stack([(~torch.isfinite(sums[0]) | ~torch.isfinite(grad_norm)).float(),
+                         torch.tensor(float(stop_received), device=sums.device)])
+    reduced = all_reduce_sum(torch.cat([sums, flags, torch.tensor([seconds], device=sums.device)]), runtime).tolist()
+    return reduced[:-3], reduced[-3] == 0, reduced[-2] > 0, reduced[-1] / runtime.world_size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: str, val_set=None,
+        title="training", extra_state=None, count_fn=count_labelled_tokens, settings=None, resuming=None,
+        make_batches=None):
+    """Train, checkpoint, resume, log; returns the trained (unwrapped) model.
+
+    extra_state: a dict of tensors saved with every checkpoint and restored on resume (e.g. DPO's cached
+    reference log-probs). settings: what else a resumed run must share with the saved one (data, tokenizer).
+    resuming: what checkpoint.prepare_run_dir returned when the stage called it early (before writing anything
+    into the run directory); None = prepare it here. make_batches(epoch, micro_batches, step) -> micro_batches:
+    the hook for batches the model itself produces (an RL stage turns a step's prompts into scored rollouts of
+    the model being trained); it must depend only on the step, the batches and the weights, so a resume is exact.
+    """
+    dtype = training_precision(args.dtype, runtime.device)
+    torch.manual_seed(args.seed)  # dropout's stream: two fresh runs with one --seed train alike (resume restores it)
+    sampler = ResumableBatchSampler(len(train_set), args.batch_size, args.seed, runtime.rank, runtime.world_size)
+    steps_per_epoch = len(sampler) // args.accumulation_steps
+    if steps_per_epoch == 0:
+        raise StageError(f"{len(sampler)} batches per epoch is fewer than --accumulation_steps {args.accumulation_steps}")
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    settings = {**(settings or {}), "batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps,
+                "world_size": runtime.world_size, "seed": args.seed, "n_examples": len(train_set),
+                "total_steps": total_steps, "trainable_params": sum(p.numel() for p in model.parameters()
+                                                                    if p.requires_grad)}
+    if resuming is None:
+        resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
+    optimizer, scaler, step, train_model = start_training(model, args, runtime, run_dir, resuming, settings, dtype,
+                                                          extra_state, title)
     budget = TimeBudget(getattr(args, "max_minutes", None))
     if budget:  # the budget decides how many steps; --max_steps, if given, caps them
         total_steps = args.max_steps or float("inf")
-    signals = StopSignals()
-    log = StepLog(run_dir, args, step, None if budget else total_steps, title, runtime)
+    signals, log = StopSignals(), StepLog(run_dir, args, step, None if budget else total_steps, title, runtime)
+    save = lambda: save_training(run_dir, model, optimizer, scaler, step, epoch, extra_state, settings, args, runtime)  # noqa: E731
     model.train()
-    bad_steps, last_saved, stop = 0, step if resuming else -1, None
-    carry = 0.0
+    bad_steps, last_saved, stop, carry = 0, step if resuming else -1, None, 0.0
     batches = step_batches(train_set, collate_fn, sampler, steps_per_epoch, step, args, runtime)
-    while step < total_steps and stop is None and not budget.time_up:
+    while step < total_steps and not stop and not budget.time_up:
         t_step = time.perf_counter()
-        planned, warmup = budget.plan(step, total_steps, args.warmup_iters)
-        lr = lr_at(step, planned, warmup, args.learning_rate, args.min_lr_ratio,
-                   getattr(args, "lr_schedule", "cosine"), getattr(args, "decay_frac", 0.2))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rate(optimizer, step, budget, total_steps, args)
         epoch, micro_batches = next(batches)
+        if make_batches is not None:
+            micro_batches = make_batches(epoch, micro_batches, step)
         sums, metric_names = train_step(train_model, micro_batches, loss_fn, count_fn, runtime, dtype, scaler)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        # ONE all-reduce and ONE host sync per step answer everything: sums, non-finite anywhere, a stop signal
-        flags = torch.stack([(~torch.isfinite(sums[0]) | ~torch.isfinite(grad_norm)).float(),
-                             torch.tensor(float(signals.received is not None), device=sums.device)])
-        # the step's time rides along too, so every rank follows one clock (the same lr, the same last step)
-        # (carry: the previous step's optimizer update and logging, timed after its all-reduce)
-        t_reduce = time.perf_counter()
-        step_time = torch.tensor([t_reduce - t_step + carry], device=sums.device)
-        reduced = all_reduce_sum(torch.cat([sums, flags, step_time]), runtime).tolist()
-        budget.add(reduced.pop() / runtime.world_size)
-        finite, stop = reduced[-2] == 0, signals.agreed(reduced[-1] > 0)  # decided from reduced values only
+        t_reduce = time.perf_counter()  # carry: the previous step's update and logging, timed after its reduce
+        sums, finite, stop, seconds = agree_on_step(sums, grad_norm, signals.received is not None,
+                                                    t_reduce - t_step + carry, runtime)
+        budget.add(seconds)
+        stop = signals.agreed(stop)
         step += 1
         if finite:
             scaler.step(optimizer)
             bad_steps = 0
         else:  # skip the update; the weights stay those of the last good step
             bad_steps += 1
-            log.skipped(step, bad_steps, args.max_bad_steps, reduced[0], float(grad_norm))
+            log.skipped(step, bad_steps, args.max_bad_steps, sums[0], float(grad_norm))
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if bad_steps >= args.max_bad_steps:
@@ -323,7 +350,7 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
             raise StageError(f"{bad_steps} steps in a row had a NaN/Inf loss or gradient (last at step {step}); "
                              f"stopping. The last good checkpoint is in {run_dir}. Try a lower --learning_rate, "
                              f"--dtype bfloat16/float32, or check the data")
-        log.step(step, epoch, lr, float(grad_norm), reduced[:-2], metric_names, finite)
+        log.step(step, epoch, lr, float(grad_norm), sums, metric_names, finite)
         carry = time.perf_counter() - t_reduce
         if val_set is not None and args.eval_interval and (step % args.eval_interval == 0 or step == total_steps
                                                            or budget.time_up):

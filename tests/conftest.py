@@ -14,7 +14,8 @@ TINY_SHAPE = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ma
 def make_tiny_model(seed=0, **overrides):
     """The tests' one tiny model: TINY_SHAPE (overrides win), initialised from `seed`, in training mode."""
     import torch
-    from model import LMConfig, Transformer
+    from model.LMConfig import LMConfig
+    from model.model import Transformer
     torch.manual_seed(seed)
     return Transformer(LMConfig(**{**TINY_SHAPE, **overrides}))
 
@@ -35,7 +36,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """The default demo corpus (text files only), generated once per session."""
-    from model.demo_corpus import generate_demo
+    from demo_corpus import generate_demo
     out = str(tmp_path_factory.mktemp("demo"))
     generate_demo(out)
     return out

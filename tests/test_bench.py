@@ -1,5 +1,5 @@
-"""Smoke tests of the benchmark scripts: bench.py and bench_gpu.py run end to end on a tiny config and report
-the ratios they promise (the model-level checks they rely on live in tests/test_model.py)."""
+"""Smoke tests of the benchmarks (python -m bench): the CPU sections, the GPU one and the GGUF one run end to end on
+a tiny config and report the ratios they promise (the model-level checks they rely on live in tests/test_model.py)."""
 import json
 import math
 import subprocess
@@ -13,11 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.bench_smoke
 
 
-def test_bench_smoke_json_on_a_tiny_config():
-    cmd = [sys.executable, "bench.py", "--json", "--only", "train,decode,moe,alloc", "--dim", "64", "--n_layers", "2",
+def test_bench_smoke_json_on_a_tiny_config(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "train,decode,moe,alloc", "--json", "--dim", "64", "--n_layers", "2",
            "--n_heads", "4", "--n_kv_heads", "2", "--vocab_size", "300", "--seq_len", "32", "--batch_size", "2",
            "--steps", "2", "--warmup", "1", "--new_tokens", "8", "--decode_rounds", "1", "--no-compile",
-           "--bf16", "off", "--peak_n", "256", "--alloc_rounds", "1"]
+           "--bf16", "off", "--peak_n", "256", "--alloc_rounds", "1", "--save_json", str(tmp_path / "bench.json")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -33,11 +33,17 @@ def test_bench_smoke_json_on_a_tiny_config():
     assert report["moe"]["moe_over_dense"] > 0 and report["moe"]["dense_hidden_dim"] == 3 * 192
     alloc = report["alloc"]  # glibc here: both sides ran, each in its own process
     assert alloc["default_tok_s"] > 0 and alloc["keep_tok_s"] > 0 and alloc["keep_speedup"] > 0
+    # the saved JSON prints as the report table, every section's part of it
+    table = subprocess.run([sys.executable, "-m", "bench", "--table_from", str(tmp_path / "bench.json")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    for heading in ("matmul peak", "training (64 tokens/step", "decode (batch 1", "MoE (", "under glibc malloc"):
+        assert heading in table.stdout, heading
 
 
 def test_bench_smoke_gpu_mfu_script_runs_its_code_path_on_cpu():
-    """bench_gpu.py cannot run here without a GPU; its --device cpu mode keeps the script from rotting."""
-    cmd = [sys.executable, "bench_gpu.py", "--json", "--device", "cpu", "--dim", "64", "--n_layers", "2",
+    """The gpu section cannot run here without a GPU; its --device cpu mode keeps the code from rotting."""
+    cmd = [sys.executable, "-m", "bench", "gpu", "--json", "--device", "cpu", "--dim", "64", "--n_layers", "2",
            "--n_heads", "4", "--n_kv_heads", "2", "--seq_len", "32", "--batch_size", "2", "--steps", "1",
            "--warmup", "1", "--no_compile", "--peak_n", "128"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -47,7 +53,51 @@ def test_bench_smoke_gpu_mfu_script_runs_its_code_path_on_cpu():
     assert report["fraction_of_measured_matmul"] > 0 and report["mfu_vs_datasheet"] is None
 
 
-def test_bench_smoke_scripts_do_not_import_each_other():
-    for script, other in (("bench.py", "bench_gpu"), ("bench_gpu.py", "bench")):
-        source = (ROOT / script).read_text()
-        assert f"import {other}\n" not in source and f"from {other} import" not in source, script
+
+def test_bench_gpu_runs_alone_and_an_unknown_section_is_one_error_line():
+    for sections, message in (("train,gpu", "gpu runs alone"), ("train,decod", "unknown section(s): decod")):
+        result = subprocess.run([sys.executable, "-m", "bench", sections], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2 and message in result.stderr.splitlines()[-1], result.stderr
+
+
+@pytest.mark.slow
+def test_bench_gguf_times_greedy_loops_that_give_generate_streams_tokens():
+    """llama.cpp's eval loop once fed token 0 at every step (Llama.scores stays zero without logits_all=True):
+    the section now stops with an error unless both llama.cpp loops on the f32 file give generate_stream's tokens."""
+    pytest.importorskip("llama_cpp")
+    cmd = [sys.executable, "-m", "bench", "gguf", "--json", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
+           "--n_kv_heads", "2", "--new_tokens", "24", "--decode_rounds", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["gguf"]
+    rows = [v for k, v in report.items() if k.startswith("threads_")]
+    assert rows and report["file_mib"]["q8_0"] < report["file_mib"]["f16"] < report["file_mib"]["f32"]
+    for row in rows:
+        assert row["f32 eval loop"]["same_tokens_as_ours"] == 24 and row["f32 generate()"]["same_tokens_as_ours"] == 24
+        assert all(x["tok_s"] > 0 for x in row.values())
+
+
+@pytest.mark.slow
+def test_bench_data_section_runs_both_pretraining_sizes(tmp_path):
+    # both pretraining runs once wrote to the same --out_dir, and the second refused it ("already holds a run")
+    cmd = [sys.executable, "-m", "bench", "data", "--json", "--seq_len", "64", "--batch_size", "2", "--rss_tokens",
+           "400000", "--rss_steps", "2", "--reader_records", "1000", "--reader_rounds", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(result.stdout)["data"]
+    assert 0 < data["pretrain"]["useful_fraction"] <= 1 and 0 < data["sft_data_multi_packed"]["useful_fraction"] <= 1
+    memory = data["pretrain_memory"]
+    assert memory["small"]["peak_rss_mb"] > 0 and memory["large"]["file_mb"] == 8 * memory["small"]["file_mb"]
+    assert data["json_reader"]["iter_json_array_records_s"] > 0
+
+
+def test_bench_smoke_soak_reports_the_server_under_abuse():
+    cmd = [sys.executable, "-m", "bench", "soak", "--json", "--soak_s", "3", "--soak_tokens", "8", "--dim", "64",
+           "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    soak = json.loads(result.stdout)["soak"]
+    assert soak["good"]["requests"] > 0 and soak["good"]["mismatches"] == 0 and soak["n_5xx"] == 0
+    assert soak["abuse_requests"] > 0 and soak["unexpected"] == [] and soak["server_tracebacks"] == 0
+    assert soak["health"]["n"] > 0 and soak["rss_mib"]["end"] > 0

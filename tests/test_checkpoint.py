@@ -10,7 +10,9 @@ import torch
 
 from conftest import make_tiny_model
 from model import checkpoint
-from model.runtime import DEFAULT_TOKENIZER_DIR, Runtime, StageError
+from model.runtime import Runtime
+from model.chat import DEFAULT_TOKENIZER_DIR
+from model.errors import StageError
 
 RUNTIME = Runtime(torch.device("cpu"), False, 0, 0, 1)
 
@@ -113,3 +115,77 @@ def test_resume_refuses_changed_settings_and_allows_a_longer_run(capsys):
         checkpoint.check_settings(saved, {**saved, "data": "b.bin"}, "x")
     checkpoint.check_settings(saved, {**saved, "total_steps": 80}, "x")
     assert "total steps 50 -> 80" in capsys.readouterr().out
+
+
+def test_resume_refuses_another_doc_mask_or_pretraining_replay():
+    saved = {"data": "a.bin", "n_examples": 100, "doc_mask": False, "ptx_data": None}
+    with pytest.raises(StageError, match="doc_mask False -> True"):
+        checkpoint.check_settings(saved, {**saved, "doc_mask": True}, "x")
+    with pytest.raises(StageError, match="ptx_data None -> '/data/pretrain.bin'"):  # a replay added on resume
+        checkpoint.check_settings(saved, {**saved, "ptx_data": "/data/pretrain.bin"}, "x")
+    replay = {**saved, "ptx_data": "/data/pretrain.bin", "ptx_file_rows": 500, "ptx_seq_len": 64}
+    for change in ({"ptx_file_rows": 800}, {"ptx_seq_len": 32}, {"ptx_data": "/data/other.bin"}):
+        with pytest.raises(StageError, match=next(iter(change))):
+            checkpoint.check_settings(replay, {**replay, **change}, "x")
+
+
+def test_stage_scripts_record_the_settings_a_resume_compares(tmp_path, monkeypatch):
+    """1-pretrain.py did not record --doc_mask, 4-dpo.py not --ptx_seq_len, and neither SFT nor DPO which replay
+    file (or none) a run used: a resume with other values went on silently."""
+    import importlib.util
+    import sys
+
+    import data_process
+    from model import trainer
+    texts = [f"第{i}篇文档：张伟出生于杭州，{'很' * (i % 7)}好。" for i in range(40)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                                           encoding="utf-8")
+    data_process.main(["pretrain", "--data_path", str(tmp_path / "corpus.jsonl"), "--num_workers", "1",
+                       "--val_ratio", "0"])
+    packed = str(tmp_path / "corpus.bin")
+    init = str(tmp_path / "sft_single_32")
+    tiny_model(vocab_size=6400, max_seq_len=64).save_pretrained(init)
+    checkpoint.copy_tokenizer(DEFAULT_TOKENIZER_DIR, init)
+    turn = [{"role": "user", "content": "1加1等于几？"}]
+    with open(tmp_path / "sft.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"conversations": turn + [{"role": "assistant", "content": "2。"}]}, ensure_ascii=False)
+                + "\n")
+    with open(tmp_path / "dpo.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"chosen": turn + [{"role": "assistant", "content": "2。"}],
+                            "rejected": turn + [{"role": "assistant", "content": "3。"}]}, ensure_ascii=False) + "\n")
+    recorded = {}
+
+    class Recorded(Exception):
+        pass
+
+    def fit(*args, settings=None, **kwargs):
+        recorded.update(settings)
+        raise Recorded
+
+    monkeypatch.setattr(trainer, "fit", fit)
+    common = ["--device", "cpu", "--dtype", "float32"]
+    runs = {
+        "1-pretrain.py": ["--data_path", packed, "--doc_mask", "--dim", "32", "--n_layers", "2", "--n_heads", "4",
+                          "--n_kv_heads", "2", "--max_seq_len", "64"],
+        "3-full_sft.py": ["--data_path", str(tmp_path / "sft.jsonl"), "--init_from", init, "--ptx_data", packed],
+        "4-dpo.py": ["--data_path", str(tmp_path / "dpo.jsonl"), "--init_from", init, "--ptx_data", packed,
+                     "--ptx_seq_len", "32"],
+    }
+    expected = {
+        "1-pretrain.py": {"doc_mask": True},
+        "3-full_sft.py": {"ptx_data": os.path.abspath(packed), "ptx_rows": 1},
+        "4-dpo.py": {"ptx_data": os.path.abspath(packed), "ptx_seq_len": 32},
+    }
+    for script, argv in runs.items():
+        spec = importlib.util.spec_from_file_location("script_" + script[:-3].replace("-", "_"),
+                                                      os.path.join(os.path.dirname(__file__), "..", script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        recorded.clear()
+        monkeypatch.setattr(sys, "argv", [script, *argv, *common, "--out_dir", str(tmp_path / "out" / script)])
+        with pytest.raises(Recorded):
+            module.main()
+        assert expected[script].items() <= recorded.items(), (script, recorded)
+        assert all(key in recorded for key in expected[script]), script
+        if "ptx_data" in expected[script]:
+            assert recorded["ptx_file_rows"] > 1

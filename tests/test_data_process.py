@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 import data_process
 from conftest import SHIPPED_TOKENIZER
-from model import demo_corpus
+import demo_corpus
 
 DOCS = ["张伟出生于杭州。他毕业于东湖大学。", "Plain English text, with punctuation!", "emoji 😀 and digits 12345",
         "a literal <s> and </s> stay text", "多行\n文本\t制表符", "最后一篇。"] * 3

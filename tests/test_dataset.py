@@ -8,10 +8,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import data_process
+from conftest import make_tiny_model
 from model.dataset import (DPODataset, PretrainDataset, PretrainReplay, SFTDataset, pretrain_useful_fraction,
                            token_fractions)
 
 IGNORE = -100
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def packed_file(tmp_path, texts, val_ratio="0"):
@@ -99,8 +101,8 @@ def test_pretrain_size_mismatch_is_a_clear_error(tmp_path):
 
 def test_pretrain_packed_with_another_tokenizer_is_a_stage_error(tmp_path, capsys):
     from conftest import SHIPPED_TOKENIZER
-    from model.dataset import tokenizer_sha256
-    from model.runtime import StageError
+    from model.chat import tokenizer_sha256
+    from model.errors import StageError
     path, _ = packed_file(tmp_path, TEXTS)
     shipped = tokenizer_sha256(SHIPPED_TOKENIZER)
     meta_path = tmp_path / "corpus.meta.json"
@@ -249,7 +251,7 @@ def test_pretraining_rows_replayed_in_sft_are_fixed_distinct_and_batch_with_conv
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_sft_bad_records_fail_at_construction_whatever_pack(tmp_path, tokenizer, capsys, pack):
-    from model.runtime import StageError
+    from model.errors import StageError
     good = {"conversations": CONVERSATION}
     path = jsonl(tmp_path, "bad.jsonl", [good, good, {"text": "pretraining text"}, good,
                                          {"conversations": CONVERSATION[:-1]}] + [good] * 3)
@@ -263,7 +265,7 @@ def test_sft_bad_records_fail_at_construction_whatever_pack(tmp_path, tokenizer,
 
 
 def test_dpo_bad_records_fail_at_construction(tmp_path, tokenizer):
-    from model.runtime import StageError
+    from model.errors import StageError
     good = {"chosen": CONVERSATION, "rejected": CONVERSATION[:-1] + [{"role": "assistant", "content": "不"}]}
     path = jsonl(tmp_path, "dpo.jsonl", [good] * 5 + [{"chosen": CONVERSATION, "rejected": "x"}])
     with pytest.raises(StageError, match=r"dpo\.jsonl: 1 of 6 records .* the first: .*dpo\.jsonl:6: \(rejected\): "
@@ -273,7 +275,7 @@ def test_dpo_bad_records_fail_at_construction(tmp_path, tokenizer):
 
 def old_packed_items(path, tokenizer, max_seq_len):
     """The packed items as the in-memory implementation built them (the reference for the cache)."""
-    from model.dataset import ChatEncoder
+    from model.chat import ChatEncoder
     encoder = ChatEncoder(tokenizer, max_seq_len)
     with open(path, encoding="utf-8") as f:
         encodings = [encoder.encode(json.loads(line)["conversations"]) for line in f if line.strip()]
@@ -349,6 +351,62 @@ def test_sft_cache_is_rebuilt_when_data_tokenizer_or_length_change(tmp_path, tok
     ds = SFTDataset(path, tokenizer, 64, pack=True)
     assert ds.cache != base and len(sft_caches(tmp_path)) == n_caches + 1
     assert as_lists(ds) == old_packed_items(path, tokenizer, 64)
+
+
+def test_sft_stage_builds_every_packed_cache_on_rank_0_before_the_barrier(tmp_path, monkeypatch):
+    """The validation cache was built after the barrier, by every DDP rank at once, racing on the same files."""
+    import importlib.util
+    import sys
+
+    from model.chat import DEFAULT_TOKENIZER_DIR
+    from model.checkpoint import copy_tokenizer
+    from model.runtime import Runtime
+    init = str(tmp_path / "pretrain_32")
+    make_tiny_model(vocab_size=6400, max_seq_len=64).save_pretrained(init)
+    copy_tokenizer(DEFAULT_TOKENIZER_DIR, init)
+    train = jsonl(tmp_path, "train.jsonl", [{"conversations": CONVERSATION}] * 3)
+    val = jsonl(tmp_path, "val.jsonl", [{"conversations": CONVERSATION[:3]}] * 2)
+    spec = importlib.util.spec_from_file_location("script_3_full_sft", os.path.join(ROOT, "3-full_sft.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    events = []
+
+    class Reached(Exception):
+        pass
+
+    class Rank0(Runtime):
+        def barrier(self):
+            events.append("barrier")
+            raise Reached  # what rank 0 has built by now is what the other ranks find
+
+    monkeypatch.setattr(script, "init_runtime", lambda device: Rank0(torch.device("cpu"), True, 0, 0, 2))
+    build = SFTDataset._build_cache
+    monkeypatch.setattr(SFTDataset, "_build_cache", lambda self, base, key: (
+        events.append(os.path.basename(base).split(".")[0]), build(self, base, key)))
+    monkeypatch.setattr(sys, "argv", ["3-full_sft.py", "--data_path", train, "--val_path", val, "--init_from", init,
+                                      "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+    with pytest.raises(Reached):
+        script.main()
+    assert events == ["train", "val", "barrier"]
+
+
+def test_dpo_cuts_a_long_prompt_at_the_same_place_for_both_sides(tmp_path, tokenizer):
+    """Each side's window used to start where its own length put it: with a prompt longer than the context, a short
+    chosen answer and a long rejected one were scored under two different cuts of the prompt."""
+    prompt = [{"role": "user", "content": "请读下面的长文：" + "北京上海广州深圳杭州成都" * 12}]
+    record = {"chosen": prompt + [{"role": "assistant", "content": "好。"}],
+              "rejected": prompt + [{"role": "assistant", "content": "这个回答很长，" * 12}]}
+    ds = DPODataset(jsonl(tmp_path, "dpo.jsonl", [record]), tokenizer, 64)
+    item = ds[0]
+    prompts = []
+    for side in ("chosen", "rejected"):
+        ids, labels = item[f"{side}_input_ids"].tolist(), item[f"{side}_labels"].tolist()
+        first = next(k for k, label in enumerate(labels) if label != IGNORE)
+        assert len(ids) <= 64 and first > 0
+        prompts.append(ids[:first])
+    assert prompts[0] == prompts[1]
+    assert tokenizer.decode(labelled_runs(item["chosen_labels"].tolist())[0]) == "好。</s>"
+    assert len(labelled_runs(item["rejected_labels"].tolist())[0]) >= 16  # both responses keep their start
 
 
 def test_dpo_labels_only_the_response_and_prompts_match(tmp_path, tokenizer):

@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import demo
-from model.dataset import ChatEncoder
+from model.chat import ChatEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,3 +162,24 @@ def test_quick_demo_model_answers_each_question_of_a_conversation(quick_demo):
     wrong = [f"{q} -> {answer} (expected {want!r}, a new answer)" for i, ((q, want), answer)
              in enumerate(zip(session, answers)) if want not in answer or want != "nano-LLM" and answer in answers[:i]]
     assert not wrong, "\n".join(wrong) + "\n\nwhole session:\n" + transcript
+
+
+@pytest.mark.slow
+def test_quick_demo_model_exports_to_llama_cpp_which_answers_as_ours(quick_demo):
+    """The demo's final model exports to GGUF (its tokenizer splits like Qwen2, which llama.cpp implements) and
+    llama.cpp's greedy answers to the demo's eval questions are ours token for token (tests/test_gguf.py checks the
+    export in depth)."""
+    from test_gguf import llama_cpp_greedy, llama_cpp_model, ours_greedy  # skips without gguf / llama-cpp-python
+
+    from model.evaluate import load_checkpoint
+    run = quick_demo / "out/demo/dpo"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "export_model.py"), "--checkpoint", str(run),
+                             "--gguf", str(quick_demo / "demo.gguf"), "--outtype", "f32"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    model, tokenizer, _ = load_checkpoint(str(run), device="cpu", dtype="float32")
+    llm = llama_cpp_model(quick_demo / "demo.gguf")
+    with open(quick_demo / "dataset/demo/eval_chat.jsonl", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f][::100]  # every category: people, follow-ups, unknown names, sums
+    for record in records:
+        ids = tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True)["input_ids"]
+        assert llama_cpp_greedy(llm, ids, 24) == ours_greedy(model, ids, 24), record["messages"]

@@ -1,19 +1,14 @@
-"""4-dpo.py's pieces in-process: the reference pass, the loss and its per-pair weighting, the pretraining rows."""
-import importlib.util
+"""model/dpo.py (4-dpo.py's math) in-process: the reference pass, the loss and its per-pair weighting, the pretraining rows."""
 import json
-import os
 
 import torch
 
 import data_process
 from conftest import make_tiny_model
+from model import dpo
 from model.dataset import DPODataset, PretrainDataset
 from model.runtime import Runtime
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("dpo_script", os.path.join(ROOT, "4-dpo.py"))
-dpo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dpo)
 RUNTIME = Runtime(torch.device("cpu"), False, 0, 0, 1)
 
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from model import LMConfig, Transformer
-from model import evaluate, generate
+from model.LMConfig import LMConfig
+from model.model import Transformer
+from model import chat, evaluate, generate
 from model.checkpoint import copy_tokenizer
-from model.runtime import DEFAULT_TOKENIZER_DIR
+from model.chat import DEFAULT_TOKENIZER_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
@@ -77,7 +78,7 @@ def workdir(tmp_path_factory):
     model = Transformer(LMConfig(**TINY))
     rows = []
     for question, answer in TAUGHT:
-        prompt = evaluate.encode_chat(tok, [user(question)])
+        prompt = chat.encode_chat(tok, [user(question)])
         reply = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append((prompt + reply, [-100] * len(prompt) + reply))
     width = max(len(ids) for ids, _ in rows)
@@ -195,17 +196,17 @@ class ScriptedModel(torch.nn.Module):
 def test_generate_batch_stops_rows_at_newline_or_eos_and_keeps_the_order(tokenizer):
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     # each prompt ends in a whole-character token of its own (the scripted model keys on the last token)
-    prompts = [evaluate.encode_completion(tokenizer, p) for p in ("甲", "很长的提示李", "长一点王")]
+    prompts = [chat.encode_completion(tokenizer, p) for p in ("甲", "很长的提示李", "长一点王")]
     keys = [p[-1] for p in prompts]
     scripts = {keys[0]: enc("=81。\n后面还有"), keys[1]: enc("杭州") + [tokenizer.eos_token_id],
                keys[2]: enc("没有换行的很长很长的回答")}
     model = ScriptedModel(scripts, len(tokenizer))
-    texts = evaluate.generate_batch(model, tokenizer, prompts, max_new_tokens=6, batch_size=8)
+    texts = generate.generate_batch(model, tokenizer, prompts, max_new_tokens=6, batch_size=8)
     assert texts == ["=81。\n", "杭州", tokenizer.decode(scripts[keys[2]][:6])]
     assert model.calls == 6
     # rows 0 and 1 alone: the batch ends when the slower of them is done (5 tokens for "=81。\n")
     model = ScriptedModel(scripts, len(tokenizer))
-    assert evaluate.generate_batch(model, tokenizer, prompts[:2], max_new_tokens=50) == ["=81。\n", "杭州"]
+    assert generate.generate_batch(model, tokenizer, prompts[:2], max_new_tokens=50) == ["=81。\n", "杭州"]
     assert model.calls == len(enc("=81。\n"))
 
 
@@ -216,11 +217,11 @@ def test_batched_left_padded_generation_equals_one_by_one(tokenizer):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
-    prompts = [evaluate.encode_chat(tokenizer, [user(q)]) for q in ("你好", "计算33+48。", "王小明在哪里工作？是哪里？")]
-    prompts.append(evaluate.encode_completion(tokenizer, "万有引力"))
+    prompts = [chat.encode_chat(tokenizer, [user(q)]) for q in ("你好", "计算33+48。", "王小明在哪里工作？是哪里？")]
+    prompts.append(chat.encode_completion(tokenizer, "万有引力"))
     assert len({len(p) for p in prompts}) == 4
-    batched = evaluate.generate_batch(model, tokenizer, prompts, max_new_tokens=8, stop_at_newline=False)
-    single = [evaluate.generate_batch(model, tokenizer, [p], max_new_tokens=8, stop_at_newline=False)[0]
+    batched = generate.generate_batch(model, tokenizer, prompts, max_new_tokens=8, stop_at_newline=False)
+    single = [generate.generate_batch(model, tokenizer, [p], max_new_tokens=8, stop_at_newline=False)[0]
               for p in prompts]
     assert batched == single and len(set(batched)) == 4
     # and equal to plain greedy decoding by full forward passes
@@ -265,19 +266,19 @@ def test_interactive_chat_trims_history_and_no_history_forgets(workdir, tokenize
     questions = [f"第{i}问" for i in range(1, 9)]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions) + "\n"))
     assert run_main(script, ["--interactive", "--max_new_tokens", "16"], monkeypatch, workdir) == 0
-    budget = evaluate.context_budget(64, 16)
+    budget = chat.context_budget(64, 16)
     assert len(prompts) == 8
     for k, ids in enumerate(prompts):
         # the prompt is the newest turns that fit: one more exchange would not
         history = [m for i in range(k) for m in (user(questions[i]), assistant("好的。"))] + [user(questions[k])]
-        kept = next(n for n in range(1, len(history) + 1, 2) if evaluate.encode_chat(tokenizer, history[-n:]) == ids)
+        kept = next(n for n in range(1, len(history) + 1, 2) if chat.encode_chat(tokenizer, history[-n:]) == ids)
         assert len(ids) <= budget
-        assert kept == len(history) or len(evaluate.encode_chat(tokenizer, history[-kept - 2:])) > budget
+        assert kept == len(history) or len(chat.encode_chat(tokenizer, history[-kept - 2:])) > budget
     assert "第1问" in tokenizer.decode(prompts[1]) and "第1问" not in tokenizer.decode(prompts[-1])
     prompts.clear()
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions[:3]) + "\n"))
     assert run_main(script, ["--interactive", "--no_history"], monkeypatch, workdir) == 0
-    assert prompts == [evaluate.encode_chat(tokenizer, [user(q)]) for q in questions[:3]]
+    assert prompts == [chat.encode_chat(tokenizer, [user(q)]) for q in questions[:3]]
     capsys.readouterr()
 
 
@@ -295,19 +296,61 @@ def test_trim_history_drops_the_oldest_turns_first(tokenizer):
     for i in range(5):
         history += [user(f"问题{i}" + "长" * 10), assistant(f"回答{i}" + "长" * 10)]
     messages = [{"role": "system", "content": "你是助手。"}] + history + [user("最后的问题")]
-    n_tokens = lambda msgs: len(evaluate.encode_chat(tokenizer, msgs))  # noqa: E731
+    n_tokens = lambda msgs: len(chat.encode_chat(tokenizer, msgs))  # noqa: E731
     budget = n_tokens(messages[:1] + messages[-5:])  # system + the 2 newest exchanges + the question
-    trimmed = evaluate.trim_history(tokenizer, messages, budget)
+    trimmed = chat.trim_history(tokenizer, messages, budget)
     assert trimmed == messages[:1] + messages[-5:]
-    trimmed = evaluate.trim_history(tokenizer, messages, budget + 5)  # not enough room for one more exchange
+    trimmed = chat.trim_history(tokenizer, messages, budget + 5)  # not enough room for one more exchange
     assert trimmed == messages[:1] + messages[-5:]
-    assert evaluate.trim_history(tokenizer, messages, 10_000) == messages
+    assert chat.trim_history(tokenizer, messages, 10_000) == messages
     # a question longer than the budget on its own: its end is kept and the result fits
     long_question = [user("开头" + "中间" * 40 + "结尾")]
-    trimmed = evaluate.trim_history(tokenizer, long_question, 30)
+    trimmed = chat.trim_history(tokenizer, long_question, 30)
     assert n_tokens(trimmed) <= 30 and trimmed[0]["content"].endswith("结尾")
     assert not trimmed[0]["content"].startswith("开头")
-    assert evaluate.fit_context(list(range(100)), 16, 64) == (list(range(52, 100)), 16)
+    assert chat.fit_context(list(range(100)), 16, 64) == (list(range(52, 100)), 16)
+
+
+def trim_turn_by_turn(tokenizer, messages, max_tokens):
+    """trim_history's contract spelled out: drop the oldest turn until the rest fits, restarting at a user turn."""
+    fits = lambda msgs: len(chat.encode_chat(tokenizer, msgs)) <= max_tokens  # noqa: E731
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while len(turns) > 1 and not fits(system + turns):
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+    return (system if fits(system + turns) else []) + turns
+
+
+def test_trim_history_is_one_pass_and_keeps_its_contract(tokenizer):
+    """2,000 messages used to be re-encoded after each dropped turn (20 s on the server's event loop): now one
+    tokenizer call for the counts and the same messages kept as turn by turn."""
+    import random
+    rng = random.Random(0)
+    pieces = ["你好", "问题", "长" * 7, "abc ", "。", "\n"]
+    for _ in range(150):
+        messages = [{"role": "system", "content": "你是助手。"}] if rng.random() < 0.5 else []
+        for k in range(rng.randint(1, 10)):
+            messages.append({"role": rng.choice(["user", "assistant"]), "content": "".join(
+                rng.choice(pieces) for _ in range(rng.randint(0, 8)))})
+        messages.append(user("最后" + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))))
+        budget = rng.randint(len(chat.encode_chat(tokenizer, messages[-1:])), 160)
+        assert chat.trim_history(tokenizer, messages, budget) == trim_turn_by_turn(tokenizer, messages, budget)
+    calls = []
+
+    class Counted:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(len(args[0]))
+            return tokenizer(*args, **kwargs)
+
+    history = [m for k in range(1000) for m in (user(f"问题{k}"), assistant(f"回答{k}"))] + [user("最后的问题")]
+    trimmed = chat.trim_history(Counted(), history, 100)
+    assert trimmed == trim_turn_by_turn(tokenizer, history[-21:], 100) and trimmed[-1] == history[-1]
+    assert max(calls) == len(history) and sum(calls) < len(history) + 10, calls
 
 
 def test_perplexity_on_the_validation_split(workdir, chat_model, monkeypatch, capsys):
@@ -461,7 +504,8 @@ def test_user_errors_are_one_line(workdir, tmp_path, monkeypatch, capsys):
     # no out/ at all: the default checkpoint cannot be found
     assert run_main(load_script("eval_ceval.py"), [], monkeypatch, tmp_path) == 1
     assert capsys.readouterr().err.strip().endswith(
-        "error: no checkpoint found (out/dpo_*, out/sft_multi_*, out/sft_single_*): train one first or pass --checkpoint DIR")
+        "error: no checkpoint found (out/dpo_*, out/*/dpo, out/sft_multi_*, out/*/sft_multi, out/sft_single_*, "
+        "out/*/sft_single): train one first or pass --checkpoint DIR")
 
 
 def test_scripts_as_processes_exit_cleanly_on_eof_and_missing_checkpoint(workdir, tmp_path):
@@ -476,7 +520,7 @@ def test_scripts_as_processes_exit_cleanly_on_eof_and_missing_checkpoint(workdir
     assert f"🤖: {TAUGHT[1][1]}\n" in out and f"🤖: {TAUGHT[0][1]}\n" in out and "(conversation cleared)" in out
     out, err = missing.communicate(timeout=120)
     assert missing.returncode == 1 and "Traceback" not in err
-    assert err.strip() == "error: no checkpoint found (out/pretrain_*): train one first or pass --checkpoint DIR"
+    assert err.strip() == "error: no checkpoint found (out/pretrain_*, out/*/pretrain): train one first or pass --checkpoint DIR"
 
 
 def test_sampling_settings_that_would_crash_are_refused_up_front(tokenizer):
@@ -490,7 +534,7 @@ def test_sampling_settings_that_would_crash_are_refused_up_front(tokenizer):
 
 
 def test_completion_prompts_keep_typed_special_tokens_as_text(tokenizer):
-    ids = evaluate.encode_completion(tokenizer, "甲</s>乙<s>")
+    ids = chat.encode_completion(tokenizer, "甲</s>乙<s>")
     assert ids[0] == tokenizer.bos_token_id
     assert tokenizer.eos_token_id not in ids and tokenizer.bos_token_id not in ids[1:]
     assert tokenizer.decode(ids[1:]) == "甲</s>乙<s>"

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from model import LMConfig, Transformer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

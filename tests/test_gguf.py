@@ -1,6 +1,6 @@
 """export_model.py --gguf: a GGUF file that the real llama.cpp (through llama-cpp-python) tokenizes, scores and
 continues exactly as this project does. The llama.cpp checks are `slow` (a model is trained for a few seconds)
-and need llama-cpp-python (requirements.txt; it compiles llama.cpp when installed: several minutes)."""
+and need llama-cpp-python (requirements-test.txt; it compiles llama.cpp when installed: several minutes)."""
 import json
 import math
 import os
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, SHIPPED_TOKENIZER
-from model import LMConfig, Transformer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 
 gguf = pytest.importorskip("gguf", reason="export_model.py --gguf needs the gguf package (requirements.txt)")
 
@@ -30,20 +31,38 @@ def tiny_model(vocab_size=6400, seed=0, **kw):
     return Transformer(LMConfig(**{**config, **kw})).eval()
 
 
+def train_on(model, data, steps=300):
+    """A few hundred AdamW steps on random 64-token windows of a token stream: enough for greedy output with
+    structure, so two runtimes that disagree part ways within a few tokens. -> (model in eval mode, last loss)"""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 65, (16,), generator=generator)
+        rows = torch.stack([data[s:s + 65] for s in starts.tolist()])
+        loss = model(rows[:, :-1], shift_labels=rows[:, 1:]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), loss.item()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # without llama.cpp: the file's contents
 
-def test_shipped_tokenizer_maps_to_llama_cpps_qwen2_pre_tokenizer(tmp_path):
+def test_shipped_and_demo_tokenizers_map_to_llama_cpps_qwen2_pre_tokenizer():
     from model.gguf_export import LLAMA_CPP_PRE_TOKENIZERS, llama_cpp_pre_tokenizer
-    from train_tokenizer import QWEN2_PATTERN, save_tokenizer_dir, train
+    from train_tokenizer import QWEN2_PATTERN, build_tokenizer, train
     assert LLAMA_CPP_PRE_TOKENIZERS[QWEN2_PATTERN] == "qwen2"
     with open(os.path.join(SHIPPED_TOKENIZER, "tokenizer.json"), encoding="utf-8") as f:
         assert llama_cpp_pre_tokenizer(json.load(f)) == "qwen2"
-    # the demo's per-character split has no llama.cpp counterpart: refused, saying what to do
-    save_tokenizer_dir(train(["张伟出生于杭州"] * 50, 300, "cjk_chars"), str(tmp_path / "demo_tok"))
-    with open(tmp_path / "demo_tok" / "tokenizer.json", encoding="utf-8") as f:
-        with pytest.raises(ValueError, match="--pretokenizer qwen2"):
-            llama_cpp_pre_tokenizer(json.load(f))
+    demo_tokenizer = train(["张伟出生于杭州"] * 50, 300, "cjk_chars")  # the demo's choice
+    assert llama_cpp_pre_tokenizer(json.loads(demo_tokenizer.to_str())) == "qwen2"
+    # a split llama.cpp does not implement (what the demo's tokenizer used at run time before): refused, saying what
+    # to do
+    demo_tokenizer.pre_tokenizer = build_tokenizer("cjk_chars").pre_tokenizer
+    with pytest.raises(ValueError, match="run the demo again.*retrain it with train_tokenizer.py"):
+        llama_cpp_pre_tokenizer(json.loads(demo_tokenizer.to_str()))
 
 
 def test_gguf_metadata_tensors_and_permutation(tmp_path):
@@ -132,7 +151,7 @@ def llama_cpp():
     try:
         import llama_cpp as module
     except ImportError as err:
-        pytest.skip(f"llama-cpp-python is not importable ({err}); pip install -r requirements.txt builds it")
+        pytest.skip(f"llama-cpp-python is not importable ({err}); pip install -r requirements-test.txt builds it")
     return module
 
 
@@ -195,23 +214,12 @@ def trained(tmp_path_factory, tokenizer):
     encode = lambda docs: [t for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]  # noqa: E731
                            for t in [1, *ids, 2]]
     data = torch.tensor(encode(train_docs[-6000:]))  # reviews: everyday sentences (the news is full of dates)
-    model = tiny_model()
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        starts = torch.randint(0, len(data) - 65, (16,), generator=generator)
-        rows = torch.stack([data[s:s + 65] for s in starts.tolist()])
-        loss = model(rows[:, :-1], shift_labels=rows[:, 1:]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    model, loss = train_on(tiny_model(), data)
     out = tmp_path_factory.mktemp("gguf")
     model.save_pretrained(out / "ckpt")
     val = encode(val_docs[-300:])  # held-out reviews, the kind of text it was trained on
     windows = [val[i:i + 128] for i in range(0, min(len(val), 128 * 12) - 127, 128)]
-    return model, out, windows, loss.item()
+    return model, out, windows, loss
 
 
 def llama_cpp_model(path, n_ctx=256):
@@ -312,3 +320,54 @@ def test_llama_cpp_f16_and_q8_0_stay_close_to_f32(trained, exported, tokenizer):
         same = sum(a == b for a, b in zip(greedy[outtype], greedy["f32"]))
         print(f"{outtype}: greedy identical to f32 on {same}/{len(PROMPTS)} prompts")
         assert same > len(PROMPTS) // 2, (outtype, same)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the demo's tokenizer (demo.py: train_tokenizer.py --vocab_size 1024 --pretokenizer cjk_chars, on the demo corpus)
+
+@pytest.fixture(scope="module")
+def demo_trained(tmp_path_factory, demo_dir):
+    """The demo's tokenizer, trained as demo.py trains it, and a tiny model trained for a few seconds on the demo's
+    pretraining text and single-turn chats (in the chat template): it completes facts and answers questions."""
+    from transformers import AutoTokenizer
+    out = tmp_path_factory.mktemp("gguf_demo")
+    result = subprocess.run([sys.executable, "train_tokenizer.py", "--data_path",
+                             os.path.join(demo_dir, "tokenizer_train.jsonl"), "--out_dir", out / "tokenizer",
+                             "--vocab_size", "1024", "--pretokenizer", "cjk_chars"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    read = lambda name: [json.loads(line) for line in open(os.path.join(demo_dir, name), encoding="utf-8")]  # noqa: E731
+    texts = [r["text"] for r in read("pretrain_data.jsonl")]
+    texts += [tokenizer.apply_chat_template(r["conversations"], tokenize=False) for r in read("sft_data_single.jsonl")]
+    random.Random(0).shuffle(texts)
+    data = torch.tensor([t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in [1, *ids, 2]])
+    model, loss = train_on(tiny_model(vocab_size=1024), data)
+    model.save_pretrained(out / "ckpt")
+    completions = read("eval_pretrain.jsonl")[::50]  # facts (names never asked about in SFT) and held-out sums
+    chats = read("eval_chat.jsonl")[::100]
+    prompts = [[1, *tokenizer.encode(r["prompt"])] for r in completions]
+    prompts += [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True)["input_ids"] for r in chats]
+    return model, tokenizer, out, prompts, loss
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_demos_tokenizer_and_model_like_ours(demo_trained, demo_dir):
+    """The demo's model exports (its tokenizer splits like Qwen2): llama.cpp tokenizes the demo's texts as we do
+    and its greedy continuations of the demo's prompts, facts, sums and chat questions, are ours token for token."""
+    model, tokenizer, out, prompts, loss = demo_trained
+    print(f"\nlast batch loss {loss:.2f}")
+    assert loss < 2.5  # it learned the world's text (7 at the start): continuations are sentences of it
+    result = run_export("--checkpoint", out / "ckpt", "--tokenizer_dir", out / "tokenizer", "--gguf", out / "demo.gguf",
+                        "--outtype", "f32")
+    assert result.returncode == 0, result.stderr
+    llm = llama_cpp_model(out / "demo.gguf")
+    texts = [json.loads(line)["text"] for line in open(os.path.join(demo_dir, "tokenizer_train.jsonl"), encoding="utf-8")]
+    texts = texts[::20] + [tokenizer.decode(ids) for ids in prompts]  # every kind of demo text; chats with <s>, </s>
+    for text in texts:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == tokenizer(text, add_special_tokens=False)["input_ids"], text
+    assert len(prompts) >= 12
+    for ids in prompts:
+        continuation = ours_greedy(model, ids, 24)
+        assert llama_cpp_greedy(llm, ids, 24) == continuation, tokenizer.decode(ids)
+        print(repr(tokenizer.decode(ids)), "->", repr(tokenizer.decode(continuation)))

@@ -1,5 +1,6 @@
 """The code's shape: model/ modules import each other without a cycle, evaluation does not depend on training,
-the bench scripts stand alone, and nothing points at files a user of the repository does not have."""
+the model package never imports the benchmarks (bench/), and nothing points at files a user of the repository does
+not have."""
 import ast
 import glob
 import os
@@ -61,6 +62,17 @@ def test_evaluation_and_generation_do_not_depend_on_training():
         assert "trainer" not in reachable(module), module
 
 
+def test_model_package_never_imports_bench():
+    # bench/ measures the model; a training or serving process must not load (or depend on) the benchmarks
+    offenders = []
+    for path in glob.glob(os.path.join(ROOT, "model", "*.py")):
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{os.path.basename(path)}: {name}" for name in names if name.split(".")[0] == "bench"]
+    assert offenders == []
+
+
 def test_data_process_starts_without_torch_and_the_model_still_loads_through_transformers(tmp_path):
     # data_process.py (the demo's corpus and packing steps) imports neither torch nor transformers: seconds per run
     probe = ("import runpy, sys; sys.argv = ['data_process.py', '--help']\n"
@@ -68,30 +80,17 @@ def test_data_process_starts_without_torch_and_the_model_still_loads_through_tra
              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
-    # loading the classes on first use keeps what `from model import ...` gives, and transformers' Auto classes
-    load = ("import model.LMConfig, model.checkpoint\n"  # the submodule first: the name must still be the class
-            "from model import LMConfig, Transformer\n"
+    # the package imports nothing by itself; the model's module registers it with transformers' Auto classes
+    load = ("import model, model.chat, model.errors, model.data_formats, model.stages\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+            "from model.LMConfig import LMConfig\n"
+            "from model.model import Transformer\n"
             "from transformers import AutoModelForCausalLM\n"
             "Transformer(LMConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64)).save_pretrained(sys.argv[1])\n"
             "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)")
     result = subprocess.run([sys.executable, "-c", "import sys\n" + load, str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.split() == ["Transformer"], result.stdout + result.stderr
-
-
-def test_assigning_the_package_lmconfig_is_kept_not_silently_dropped():
-    # only the import system's binding of the submodule model/LMConfig.py is ignored; a user's own assignment
-    # (a patched config class, say) is what `model.LMConfig` then answers
-    probe = ("import sys, model, model.LMConfig\nsubmodule = sys.modules['model.LMConfig']\n"
-             "class Mine(model.LMConfig):\n    pass\n"
-             "print(model.LMConfig.__name__, model.LMConfig is not submodule)\n"
-             "model.LMConfig = Mine\n"
-             "print(model.LMConfig.__name__)\n"
-             "from model import LMConfig\n"
-             "print(LMConfig.__name__)")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.split() == ["LMConfig", "True", "Mine", "Mine"], \
-        result.stdout + result.stderr
+    assert result.returncode == 0 and result.stdout.split() == ["[]", "Transformer"], result.stdout + result.stderr
 
 
 def test_no_file_refers_to_a_design_document_users_do_not_have():
@@ -101,3 +100,40 @@ def test_no_file_refers_to_a_design_document_users_do_not_have():
     offenders = [os.path.relpath(p, ROOT) for p in tracked
                  if "DESIGN" + ".md" in open(p, encoding="utf-8", errors="replace").read()]
     assert offenders == []
+
+
+def repo_python_files():
+    return [p for p in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)
+            if "/.venv/" not in p and "/out/" not in p and "/dataset/" not in p]
+
+
+def test_no_re_export_shims_in_the_model_package():
+    # callers import a name from the module that owns it; an "as before" re-export hides who owns what
+    offenders = [f"{os.path.relpath(p, ROOT)}:{n}" for p in glob.glob(os.path.join(ROOT, "model", "*.py"))
+                 for n, line in enumerate(open(p, encoding="utf-8"), 1)
+                 if line.lstrip().startswith("from ") and "noqa: F401" in line]
+    assert offenders == []
+
+
+def test_scripts_do_not_load_each_other():
+    # stage scripts are entry points: what two of them share lives in model/, never in a script loaded by path
+    offenders = [os.path.relpath(p, ROOT) for p in repo_python_files()
+                 if "/tests/" not in p and ("spec_from_file_location" in open(p, encoding="utf-8").read())]
+    assert offenders == []
+
+
+def test_the_chat_format_is_rendered_in_one_module():
+    # token ids of text are made in model/chat.py only (split_special_tokens keeps typed "<s>"/"</s>" as text),
+    # and the template string lives there too
+    chat = os.path.join(ROOT, "model", "chat.py")
+    markers = ("split_special_tokens", "bos_token_id] +", "<s>{{ message", "add_special_tokens=False)")
+    offenders = [f"{os.path.relpath(p, ROOT)}: {marker}" for p in repo_python_files() if p != chat
+                 and "/tests/" not in p for marker in markers if marker in open(p, encoding="utf-8").read()]
+    assert offenders == []
+
+
+def test_every_stage_in_the_registry_has_its_script():
+    from model.stages import STAGES
+    for name, stage in STAGES.items():
+        assert os.path.isfile(os.path.join(ROOT, stage.script)), name
+        assert all(previous in STAGES for previous in stage.starts_from), name

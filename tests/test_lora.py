@@ -1,7 +1,6 @@
 """LoRA (model/lora.py): only adapters train, the checkpoint holds the adapter and a checked reference to its base,
 exact resume, DPO's reference is the base, merged export and eval loading match base + adapter."""
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -13,9 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import LMConfig, Transformer, checkpoint, lora, trainer
+from model import checkpoint, lora, stages, trainer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 from model.checkpoint import list_checkpoints
-from model.runtime import Runtime, StageError
+from model.runtime import Runtime
+from model.errors import StageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "model", "tokenizer")
@@ -111,9 +113,9 @@ def test_only_adapters_train_and_the_checkpoint_holds_only_the_adapter(base, tmp
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # it learned something
     reference = json.load(open(run / "lora_base.json"))
     assert reference["base_sha256"] == lora.file_sha256(os.path.join(base, "model.safetensors"))
-    assert checkpoint.find_run("run", root=str(tmp_path)) is None and lora.is_adapter_dir(str(run))
+    assert stages.find_run("run", root=str(tmp_path)) is None and lora.is_adapter_dir(str(run))
     os.rename(run, tmp_path / "sft_single_32")  # the next stage finds an adapter run as it finds a full one
-    assert checkpoint.find_run("sft_single", 32, root=str(tmp_path)) == str(tmp_path / "sft_single_32")
+    assert stages.find_run("sft_single", 32, root=str(tmp_path)) == str(tmp_path / "sft_single_32")
 
 
 def test_disabled_adapters_give_the_base_logits_exactly(base, tmp_path):
@@ -191,16 +193,16 @@ def test_a_changed_or_reshaped_base_is_refused(base, tmp_path):
 
 
 def test_eval_of_an_adapter_dir_equals_the_merged_model(base, tmp_path):
-    from model import evaluate
+    from model import chat, evaluate, generate
     model = perturbed(lora_model(base, make_args(tmp_path)), seed=3).eval()
     lora.save_adapter(model, str(tmp_path / "adapter"))
     checkpoint.copy_tokenizer(TOKENIZER, str(tmp_path / "adapter"))
     loaded, tokenizer, path = evaluate.load_checkpoint(str(tmp_path / "adapter"), device="cpu")
     assert path == str(tmp_path / "adapter") and type(loaded) is Transformer
     merged = model.merge_and_unload().eval()
-    prompts = [evaluate.encode_chat(tokenizer, [{"role": "user", "content": q}]) for q in ("你好", "1+1=?", "谁?")]
-    ours = evaluate.generate_batch(loaded, tokenizer, prompts, max_new_tokens=12, stop_at_newline=False)
-    theirs = evaluate.generate_batch(merged, tokenizer, prompts, max_new_tokens=12, stop_at_newline=False)
+    prompts = [chat.encode_chat(tokenizer, [{"role": "user", "content": q}]) for q in ("你好", "1+1=?", "谁?")]
+    ours = generate.generate_batch(loaded, tokenizer, prompts, max_new_tokens=12, stop_at_newline=False)
+    theirs = generate.generate_batch(merged, tokenizer, prompts, max_new_tokens=12, stop_at_newline=False)
     assert ours == theirs
 
 
@@ -224,13 +226,6 @@ def test_lora_on_a_lora_run_merges_the_chain(base, tmp_path):
         checkpoint.load_init_model(str(tmp_path / "dpo"), {})
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_")[:-3], os.path.join(ROOT, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def write_dpo_data(path, n=12):
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
@@ -241,8 +236,8 @@ def write_dpo_data(path, n=12):
 
 
 def test_dpo_reference_with_lora_is_the_base(base, tmp_path, tokenizer):
+    from model import dpo
     from model.dataset import DPODataset
-    dpo = load_script("4-dpo.py")
     write_dpo_data(tmp_path / "dpo.jsonl")
     dataset = DPODataset(str(tmp_path / "dpo.jsonl"), tokenizer, 64)
     args = make_args(tmp_path, "--batch_size", "4")

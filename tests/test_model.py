@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 import model.model as model_module
 from conftest import TINY_SHAPE, make_tiny_model
-from model import CheckpointMismatchError, LMConfig, Transformer
+from model.LMConfig import LMConfig
+from model.model import CheckpointMismatchError, Transformer
 from model.generate import KVCache, generate_stream
 from model.model import apply_rope, attention_path, estimate_flops_per_token, rope_cos_sin
 
@@ -296,6 +297,14 @@ def test_sampling_options_run_through_generationmixin_and_stop_at_eos():
         first = int(model(prompt[:1]).logits[0, -1].argmax())
     ours = list(generate_stream(model, prompt[:1], max_new_tokens=10, temperature=0, eos_token_id=first))
     assert len(ours) == 1
+
+
+def test_a_temperature_too_small_to_divide_by_decodes_greedily():
+    # logits / 1e-45 overflow to inf and multinomial raised: the CLI crashed where the server already answered
+    from model.generate import sample_next
+    logits = torch.tensor([[0.5, 2.0, 1.0]])
+    for temperature in (0.0, 1e-45, 1e-6):
+        assert int(sample_next(logits, torch.empty(1, 0, dtype=torch.long), temperature=temperature)) == 1
 
 
 def test_top_k_top_p_restrict_the_candidates():

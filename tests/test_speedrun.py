@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import speedrun
-from model import LMConfig, Transformer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 
 
 class Bigram(torch.nn.Module):
@@ -110,7 +111,7 @@ def test_tiny_run_learns_and_leaves_a_loadable_run_dir(tiny_corpus, tmp_path, mo
 
 
 def test_wsd_schedule_and_budget_estimate():
-    from model.trainer import budget_steps, lr_at
+    from model.optim import budget_steps, lr_at
     lrs = [lr_at(s, 100, 10, 1.0, 0.1, "wsd", 0.2) for s in range(100)]
     assert lrs[4] == pytest.approx(0.5) and lrs[10] == lrs[79] == 1.0  # warm-up, then flat at the peak
     assert lrs[90] == pytest.approx(0.55) and lrs[99] < 0.2            # linear decay over the last 20%

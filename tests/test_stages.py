@@ -238,7 +238,9 @@ RACE_SCRIPT = """
 import os, signal, sys
 import torch
 sys.path.insert(0, {root!r})
-from model import LMConfig, Transformer, trainer
+from model import trainer
+from model.LMConfig import LMConfig
+from model.model import Transformer
 from model.runtime import init_runtime, run_stage
 
 class Counting(torch.utils.data.Dataset):

@@ -68,6 +68,41 @@ def test_cjk_chars_pretokenizer_keeps_characters_and_digits_separate():
     assert len(merged.encode("张伟出生于杭州").ids) < 7
 
 
+def test_cjk_chars_tokenizer_splits_like_qwen2_and_gives_the_training_splits_tokens(demo_dir):
+    """The demo's tokenizer (1024 tokens, cjk_chars) is written with Qwen2's split, which llama.cpp implements (a
+    run of ideographs is one piece there); BPE learned no merge across ideographs, so on every text of the demo
+    corpus it gives the tokens of the split it was trained with, and GB2312's ideographs in any order, with
+    letters, digits and punctuation between them, are one token or byte pieces each."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    from model.demo_corpus import charset_lines
+    from model.gguf_export import llama_cpp_pre_tokenizer
+    from train_tokenizer import CJK, build_tokenizer, iter_texts, train
+    tok = train(iter_texts(os.path.join(demo_dir, "tokenizer_train.jsonl")), 1024, "cjk_chars")
+    assert llama_cpp_pre_tokenizer(json.loads(tok.to_str())) == "qwen2"
+    as_trained = Tokenizer.from_str(tok.to_str())
+    as_trained.pre_tokenizer = build_tokenizer("cjk_chars").pre_tokenizer
+    texts = [json.loads(line)["text"] for line in open(os.path.join(demo_dir, "tokenizer_train.jsonl"), encoding="utf-8")]
+    for line in open(os.path.join(demo_dir, "eval_chat.jsonl"), encoding="utf-8"):  # names nothing else has
+        texts += [m["content"] for m in json.loads(line)["messages"]]
+    for line in open(os.path.join(demo_dir, "eval_pretrain.jsonl"), encoding="utf-8"):
+        record = json.loads(line)
+        texts += [record["prompt"], record["prompt"] + record["answer"]]
+    assert len(texts) > 10000
+    assert [e.ids for e in tok.encode_batch(texts)] == [e.ids for e in as_trained.encode_batch(texts)]
+
+    import re
+    ideographs = re.findall(f"[{CJK}]", "".join(charset_lines()))
+    assert len(set(ideographs)) > 6000
+    rng = random.Random(0)
+    others = ["", "", "", "a", "LLM", "7", "，", "。", " ", "-"]
+    for _ in range(5):
+        pieces = [p for c in rng.sample(sorted(set(ideographs)), 2000) for p in (c, rng.choice(others)) if p]
+        assert tok.encode("".join(pieces)).ids == [i for p in pieces for i in tok.encode(p).ids]
+
+
 def test_split_documents_is_deterministic_and_disjoint():
     from model.corpora import split_documents, untag
     assert untag("迈向/v  充满/v  希望/n  １/m  张/q  a/b/c") == "迈向充满希望１张a/b"

@@ -7,9 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model
-from model import Transformer, trainer
+from model import optim, trainer
+from model.model import Transformer
 from model.checkpoint import list_checkpoints
-from model.runtime import Runtime, StageError
+from model.runtime import Runtime
+from model.errors import StageError
 
 V = 64
 
@@ -172,7 +174,7 @@ def test_sampler_shards_are_the_single_process_batches():
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    lrs = [trainer.lr_at(s, 100, 10, 1e-3, 0.1) for s in range(101)]
+    lrs = [optim.lr_at(s, 100, 10, 1e-3, 0.1) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[100] == pytest.approx(1e-4)
@@ -180,7 +182,7 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 
 def test_no_decay_on_norms_and_embeddings():
     model = tiny_model()
-    optimizer = trainer.build_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+    optimizer = optim.build_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
     decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() >= 2 and "tok_embeddings" not in name), name

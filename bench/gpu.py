@@ -1,12 +1,13 @@
 """
-bench_gpu.py: model FLOPs utilisation (MFU) of nano-LLM training on one GPU. A ~100M-parameter model (dim 768,
-16 layers), bf16 autocast, torch.compile, fused AdamW; achieved FLOP/s against the card's dense bf16 peak (from
-the datasheet when the card is known, and against a large bf16 matmul timed in the same run).
+gpu: model FLOPs utilisation (MFU) of nano-LLM training on one GPU. A ~100M-parameter model (dim 768, 16 layers),
+bf16 autocast, torch.compile, fused AdamW; achieved FLOP/s against the card's dense bf16 peak (from the datasheet
+when the card is known, and against a large bf16 matmul timed in the same run). It runs alone, with its own flags
+and defaults (`python -m bench gpu --help`).
 
 Run as:
-    python bench_gpu.py                     # or: python bench.py --gpu
-    python bench_gpu.py --batch_size 16 --seq_len 2048 --steps 20 --json
-    python bench_gpu.py --device cpu --dim 64 --n_layers 2 --n_heads 4 --n_kv_heads 2 --seq_len 32 --batch_size 2 \
+    python -m bench gpu
+    python -m bench gpu --batch_size 16 --seq_len 2048 --steps 20 --json
+    python -m bench gpu --device cpu --dim 64 --n_layers 2 --n_heads 4 --n_kv_heads 2 --seq_len 32 --batch_size 2 \
         --steps 1 --warmup 1 --no_compile --peak_n 256    # the same code path on a CPU, as tests/test_bench.py does
 Target: >= 45% MFU on an H100. FLOPs per token from Transformer.flops_per_token (model/model.py): 6 x matmul
 parameters (output projection included) + 6 x n_layers x seq_len x dim for causal attention (masked half not
@@ -20,7 +21,9 @@ import time
 
 import torch
 
-from model import LMConfig, Transformer
+from bench.common import training_step
+from model.LMConfig import LMConfig
+from model.model import Transformer
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets; first match wins.
 DATASHEET_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),
@@ -51,7 +54,8 @@ def matmul_tflops(device: str, n: int, reps=20) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench gpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=768, help="model width")
     parser.add_argument("--n_layers", type=int, default=16, help="Transformer blocks")
     parser.add_argument("--n_heads", type=int, default=12, help="attention heads (head_dim = dim / n_heads)")
@@ -68,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("bench_gpu.py: no CUDA GPU visible (torch.cuda.is_available() is False)")
+        sys.exit("python -m bench gpu: no CUDA GPU visible (torch.cuda.is_available() is False)")
     device_type = torch.device(args.device).type
 
     torch.manual_seed(0)
@@ -81,13 +85,7 @@ def main(argv=None):
     train_model = model if args.no_compile else torch.compile(model, mode=args.compile_mode)
     batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=args.device)
 
-    def step():
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            loss = train_model(batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(train_model, optimizer, batch, torch.device(args.device), "bfloat16")
     first_step_s = timed(step, 1, args.device)[0]
     timed(step, args.warmup - 1, args.device)
     step_s = statistics.median(timed(step, args.steps, args.device))
@@ -118,7 +116,3 @@ def main(argv=None):
             print(f"  MFU {100 * achieved / sheet:.1f}% of the {sheet} TFLOP/s datasheet peak")
         print(f"  {100 * achieved / measured:.1f}% of a bf16 {args.peak_n}^3 matmul timed here ({measured:.3g} TFLOP/s)")
     return result
-
-
-if __name__ == "__main__":
-    main()

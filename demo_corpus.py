@@ -5,7 +5,7 @@ laptop CPU in minutes, with held-out evaluation that only passes if the model re
 Run as (through the data pipeline, which also packs the pretraining text):
     python data_process.py demo                   # -> dataset/demo/
 or directly (text files only, no packing):
-    python -m model.demo_corpus --out_dir dataset/demo
+    python demo_corpus.py --out_dir dataset/demo
 
 The world
 - `n_people` fictional people with unique 3-character names and six attributes: birth date (year+month),
@@ -590,7 +590,7 @@ def generate_demo(out_dir, seed=1337, n_people=300, n_bios=4, sft_people_ratio=0
 
 
 def add_demo_args(parser):
-    """Flags shared by `python -m model.demo_corpus` and `python data_process.py demo`."""
+    """Flags shared by `python demo_corpus.py` and `python data_process.py demo`."""
     parser.add_argument("--out_dir", default="dataset/demo", help="where the demo files are written")
     parser.add_argument("--seed", type=int, default=1337, help="world seed: the same seed gives byte-identical files")
     parser.add_argument("--n_people", type=int, default=300, help="number of fictional people")
