@@ -20,7 +20,8 @@ median of the per-round ratios. Run from the repository root:
 Sections (bench/<section>.py says how each one measures)
     peak    GFLOP/s of a large fp32 (and bf16) matmul: this machine's practical peak (runs with train)
     train   tokens/s of forward + backward + AdamW: ours (eager, torch.compile'd) vs HF + fused AdamW, fp32 / bf16
-    decode  batch 1 greedy: generate_stream vs HF generate, same tokens (checked), default threads and 1 thread
+    decode  batch 1: llama.cpp f32/q8_0, HF generate, generate_stream eager and on the compiled fast path (greedy,
+            same tokens checked; and sampled), default threads and 1 thread
     moe     training step of the MoE model / a dense model with the same active parameters
     alloc   CPU training step under glibc's default malloc vs model.runtime.keep_freed_memory, separate processes
     data    useful tokens per batch of the demo corpus; pretraining memory vs data size; the streaming JSON reader
@@ -55,7 +56,8 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per contestant (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps per contestant")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time our model under torch.compile (the trainer's --compile)")
+                        help="also time our model under torch.compile (the trainer's --compile) and decode with the "
+                             "compiled decode step (model/fast_decode.py)")
     parser.add_argument("--compile_hf", action="store_true",
                         help="also time LlamaForCausalLM under torch.compile (not what an HF user gets by default)")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
