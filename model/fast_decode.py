@@ -41,8 +41,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .model import Transformer, rope_cos_sin
-
 MODES = ("auto", "on", "off")
 COMPILE_AFTER_TOKENS = 2000  # auto: eager steps (tokens at batch 1) so far + the ones asked for
 _mode = os.environ.get("NANOLLM_FAST_DECODE", "auto")
@@ -61,6 +59,21 @@ def set_mode(mode: str):
 
 def get_mode() -> str:
     return _mode
+
+
+def add_arg(parser, server: bool = False):
+    """The scripts' --fast_decode flag (2-eval.py, 0-eval_pretrain.py, serve_openai_api.py); apply it with
+    set_mode(args.fast_decode)."""
+    when = ("auto (default): the engine compiles its steps between two decode steps once it has run "
+            f"{COMPILE_AFTER_TOKENS} eager ones (a pause of tens of seconds, once); on: compile at startup, before "
+            "serving" if server else
+            f"auto (default): compile it before an answer only once this run has decoded about {COMPILE_AFTER_TOKENS} "
+            "tokens one prompt at a time, counting the answer's max_new_tokens, so a short run never compiles; on: "
+            "compile before the first answer")
+    parser.add_argument("--fast_decode", choices=MODES, default=_mode,
+                        help="decode with a compiled decode step (model/fast_decode.py; a float32 model on the CPU; "
+                             f"docs/performance.md has its speed). {when} (tens of seconds the first time on a "
+                             "machine, seconds once cached); off: the eager model only")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,9 +104,10 @@ class StaticCache:
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
 
-def step_weights(model: Transformer, capacity: int):
+def step_weights(model, capacity: int):
     """The tensors decode_step reads, as nested tuples: the model's own parameters (no copies) and RoPE tables for
     positions 0..capacity-1, made by the function the model uses, so they are the eager path's values exactly."""
+    from .model import rope_cos_sin
     c = model.config
     cos, sin = rope_cos_sin(torch.arange(capacity, device=model.device)[None], c.head_dim, c.rope_theta,
                             model.tok_embeddings.weight.dtype)
@@ -113,11 +127,12 @@ def step_weights(model: Transformer, capacity: int):
     return model.tok_embeddings.weight, model.norm.weight, model.output.weight, cos[0], sin[0], tuple(layers)
 
 
-def _matvec(x, w):
-    """x (B, K) @ w (N, K)^T. One row: a fused elementwise-product reduction (reads w once, vectorised); more
-    rows: F.linear, which reads w once for all of them."""
-    if x.shape[0] == 1:
-        return (w * x).sum(-1, keepdim=True).T
+def _matvec(x, w, by_rows: bool):
+    """x (B, K) @ w (N, K)^T. by_rows: an elementwise-product reduction, one weight row at a time for all rows
+    of x (each weight row is read from memory once, vectorised, at close to memory speed); else F.linear, the
+    GEMM, which costs more per weight read but less per row (the better one from about SMALL_BATCH rows up)."""
+    if by_rows:
+        return (w[:, None, :] * x[None]).sum(-1).T
     return F.linear(x, w)
 
 
@@ -126,21 +141,21 @@ def _rms_norm(x, weight, eps: float):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _swiglu(x, w1, w3, w2):
-    return _matvec(F.silu(_matvec(x, w1)) * _matvec(x, w3), w2)
+def _swiglu(x, w1, w3, w2, by_rows: bool):
+    return _matvec(F.silu(_matvec(x, w1, by_rows)) * _matvec(x, w3, by_rows), w2, by_rows)
 
 
 def decode_step(shape, weights, tokens, positions, starts, slots, keys, values):
     """One token per row through the whole model: logits (B, vocab).
 
-    shape: (n_heads, n_kv_heads, head_dim, norm_eps, use_moe, top_k, norm_topk_prob), plain values (the compiler
-    specialises on them). tokens (B,) this step's inputs; positions (B,) their RoPE positions; slots: arange(L),
+    shape: (n_heads, n_kv_heads, head_dim, norm_eps, use_moe, top_k, norm_topk_prob, by_rows), plain values (the
+    compiler specialises on them; by_rows: see _matvec). tokens (B,) this step's inputs; positions (B,) their RoPE positions; slots: arange(L),
     the cache columns in use, this step's last (its keys/values are written there); its length is the one
     dynamic size, so attention reads L columns, not the whole cache, without a compile per length. starts (B,):
     the first column each row may attend to (rows of a batch may start later). keys, values: StaticCache's
     per-layer lists, written in place.
     """
-    n_heads, n_kv_heads, head_dim, eps, use_moe, top_k, norm_topk_prob = shape
+    n_heads, n_kv_heads, head_dim, eps, use_moe, top_k, norm_topk_prob, by_rows = shape
     embedding, final_norm, output, cos_table, sin_table, layers = weights
     B, L = tokens.shape[0], slots.shape[0]
     rep = n_heads // n_kv_heads
@@ -154,16 +169,16 @@ def decode_step(shape, weights, tokens, positions, starts, slots, keys, values):
 
     for i, (attn_norm, wq, wk, wv, wo, ffn_norm, mlp) in enumerate(layers):
         h = _rms_norm(x, attn_norm, eps)
-        q = rope(_matvec(h, wq).view(B, n_heads, head_dim))
-        k = rope(_matvec(h, wk).view(B, n_kv_heads, head_dim))
-        v = _matvec(h, wv).view(B, n_kv_heads, head_dim)
+        q = rope(_matvec(h, wq, by_rows).view(B, n_heads, head_dim))
+        k = rope(_matvec(h, wk, by_rows).view(B, n_kv_heads, head_dim))
+        v = _matvec(h, wv, by_rows).view(B, n_kv_heads, head_dim)
         keys[i].index_copy_(2, column, k[:, :, None, :])
         values[i].index_copy_(2, column, v[:, :, None, :])
         q = q.view(B, n_kv_heads, rep, 1, head_dim)                       # GQA: rep query heads per kv head
         scores = (q * keys[i][:, :, None, :L]).sum(-1) * head_dim ** -0.5   # (B, kv, rep, L)
         probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
         y = (probs[..., None] * values[i][:, :, None, :L]).sum(-2)          # (B, kv, rep, head_dim)
-        x = x + _matvec(y.reshape(B, n_heads * head_dim), wo)
+        x = x + _matvec(y.reshape(B, n_heads * head_dim), wo, by_rows)
         h = _rms_norm(x, ffn_norm, eps)
         if use_moe:
             gate, experts, shared = mlp
@@ -174,26 +189,35 @@ def decode_step(shape, weights, tokens, positions, starts, slots, keys, values):
             if top_k > 1 and norm_topk_prob:
                 topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
             expert_weight = torch.zeros_like(scores).scatter(1, topk_idx, topk_weight)
-            y = sum(_swiglu(h, *e) * expert_weight[:, j:j + 1] for j, e in enumerate(experts))
+            y = sum(_swiglu(h, *e, by_rows) * expert_weight[:, j:j + 1] for j, e in enumerate(experts))
             for e in shared:
-                y = y + _swiglu(h, *e)
+                y = y + _swiglu(h, *e, by_rows)
             x = x + y
         else:
-            x = x + _swiglu(h, *mlp)
-    return _matvec(_rms_norm(x, final_norm, eps), output)
+            x = x + _swiglu(h, *mlp, by_rows)
+    return _matvec(_rms_norm(x, final_norm, eps), output, by_rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # per model: compiled steps, caches, the policy
 
+SMALL_BATCH = 4  # up to this many rows the one-weight-row-at-a-time reduction beats F.linear (docs/performance.md)
+
+
+def batch_kind(rows: int):
+    """Which compiled step serves `rows` rows: 1 (one row, static shapes), "few" (2..SMALL_BATCH rows, by_rows) or
+    "many" (more, F.linear). Both batch kinds take any number of rows in their range without a recompile."""
+    return 1 if rows == 1 else "few" if rows <= SMALL_BATCH else "many"
+
+
 class _Decoder:
-    """What one model keeps between generations: its compiled steps and its free caches (by batch size and
-    capacity), and the tokens it decoded eagerly (the auto policy's count). Holds no reference to the model."""
+    """What one model keeps between generations: its compiled steps, its free caches (by rows and capacity) and
+    the decode steps it ran eagerly (the auto policy's count). Holds no reference to the model."""
 
     def __init__(self):
-        self.steps = {}        # (batch, capacity, threads) -> compiled decode_step
-        self.free_caches = {}  # (batch, capacity) -> [StaticCache]
-        self.eager_steps = {}  # batch size -> decode steps the eager model ran (the auto policy's count)
+        self.steps = {}        # (batch kind, capacity, threads) -> compiled decode_step
+        self.free_caches = {}  # (rows, capacity) -> [StaticCache]
+        self.eager_steps = 0   # decode steps the eager model ran (generate_stream and the engine)
         self.lock = threading.Lock()          # the cache pool
         self.compile_lock = threading.Lock()  # one compile at a time
 
@@ -211,6 +235,7 @@ def _decoder(model) -> _Decoder:
 
 def supported(model, attention_mask=None) -> bool:
     """Whether generation with this model (and this mask) can take the fast path at all."""
+    from .model import Transformer  # here: model.generate (which imports this module) stays free of transformers
     if _mode == "off" or _broken is not None or not isinstance(model, Transformer):
         return False
     param = model.tok_embeddings.weight
@@ -237,20 +262,77 @@ def _new_step_fn():
                               decode_step.__closure__)
 
 
-def _shape(config):
+def _shape(config, kind):
     return (config.n_heads, config.n_kv_heads, config.head_dim, float(config.norm_eps), bool(config.use_moe),
-            int(config.num_experts_per_tok), bool(config.norm_topk_prob))
+            int(config.num_experts_per_tok), bool(config.norm_topk_prob), kind != "many")
+
+
+def _key(kind, capacity: int):
+    return kind, capacity, torch.get_num_threads()
+
+
+def _due(decoder, steps_ahead: int) -> bool:
+    """Under the current mode, should the steps be compiled now? (auto: see the module docstring)"""
+    return _mode == "on" or (_mode == "auto" and decoder.eager_steps + steps_ahead >= COMPILE_AFTER_TOKENS)
+
+
+def compile_step(model, kind, capacity: int, say_why: str | None = None):
+    """Compile decode_step for this model, batch kind (batch_kind) and cache capacity at the current thread count
+    (running it once on a scratch cache), remember it and return it. None, and eager decoding from then on after
+    one warning, if the compiler fails. say_why: a line for stderr before a compile the caller did not ask for."""
+    global _broken
+    decoder = _decoder(model)
+    key = _key(kind, capacity)
+    with decoder.compile_lock:
+        if key in decoder.steps or _broken is not None:
+            return decoder.steps.get(key)
+        if say_why:
+            print(f"fast decode: {say_why}: compiling the decode step for {kind} row(s) (once per process; "
+                  f"NANOLLM_FAST_DECODE=off skips it)", file=sys.stderr, flush=True)
+        step = torch.compile(_new_step_fn(), fullgraph=True)  # static shapes, but for mark_dynamic below
+        rows = 1 if kind == 1 else 2 if kind == "few" else SMALL_BATCH + 1
+        cache = StaticCache(model.config, rows, capacity)
+        zeros = torch.zeros(rows, dtype=torch.long)
+        tokens, positions, starts = zeros.clone(), zeros.clone(), zeros.clone()
+        slots = torch.arange(min(3, capacity))
+        torch._dynamo.mark_dynamic(slots, 0)  # the attention length: one compile for every length
+        if kind != 1:  # and the number of rows, within the kind's range
+            for t in (tokens, positions, starts, *cache.keys, *cache.values):
+                torch._dynamo.mark_dynamic(t, 0)
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                step(_shape(model.config, kind), step_weights(model, capacity), tokens, positions, starts, slots,
+                     cache.keys, cache.values)
+        except Exception as err:  # no C++ compiler, an unsupported platform: decode eagerly, say it once
+            _broken = err
+            print(f"fast decode: compiling the decode step failed ({type(err).__name__}: {str(err)[:200]}); "
+                  f"decoding eagerly", file=sys.stderr)
+            return None
+        decoder.steps[key] = step
+        decoder.compile_seconds = time.perf_counter() - t0
+        return step
+
+
+def warm_up(model, rows=(1,), capacity: int | None = None):
+    """Compile now the steps for generations of these numbers of rows, so that no request waits for them later;
+    does nothing when the fast path does not apply or the mode is off."""
+    if not supported(model):
+        return
+    for kind in dict.fromkeys(batch_kind(n) for n in rows):
+        compile_step(model, kind, capacity or model.config.max_seq_len)
 
 
 class Session:
-    """One generation's view of the fast path: its cache (taken from the model's pool, given back by close) and
-    step_fn, the compiled step, or None while the eager model decodes (count_eager keeps the auto policy's
-    count)."""
+    """One generate_stream call's view of the fast path: its cache (taken from the model's pool, given back by
+    close) and step_fn, the compiled step, or None while the eager model decodes (count_eager keeps the auto
+    policy's count)."""
 
     def __init__(self, model, batch_size: int, length: int, new_tokens: int):
         self.decoder, self.batch_size = _decoder(model), batch_size
         self.capacity = capacity_for(model, length)
-        self.shape = _shape(model.config)
+        self.kind = batch_kind(batch_size)
+        self.shape = _shape(model.config, self.kind)
         with self.decoder.lock:
             pool = self.decoder.free_caches.setdefault((batch_size, self.capacity), [])
             self.cache = pool.pop() if pool else StaticCache(model.config, batch_size, self.capacity)
@@ -263,27 +345,21 @@ class Session:
         self._starts = torch.zeros(batch_size, dtype=torch.long)
         self._slots = torch.arange(self.capacity)
         self.step_fn, self.weights = None, None
-        steps_so_far = self.decoder.eager_steps.get(batch_size, 0)
-        if _mode == "on" or (_mode == "auto" and steps_so_far + new_tokens >= COMPILE_AFTER_TOKENS):
-            if self._key() not in self.decoder.steps and _mode == "auto":
-                print(f"fast decode: compiling the decode step for batch size {batch_size} after {steps_so_far} "
-                      f"eager steps (once per process; NANOLLM_FAST_DECODE=off skips it)", file=sys.stderr)
-            compile_step(model, batch_size, self.capacity)
+        if _key(self.kind, self.capacity) not in self.decoder.steps and _due(self.decoder, new_tokens):
+            compile_step(model, self.kind, self.capacity, None if _mode == "on" else
+                         f"{self.decoder.eager_steps} eager decode steps so far + {new_tokens} asked for")
         self._use_compiled()
 
-    def _key(self):
-        return self.batch_size, self.capacity, torch.get_num_threads()
-
     def _use_compiled(self):
-        self.step_fn = self.decoder.steps.get(self._key())
+        self.step_fn = self.decoder.steps.get(_key(self.kind, self.capacity))
         if self.step_fn is not None:
             self.weights = step_weights(self._model(), self.capacity)
 
     def count_eager(self, n_steps: int = 1):
         """The eager model ran n_steps more decode steps (the auto policy's count); switch to the compiled step
-        if it has become ready meanwhile (warm_up in another thread)."""
-        self.decoder.eager_steps[self.batch_size] = self.decoder.eager_steps.get(self.batch_size, 0) + n_steps
-        if self._key() in self.decoder.steps:
+        if another thread has compiled it meanwhile."""
+        self.decoder.eager_steps += n_steps
+        if _key(self.kind, self.capacity) in self.decoder.steps:
             self._use_compiled()
 
     def step(self, tokens, position: int):
@@ -309,39 +385,41 @@ def start(model, batch_size: int, prompt_length: int, new_tokens: int, attention
     return Session(model, batch_size, prompt_length + new_tokens, new_tokens)
 
 
-def compile_step(model, batch_size: int, capacity: int):
-    """Compile decode_step for this model at this batch size, cache capacity and thread count (running it once on
-    a scratch cache), remember it, and return it; None (and eager from then on, after one warning) if the
-    compiler fails."""
-    global _broken
-    decoder = _decoder(model)
-    key = (batch_size, capacity, torch.get_num_threads())
-    with decoder.compile_lock:
-        if key in decoder.steps:
-            return decoder.steps[key]
-        step = torch.compile(_new_step_fn(), fullgraph=True)  # static shapes but for mark_dynamic below
-        cache = StaticCache(model.config, batch_size, capacity)
-        zeros = torch.zeros(batch_size, dtype=torch.long)
-        slots = torch.arange(min(3, capacity))
-        torch._dynamo.mark_dynamic(slots, 0)  # the attention length: one compile for every length
-        t0 = time.perf_counter()
-        try:
-            with torch.no_grad():
-                step(_shape(model.config), step_weights(model, capacity), zeros, zeros, zeros, slots, cache.keys,
-                     cache.values)
-        except Exception as err:  # no C++ compiler, an unsupported platform: decode eagerly, say it once
-            _broken = err
-            print(f"fast decode: compiling the decode step failed ({type(err).__name__}: {str(err)[:200]}); "
-                  f"decoding eagerly", file=sys.stderr)
-            return None
-        decoder.steps[key] = step
-        decoder.compile_seconds = time.perf_counter() - t0
-        return step
+class EngineSteps:
+    """The compiled steps for model/engine.py: rows 0..n-1 of a shared cache (per-layer (max_batch, kv_heads,
+    capacity, head_dim) tensors), right-aligned, every row's new token written at the same column. step() takes
+    any n from 1 to max_batch; ready() says whether the steps are compiled (count_eager: the auto policy)."""
 
+    def __init__(self, model, keys, values, max_batch: int):
+        self._model, self.keys, self.values = weakref.ref(model), keys, values
+        self.decoder, self.capacity = _decoder(model), keys[0].shape[2]
+        self.kinds = list(dict.fromkeys(batch_kind(n) for n in range(1, max_batch + 1)))
+        self.shapes = {kind: _shape(model.config, kind) for kind in self.kinds}
+        self.steps, self.weights = None, None
+        self._slots = torch.arange(self.capacity)
+        if _mode == "on" and supported(model):
+            self.compile()
 
-def warm_up(model, batch_size: int = 1, capacity: int | None = None):
-    """Compile the step for generations of batch_size rows now, so that no request waits for it later; does
-    nothing (None) when the fast path does not apply or the mode is off."""
-    if not supported(model):
-        return None
-    return compile_step(model, batch_size, capacity or model.config.max_seq_len)
+    def compile(self, say_why: str | None = None):
+        model = self._model()
+        steps = {kind: compile_step(model, kind, self.capacity, say_why) for kind in self.kinds}
+        if all(step is not None for step in steps.values()):
+            self.steps, self.weights = steps, step_weights(model, self.capacity)
+
+    def ready(self) -> bool:
+        return self.steps is not None
+
+    def count_eager(self):
+        """One eager engine step more; under auto, compile between two steps once enough were run."""
+        self.decoder.eager_steps += 1
+        if _mode == "auto" and _broken is None and self.decoder.eager_steps >= COMPILE_AFTER_TOKENS \
+                and supported(self._model()):
+            self.compile(f"{self.decoder.eager_steps} eager engine steps")
+
+    def step(self, tokens, positions, starts, end: int):
+        """tokens, positions, starts: (n,) long tensors (each row's input, its RoPE position, its first column);
+        every row's keys/values go to column `end` -> logits (n, vocab)."""
+        n = tokens.shape[0]
+        kind = batch_kind(n)
+        return self.steps[kind](self.shapes[kind], self.weights, tokens, positions, starts, self._slots[:end + 1],
+                                [k[:n] for k in self.keys], [v[:n] for v in self.values])

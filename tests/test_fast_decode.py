@@ -97,7 +97,7 @@ def test_auto_compiles_only_after_enough_tokens(monkeypatch):
     assert compiled_steps(model) == {}
     # 48 eager steps so far + 25 asked for reach 60: this generation compiles before its first token
     assert tokens(model, [1, 5, 9], 25, "auto") == reference
-    assert len(compiled_steps(model)) == 1 and fast_decode._decoder(model).eager_steps == {1: 48}
+    assert len(compiled_steps(model)) == 1 and fast_decode._decoder(model).eager_steps == 48
 
 
 def test_a_failing_compiler_means_eager_decoding_and_one_warning(monkeypatch, capsys):
@@ -144,3 +144,41 @@ def test_past_the_context_moe_and_batches_equal_the_eager_path(model):
     for prompt in ([1, 5, 9], [(5 * i) % 60 + 3 for i in range(20)]):
         n = moe.config.max_seq_len - len(prompt)
         assert tokens(moe, prompt, n, "on") == tokens(moe, prompt, n, "off")
+
+
+@pytest.mark.slow
+def test_engine_on_the_compiled_steps_answers_as_generate_stream(model):
+    """Six requests of different lengths at once: the engine's rows go from 6 (the "many" step) through the "few"
+    one to 1 as they finish, with a realignment when a longer prompt joins; every greedy answer equals
+    generate_stream's eager one for that prompt alone."""
+    import threading
+    from model.engine import Engine, GenerationRequest
+    prompts = [[1, 5, 9], [3, 1, 4, 1, 5, 9, 2, 6], [7], [2, 7, 1, 8], [6, 6, 6, 6, 6], [9, 8, 7, 6, 5, 4]]
+    lengths = [20, 6, 12, 3, 16, 9]
+    expected = [tokens(model, p, n, "off")[0] for p, n in zip(prompts, lengths)]
+    fast_decode.set_mode("on")
+    try:
+        engine = Engine(model, eos_token_id=-1, max_batch=6, max_queue=6)
+    finally:
+        fast_decode.set_mode("auto")
+    assert engine.fast.ready() and sorted(map(str, engine.fast.steps)) == ["1", "few", "many"]
+    answers, done = {}, threading.Event()
+
+    def finished(i):
+        def on_done(reason, error):
+            answers[i] = (reason, error)
+            if len(answers) == len(prompts):
+                done.set()
+        return on_done
+    requests = [GenerationRequest(p, max_new_tokens=n, on_done=finished(i))
+                for i, (p, n) in enumerate(zip(prompts, lengths))]
+    for request in requests:
+        engine.submit(request)
+    engine.start()
+    try:
+        assert done.wait(120)
+    finally:
+        engine.stop()
+    assert all(reason == "length" for reason, _ in answers.values()), answers
+    assert [r.ids[len(p):] for r, p in zip(requests, prompts)] == expected
+    assert engine.n_steps >= max(lengths) - 1
