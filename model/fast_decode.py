@@ -19,13 +19,14 @@ Why it is faster (measured in docs/performance.md):
   load_state_dict between two generations is used at once, and no memory is spent on a second set of weights.
 
 When it compiles (set_mode, or NANOLLM_FAST_DECODE=auto|on|off in the environment):
-    auto  (default) the eager model decodes until a generation starts whose max_new_tokens, added to the decode
-          steps this model already ran eagerly at this batch size, reach COMPILE_AFTER_TOKENS (2000); that
-          generation compiles the step (tens of seconds the first time on a machine, a few once inductor's
-          on-disk cache holds it; a line on stderr says so) and every later one uses it. A short run never
-          compiles, so it is never slower; a long one (a chat session, many prompts, RL rollouts) earns the
-          compile back. The compile happens before a generation's first token, never in the middle of it.
-    on    compile at the first generation.
+    auto  (default) generations decode eagerly, exactly as without this module, until one starts whose
+          max_new_tokens, added to the decode steps this model already ran eagerly, reach COMPILE_AFTER_TOKENS
+          (2000); that generation compiles the step for its batch size (tens of seconds the first time on a
+          machine, a few once inductor's on-disk cache holds it; a line on stderr says so) and every later one
+          uses it. A short run never compiles, so it is never slower; a long one (a chat session, many prompts,
+          RL rollouts) earns the compile back. The compile comes before a generation's first token, never in the
+          middle of it. The server's engine counts its steps too and compiles between two of them.
+    on    compile at the first generation (the engine: when it is made).
     off   never: the eager model only.
 Only a plain float32 Transformer on the CPU, not training, without padding in its batch takes the fast path;
 anything else (a GPU, bf16, a peft model, left-padded batches) decodes eagerly, as before. If compiling fails
@@ -216,7 +217,7 @@ class _Decoder:
 
     def __init__(self):
         self.steps = {}        # (batch kind, capacity, threads) -> compiled decode_step
-        self.free_caches = {}  # (rows, capacity) -> [StaticCache]
+        self.free_caches = {}  # (rows, capacity) -> [StaticCache], at most one
         self.eager_steps = 0   # decode steps the eager model ran (generate_stream and the engine)
         self.lock = threading.Lock()          # the cache pool
         self.compile_lock = threading.Lock()  # one compile at a time
@@ -324,43 +325,23 @@ def warm_up(model, rows=(1,), capacity: int | None = None):
 
 
 class Session:
-    """One generate_stream call's view of the fast path: its cache (taken from the model's pool, given back by
-    close) and step_fn, the compiled step, or None while the eager model decodes (count_eager keeps the auto
-    policy's count)."""
+    """One generate_stream call on the compiled step: its cache (from the model's pool, given back by close)."""
 
-    def __init__(self, model, batch_size: int, length: int, new_tokens: int):
-        self.decoder, self.batch_size = _decoder(model), batch_size
-        self.capacity = capacity_for(model, length)
+    def __init__(self, model, batch_size: int, capacity: int, step_fn):
+        self.decoder, self.batch_size, self.capacity = _decoder(model), batch_size, capacity
         self.kind = batch_kind(batch_size)
-        self.shape = _shape(model.config, self.kind)
+        self.shape, self.step_fn = _shape(model.config, self.kind), step_fn
+        self.weights = step_weights(model, capacity)  # the parameters as they are now
         with self.decoder.lock:
-            pool = self.decoder.free_caches.setdefault((batch_size, self.capacity), [])
-            self.cache = pool.pop() if pool else StaticCache(model.config, batch_size, self.capacity)
+            pool = self.decoder.free_caches.get((batch_size, capacity))
+            self.cache = pool.pop() if pool else StaticCache(model.config, batch_size, capacity)
         self.cache.length = 0
-        self._model = weakref.ref(model)
         # the step's inputs live in tensors of their own: a slice of the caller's token buffer would have a stride
         # that depends on the generation's length, and every new stride is a recompile
         self._tokens = torch.zeros(batch_size, dtype=torch.long)
         self._positions = torch.zeros(batch_size, dtype=torch.long)
         self._starts = torch.zeros(batch_size, dtype=torch.long)
-        self._slots = torch.arange(self.capacity)
-        self.step_fn, self.weights = None, None
-        if _key(self.kind, self.capacity) not in self.decoder.steps and _due(self.decoder, new_tokens):
-            compile_step(model, self.kind, self.capacity, None if _mode == "on" else
-                         f"{self.decoder.eager_steps} eager decode steps so far + {new_tokens} asked for")
-        self._use_compiled()
-
-    def _use_compiled(self):
-        self.step_fn = self.decoder.steps.get(_key(self.kind, self.capacity))
-        if self.step_fn is not None:
-            self.weights = step_weights(self._model(), self.capacity)
-
-    def count_eager(self, n_steps: int = 1):
-        """The eager model ran n_steps more decode steps (the auto policy's count); switch to the compiled step
-        if another thread has compiled it meanwhile."""
-        self.decoder.eager_steps += n_steps
-        if _key(self.kind, self.capacity) in self.decoder.steps:
-            self._use_compiled()
+        self._slots = torch.arange(capacity)
 
     def step(self, tokens, position: int):
         """tokens (B, 1) at `position` (the same for every row: no padding here) -> logits (B, vocab)."""
@@ -372,17 +353,31 @@ class Session:
         return logits
 
     def close(self):
+        """Give the cache back (one kept per batch size and capacity: concurrent generations allocate their own)."""
         with self.decoder.lock:
-            self.decoder.free_caches[(self.batch_size, self.capacity)].append(self.cache)
+            self.decoder.free_caches[(self.batch_size, self.capacity)] = [self.cache]
         self.cache = None
 
 
 def start(model, batch_size: int, prompt_length: int, new_tokens: int, attention_mask=None):
-    """A Session for a generation of `batch_size` rows, new_tokens after a prompt of prompt_length, or None when
-    the fast path does not apply (see supported): the caller then decodes eagerly with its own cache."""
+    """A Session for a generation of batch_size rows, new_tokens after a prompt of prompt_length, when the compiled
+    step applies (see supported) and is compiled, or due now (compiled here); else None: the caller decodes
+    eagerly with its own cache, as it always did, and reports its steps to count_eager."""
     if not supported(model, attention_mask):
         return None
-    return Session(model, batch_size, prompt_length + new_tokens, new_tokens)
+    decoder, kind = _decoder(model), batch_kind(batch_size)
+    capacity = capacity_for(model, prompt_length + new_tokens)
+    step_fn = decoder.steps.get(_key(kind, capacity))
+    if step_fn is None and _due(decoder, new_tokens):
+        step_fn = compile_step(model, kind, capacity, None if _mode == "on" else
+                               f"{decoder.eager_steps} eager decode steps so far + {new_tokens} asked for")
+    return Session(model, batch_size, capacity, step_fn) if step_fn is not None else None
+
+
+def count_eager(model, n_steps: int):
+    """The eager model ran n_steps decode steps for this model (the auto policy's count)."""
+    if n_steps > 0:
+        _decoder(model).eager_steps += n_steps
 
 
 class EngineSteps:

@@ -120,13 +120,15 @@ def test_a_failing_compiler_means_eager_decoding_and_one_warning(monkeypatch, ca
 def test_what_the_fast_path_does_not_take():
     model = varied_model(seed=4)
     padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    assert fast_decode.start(model, 2, 3, 5, attention_mask=padded) is None
-    assert fast_decode.start(model, 2, 3, 5, attention_mask=torch.ones_like(padded)) is not None
-    assert fast_decode.start(make_tiny_model(dropout=0.1).train(), 1, 3, 5) is None
-    assert fast_decode.start(varied_model(seed=4).to(torch.bfloat16), 1, 3, 5) is None
+    assert not fast_decode.supported(model, attention_mask=padded)
+    assert fast_decode.supported(model, attention_mask=torch.ones_like(padded))
+    assert not fast_decode.supported(make_tiny_model(dropout=0.1).train())
+    assert not fast_decode.supported(varied_model(seed=4).to(torch.bfloat16))
+    # supported, but under auto and far from the threshold: no session, the eager path with its own cache
+    assert fast_decode.start(model, 1, 3, 5) is None
     fast_decode.set_mode("off")
     try:
-        assert fast_decode.start(model, 1, 3, 5) is None
+        assert not fast_decode.supported(model)
     finally:
         fast_decode.set_mode("auto")
     with pytest.raises(ValueError, match="fast decode mode"):
