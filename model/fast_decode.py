@@ -25,7 +25,8 @@ When it compiles (set_mode, or NANOLLM_FAST_DECODE=auto|on|off in the environmen
           machine, a few once inductor's on-disk cache holds it; a line on stderr says so) and every later one
           uses it. A short run never compiles, so it is never slower; a long one (a chat session, many prompts,
           RL rollouts) earns the compile back. The compile comes before a generation's first token, never in the
-          middle of it. The server's engine counts its steps too and compiles between two of them.
+          middle of it. The server's engine counts its steps too and compiles between two of them (the server's
+          default is off, and on there compiles before it listens).
     on    compile at the first generation (the engine: when it is made).
     off   never: the eager model only.
 Only a plain float32 Transformer on the CPU, not training, without padding in its batch takes the fast path;
@@ -64,17 +65,23 @@ def get_mode() -> str:
 
 def add_arg(parser, server: bool = False):
     """The scripts' --fast_decode flag (2-eval.py, 0-eval_pretrain.py, serve_openai_api.py); apply it with
-    set_mode(args.fast_decode)."""
-    when = ("auto (default): the engine compiles its steps between two decode steps once it has run "
-            f"{COMPILE_AFTER_TOKENS} eager ones (a pause of tens of seconds, once); on: compile at startup, before "
-            "serving" if server else
-            f"auto (default): compile it before an answer only once this run has decoded about {COMPILE_AFTER_TOKENS} "
-            "tokens one prompt at a time, counting the answer's max_new_tokens, so a short run never compiles; on: "
-            "compile before the first answer")
-    parser.add_argument("--fast_decode", choices=MODES, default=_mode,
+    set_mode(args.fast_decode). The server's default is off: under auto its engine would stop every stream for the
+    compile (tens of seconds) at a moment no client chose; a long-running server asks for on, which compiles before
+    it listens."""
+    if server:
+        default = os.environ.get("NANOLLM_FAST_DECODE", "off")
+        when = ("off (default): the eager model only; on: compile the engine's steps at startup, before serving "
+                "(recommended for a server that runs for long); auto: compile between two decode steps once the "
+                f"engine has run {COMPILE_AFTER_TOKENS} eager ones (every stream pauses then, once)")
+    else:
+        default = _mode
+        when = (f"auto (default): compile it before an answer only once this run has decoded about "
+                f"{COMPILE_AFTER_TOKENS} tokens one prompt at a time, counting the answer's max_new_tokens, so a short "
+                "run never compiles; on: compile before the first answer; off: the eager model only")
+    parser.add_argument("--fast_decode", choices=MODES, default=default,
                         help="decode with a compiled decode step (model/fast_decode.py; a float32 model on the CPU; "
-                             f"docs/performance.md has its speed). {when} (tens of seconds the first time on a "
-                             "machine, seconds once cached); off: the eager model only")
+                             f"docs/performance.md has its speed). {when}. Compiling takes tens of seconds the first "
+                             "time on a machine, seconds once cached")
 
 
 # ----------------------------------------------------------------------------------------------------------
