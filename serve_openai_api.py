@@ -73,6 +73,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from model import fast_decode
 from model.openai_protocol import (CHAT_FIELDS, COMPLETION_FIELDS, COMPLETION_MAX_TOKENS, DEFAULT_MAX_BODY,
                                    MODEL_ALIAS, APIError, bad, body_too_large, chat_messages, chat_prompt,
                                    check_content_type, check_fields, check_key, chunk_object, completion_object,
@@ -394,6 +395,7 @@ def main():
     a("--device", default="auto", help="auto (cuda > mps > cpu), or e.g. cuda:0, cpu")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="weights precision; auto = bfloat16 on CUDA (float16 without bf16), float32 elsewhere")
+    fast_decode.add_arg(parser, server=True)
     a("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
       help="uvicorn's log level (info logs one line per request, never the key)")
     args = parser.parse_args()
@@ -404,6 +406,8 @@ def main():
 
     from model import evaluate, stages
     from model.engine import Engine
+
+    fast_decode.set_mode(args.fast_decode)
 
     api_key = args.api_key or os.environ.get("NANO_LLM_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -22,7 +22,9 @@ median of the per-round ratios. Run from the repository root:
 Sections (bench/<section>.py says how each one measures)
     peak    GFLOP/s of a large fp32 (and bf16) matmul: this machine's practical peak (runs with train)
     train   tokens/s of forward + backward + AdamW: ours (eager, torch.compile'd) vs HF + fused AdamW, fp32 / bf16
-    decode  batch 1 greedy: generate_stream vs HF generate, same tokens (checked), default threads and 1 thread
+    decode  batch 1: llama.cpp f32/q8_0, HF generate, generate_stream eager and on the compiled fast path (greedy,
+            same tokens checked; and sampled), default threads and 1 thread
+    engine  model/engine.py in process, 1..32 concurrent requests: aggregate tok/s on the eager and the compiled step
     moe     training step of the MoE model / a dense model with the same active parameters
     alloc   CPU training step under glibc's default malloc vs model.runtime.keep_freed_memory, separate processes
     data    useful tokens per batch of the demo corpus; pretraining memory vs data size; the streaming JSON reader
@@ -40,7 +42,8 @@ import json
 import sys
 
 DEFAULT_SECTIONS = ["peak", "train", "decode", "alloc", "data"]
-SECTIONS = ["peak", "train", "decode", "moe", "alloc", "data", "serve", "soak", "gguf", "grpo"]  # the order they run and print in
+SECTIONS = ["peak", "train", "decode", "engine", "moe", "alloc", "data", "serve", "soak", "gguf",
+            "grpo"]  # the order they run and print in
 
 
 def parse_args(argv):
@@ -59,7 +62,8 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per contestant (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps per contestant")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time our model under torch.compile (the trainer's --compile)")
+                        help="also time our model under torch.compile (the trainer's --compile) and decode with the "
+                             "compiled decode step (model/fast_decode.py)")
     parser.add_argument("--compile_hf", action="store_true",
                         help="also time LlamaForCausalLM under torch.compile (not what an HF user gets by default)")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
@@ -67,6 +71,9 @@ def parse_args(argv):
     parser.add_argument("--prompt_len", type=int, default=16, help="decode prompt length")
     parser.add_argument("--new_tokens", type=int, default=200, help="decoded tokens per run")
     parser.add_argument("--decode_rounds", type=int, default=3, help="timed decode runs per contestant")
+    parser.add_argument("--engine_streams", default="1,2,4,8,16,32",
+                        help="engine: numbers of concurrent requests (16 slots; the rest wait)")
+    parser.add_argument("--engine_tokens", type=int, default=64, help="engine: new tokens per request")
     parser.add_argument("--peak_n", type=int, default=2048, help="matrix size of the peak matmul")
     parser.add_argument("--rss_tokens", type=int, default=64_000_000, help="tokens in the larger packed file")
     parser.add_argument("--rss_steps", type=int, default=30, help="pretraining steps of each RSS run")

@@ -12,13 +12,19 @@ So a request joins at the next step, leaves when it is done, and its slot is reu
     request = GenerationRequest(prompt_ids, max_new_tokens=100, temperature=0.0, on_token=print)
     engine.submit(request)     # raises QueueFullError when max_batch + max_queue requests are in already
 
-Cache layout: rows 0..n-1 of a preallocated (layers, max_batch, kv_heads, max_seq_len, head_dim) buffer hold the
-n active requests, right-aligned: every row's tokens end at the shared column `end`, shorter rows start later and
+Cache layout: rows 0..n-1 of preallocated (max_batch, kv_heads, max_seq_len, head_dim) buffers, one per layer,
+hold the n active requests, right-aligned: every row's tokens end at the shared column `end`, shorter rows start later and
 the attention mask hides the columns before them. Each step writes all new tokens at column `end`, so the model's
 ordinary "padded batch + cache" path applies unchanged (positions come from the mask, per row). Rows stay packed
 at the front (a finished row is replaced by the last one), so the forward pass slices views and copies nothing.
 When column `end` reaches max_seq_len, or a new prompt is longer than `end`, the rows are shifted to end at the
 longest one (`_realign`); that is rare and cheap next to a forward pass.
+
+The decode step: on a float32 model on the CPU, model/fast_decode.py's compiled step (EngineSteps: one for 1 row,
+one for a few, one for many; the same math as the model's forward) once it is compiled; the eager model's forward
+before that, and elsewhere. It is compiled at start with fast_decode mode "on" (serve_openai_api.py
+--fast_decode on), or under "auto" between two steps once the engine has run fast_decode.COMPILE_AFTER_TOKENS
+eager ones; never with "off". The prompt is always prefilled by the eager model.
 
 Greedy output does not depend on the batch: a request's first token comes from its own prefill, later ones from
 a row whose masked-out columns contribute exactly zero (tests/test_serve.py compares with generate_stream).
@@ -29,6 +35,7 @@ import threading
 
 import torch
 
+from . import fast_decode
 from .generate import KVCache, sample_next
 
 
@@ -63,12 +70,13 @@ class GenerationRequest:
 
 
 class SlotCache:
-    """The shared KV buffer; implements the two methods the model's attention calls (see KVCache)."""
+    """The shared KV buffers, one tensor per layer (as fast_decode's compiled step takes them); implements the two
+    methods the model's attention calls (see KVCache)."""
 
     def __init__(self, config, max_batch, max_len, device, dtype):
-        shape = (config.n_layers, max_batch, config.n_kv_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (max_batch, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.max_len, self.end, self.n = max_len, 0, 0  # shared end column, active rows
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -76,9 +84,9 @@ class SlotCache:
 
     def update(self, k, v, layer_idx: int):
         """k, v (n, kv_heads, 1, head_dim): every row's new token, written at column `end`."""
-        self.keys[layer_idx, :self.n, :, self.end] = k[:, :, 0]
-        self.values[layer_idx, :self.n, :, self.end] = v[:, :, 0]
-        return self.keys[layer_idx, :self.n, :, :self.end + 1], self.values[layer_idx, :self.n, :, :self.end + 1]
+        self.keys[layer_idx][:self.n, :, self.end] = k[:, :, 0]
+        self.values[layer_idx][:self.n, :, self.end] = v[:, :, 0]
+        return self.keys[layer_idx][:self.n, :, :self.end + 1], self.values[layer_idx][:self.n, :, :self.end + 1]
 
 
 class Engine:
@@ -87,6 +95,8 @@ class Engine:
         param = next(model.parameters())
         self.device, self.max_len = param.device, model.config.max_seq_len
         self.cache = SlotCache(model.config, max_batch, self.max_len, param.device, param.dtype)
+        self.fast = fast_decode.EngineSteps(model, self.cache.keys, self.cache.values, max_batch) \
+            if fast_decode.supported(model) else None
         self.rows = []                          # active requests; rows[i] owns cache row i
         self.waiting = collections.deque()
         self.n_prefilling = 0                   # taken from waiting, not yet in rows: they hold slots too
@@ -182,8 +192,15 @@ class Engine:
         self.cache.n = n
         inputs = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)
         starts = torch.tensor([end - r.cached for r in self.rows], device=self.device)
-        attention_mask = (torch.arange(end + 1, device=self.device)[None, :] >= starts[:, None]).long()
-        logits = self.model(inputs, attention_mask=attention_mask, cache=self.cache, logits_to_keep=1).logits[:, -1]
+        if self.fast is not None and self.fast.ready():
+            positions = torch.tensor([r.cached for r in self.rows], device=self.device)
+            logits = self.fast.step(inputs[:, 0], positions, starts, end)
+        else:
+            attention_mask = (torch.arange(end + 1, device=self.device)[None, :] >= starts[:, None]).long()
+            logits = self.model(inputs, attention_mask=attention_mask, cache=self.cache,
+                                logits_to_keep=1).logits[:, -1]
+            if self.fast is not None:
+                self.fast.count_eager()
         self.cache.end += 1
         self.n_steps += 1
         for i in range(n):
@@ -197,7 +214,7 @@ class Engine:
         """The prompt alone, as generate_stream runs it; its first token; then, if it goes on, its keys and values
         into the next free row. -> whether it goes on (the caller appends it to rows)."""
         prompt = torch.tensor([request.prompt], device=self.device)
-        kv = KVCache(self.model.config, 1, len(request.prompt), self.cache.keys.device, self.cache.keys.dtype)
+        kv = KVCache(self.model.config, 1, len(request.prompt), self.device, self.cache.keys[0].dtype)
         logits = self.model(prompt, cache=kv, logits_to_keep=1).logits[:, -1]
         self._emit(request, logits)
         reason = self._done(request)
@@ -208,8 +225,9 @@ class Engine:
         if length > self.cache.end:
             self._realign(length)
         row, end = len(self.rows), self.cache.end
-        self.cache.keys[:, row, :, end - length:end] = kv.keys[:, 0]
-        self.cache.values[:, row, :, end - length:end] = kv.values[:, 0]
+        for layer in range(len(self.cache.keys)):
+            self.cache.keys[layer][row, :, end - length:end] = kv.keys[layer, 0]
+            self.cache.values[layer][row, :, end - length:end] = kv.values[layer, 0]
         return True
 
     def _emit(self, request, logits):
@@ -246,8 +264,8 @@ class Engine:
         """Free row i: the last row moves into it, so active rows stay packed at the front."""
         request, last = self.rows[i], len(self.rows) - 1
         if i != last:
-            self.cache.keys[:, i] = self.cache.keys[:, last]
-            self.cache.values[:, i] = self.cache.values[:, last]
+            for buffer in self.cache.keys + self.cache.values:
+                buffer[i] = buffer[last]
             self.rows[i] = self.rows[last]
         self.rows.pop()
         self.cache.n = len(self.rows)
@@ -260,8 +278,8 @@ class Engine:
         old_end = self.cache.end
         for i, request in enumerate(self.rows):
             length = request.cached
-            for buffer in (self.cache.keys, self.cache.values):
-                buffer[:, i, :, new_end - length:new_end] = buffer[:, i, :, old_end - length:old_end].clone()
+            for buffer in self.cache.keys + self.cache.values:
+                buffer[i, :, new_end - length:new_end] = buffer[i, :, old_end - length:old_end].clone()
         self.cache.end = new_end
 
     def _finish(self, request, reason, error=None):

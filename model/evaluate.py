@@ -55,7 +55,7 @@ import sys
 
 import torch
 
-from . import lora
+from . import fast_decode, lora
 from .chat import DEFAULT_TOKENIZER_DIR, encode_chat, encode_completion, fit_context, load_tokenizer
 from .checkpoint import load_init_model
 from .errors import BadLines, StageError
@@ -72,6 +72,7 @@ REPORT_LIMIT = 20  # bad lines printed per file; all are counted
 
 def load_for_cli(args, stages):
     """load_checkpoint from the eval scripts' shared flags, say what was loaded (stderr), seed the sampling."""
+    fast_decode.set_mode(args.fast_decode)
     model, tokenizer, checkpoint = load_checkpoint(args.checkpoint, stages, args.device, args.dtype,
                                                    args.tokenizer_dir)
     n_params = sum(p.numel() for p in model.parameters())
@@ -348,6 +349,7 @@ def add_common_args(parser):
       help="where --eval_file writes every answer (default: <checkpoint>/<eval file name>.answers.jsonl)")
     a("--batch_size", type=int, default=64,
       help="rows per batch for --eval_file (and --ppl in 0-eval_pretrain.py) (default: 64)")
+    fast_decode.add_arg(parser)
 
 
 def sampling_kwargs(args, scoring: bool) -> dict:

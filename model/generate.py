@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from . import fast_decode
+
 
 class KVCache:
     """Keys/values for every layer in one preallocated buffer, filled left to right.
@@ -93,26 +95,43 @@ def generate_stream(model, input_ids, max_new_tokens=256, temperature=1.0, top_k
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     B, T = input_ids.shape
     max_len = T + max_new_tokens
-    param = next(model.parameters())
-    cache = KVCache(model.config, B, max_len, param.device, param.dtype)
+    # The compiled decode step when it is there or due (a float32 model on the CPU, no padding;
+    # model/fast_decode.py), else the eager model. Either way the eager model prefills the prompt.
+    fast = fast_decode.start(model, B, T, max_new_tokens, attention_mask)
+    count_steps = fast is None and fast_decode.supported(model, attention_mask)  # steps the fast path could take
+    if fast is not None:
+        cache = fast.cache
+    else:
+        param = next(model.parameters())
+        cache = KVCache(model.config, B, max_len, param.device, param.dtype)
     # Tokens so far, preallocated: the repetition penalty reads them, nothing else does.
     tokens = torch.empty(B, max_len, dtype=input_ids.dtype, device=input_ids.device)
     tokens[:, :T] = input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device) if eos_token_id is not None else None
     step_ids = input_ids
-    for t in range(T, max_len):
-        logits = model(step_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
-        next_ids = sample_next(logits, tokens[:, :t], temperature, top_k, top_p, repetition_penalty)
-        if finished is not None:
-            next_ids = next_ids.masked_fill(finished, eos_token_id)
-            finished |= next_ids == eos_token_id
-        yield next_ids
-        if finished is not None and bool(finished.all()):
-            return
-        tokens[:, t] = next_ids
-        step_ids = tokens[:, t:t + 1]
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+    t = T
+    try:
+        for t in range(T, max_len):
+            if fast is not None and t > T:
+                logits = fast.step(step_ids, t - 1)
+            else:
+                logits = model(step_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+            next_ids = sample_next(logits, tokens[:, :t], temperature, top_k, top_p, repetition_penalty)
+            if finished is not None:
+                next_ids = next_ids.masked_fill(finished, eos_token_id)
+                finished |= next_ids == eos_token_id
+            yield next_ids
+            if finished is not None and bool(finished.all()):
+                return
+            tokens[:, t] = next_ids
+            step_ids = tokens[:, t:t + 1]
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+    finally:
+        if fast is not None:
+            fast.close()
+        elif count_steps:  # the auto policy counts the decode steps the eager model ran (all but the prompt's pass)
+            fast_decode.count_eager(model, t - T)
 
 
 def stream_text(tokenizer, token_stream, skip_special_tokens=True):
