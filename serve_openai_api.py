@@ -20,8 +20,9 @@ Any stage works; a pretrained model is for /v1/completions (plain continuation).
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET / (chat page); for
 the chat page's tools: GET /v1/tools (the tools this server runs, model/tools.py), POST /v1/tools/run.
-  - Supported fields: model, messages | prompt, max_tokens (max_completion_tokens), temperature, top_p, stop,
-    seed, stream, stream_options.include_usage, user; chat: tools, tool_choice, parallel_tool_calls; extra: top_k,
+  - Supported fields: model, messages | prompt, n (up to 16 choices; their prompt is prefilled once; with a seed,
+    choice i uses seed + i), max_tokens (max_completion_tokens), temperature, top_p, stop, seed, stream,
+    stream_options.include_usage, user; chat: tools, tool_choice, parallel_tool_calls; extra: top_k,
     repetition_penalty. Defaults follow OpenAI (temperature 1, top_p 1; max_tokens: chat until </s> or the context
     is full, completions 16). top_p 0 and temperatures below 1e-5 decode greedily.
   - Tool calling (docs/tools.md): tools are rendered in the chat format the model was trained with; messages may
@@ -30,7 +31,7 @@ the chat page's tools: GET /v1/tools (the tools this server runs, model/tools.py
     a call that does not parse is returned as content. tool_choice "none" leaves the tools out of the prompt;
     "required" and a named function write the start of the call for the model; parallel_tool_calls false keeps
     the first call.
-  - Refused with 400, never silently ignored: n > 1, functions / function_call (use tools), logprobs, logit_bias,
+  - Refused with 400, never silently ignored: functions / function_call (use tools), logprobs, logit_bias,
     non-zero presence / frequency penalties, response_format other than text, echo, suffix, best_of > 1, unknown
     fields; numbers that are NaN, infinite or out of range; more than 2048 messages; more than 4 stop strings or
     one over 1000 characters; malformed tools, tool_choice or tool messages (the error names the field).
@@ -76,9 +77,9 @@ from starlette.requests import ClientDisconnect
 from model import fast_decode
 from model.openai_protocol import (CHAT_FIELDS, COMPLETION_FIELDS, COMPLETION_MAX_TOKENS, DEFAULT_MAX_BODY,
                                    MODEL_ALIAS, APIError, bad, body_too_large, chat_messages, chat_prompt,
-                                   check_content_type, check_fields, check_key, chunk_object, completion_object,
-                                   completion_prompt, completion_text, host_allowed, host_refused, json_object_text,
-                                   max_token_bytes, parse_body, sampling_params, server_error, shown, sse,
+                                   check_content_type, check_fields, check_key, choice_object, choice_seed,
+                                   chunk_object, completion_object, completion_prompt, completion_text, host_allowed,
+                                   host_refused, json_object_text, max_token_bytes, parse_body, sampling_params, server_error, shown, sse,
                                    tool_call_chunks, tool_plan, usage_object, TextStream, ToolCallReader)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -210,38 +211,74 @@ async def unless_client_leaves(http, work):
 
 
 async def respond(state, http, prompt, params, chat, plan=None):
-    """Generate and answer, whole or streamed. plan (chat only): the request's tools (ToolPlan); the reply's text
-    goes through a ToolCallReader, which turns calls into tool_calls and passes everything else as content."""
-    request, queue = submit(state, prompt, params)
+    """Generate and answer, whole or streamed, n choices (each its own engine request; the engine prefills their
+    shared prompt once). plan (chat only): the request's tools (ToolPlan); each reply's text goes through a
+    ToolCallReader, which turns calls into tool_calls and passes everything else as content."""
+    n, stops = params["n"], params["stop"]
+    submitted = []
+    try:
+        for i in range(n):
+            submitted.append(submit(state, prompt, {**params, "seed": choice_seed(params["seed"], i)}))
+    except APIError:  # the queue filled up part way: none of this request's choices stays
+        for request, _ in submitted:
+            request.cancel()
+        raise
     head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
             "model": state.model_id}
-    result, stops, reader = {}, params["stop"], ToolCallReader(plan)
-    usage = lambda: usage_object(len(prompt), result["completion_tokens"])  # noqa: E731
-    if not params["stream"]:
-        async def join():
-            return "".join([reader.add(piece) async for piece in text_pieces(state, request, queue, stops, result)])
-        answer = await unless_client_leaves(http, join())
-        if answer is None:  # nobody to answer: the generation stops at the engine's next step
-            request.cancel()
-            return Response(status_code=499)
-        rest, calls = reader.finish()
-        finish_reason = "tool_calls" if calls else result["finish_reason"]
-        return JSONResponse(completion_object(head, chat, answer + rest, finish_reason, usage(), calls))
+    results, readers = [{} for _ in range(n)], [ToolCallReader(plan) for _ in range(n)]
+    usage = lambda: usage_object(len(prompt), sum(r["completion_tokens"] for r in results))  # noqa: E731
 
-    async def events():
+    def cancel_all():
+        for request, _ in submitted:
+            request.cancel()
+
+    if not params["stream"]:
+        async def join(i):
+            request, queue = submitted[i]
+            text = "".join([readers[i].add(piece)
+                            async for piece in text_pieces(state, request, queue, stops, results[i])])
+            rest, calls = readers[i].finish()
+            return choice_object(chat, text + rest, "tool_calls" if calls else results[i]["finish_reason"], calls, i)
+        choices = await unless_client_leaves(http, asyncio.gather(*(join(i) for i in range(n))))
+        if choices is None:  # nobody to answer: the generations stop at the engine's next step
+            cancel_all()
+            return Response(status_code=499)
+        return JSONResponse(completion_object(head, chat, choices, usage()))
+
+    async def choice_events(i, out):
+        """Choice i's chunks into out, then (i, None), or (i, error) if it failed."""
+        request, queue = submitted[i]
         try:
             if chat:
-                yield sse(chunk_object(head, chat, role=True))
-            async for piece in text_pieces(state, request, queue, stops, result):
-                content = reader.add(piece)
+                await out.put(sse(chunk_object(head, chat, role=True, index=i)))
+            async for piece in text_pieces(state, request, queue, stops, results[i]):
+                content = readers[i].add(piece)
                 if content:
-                    yield sse(chunk_object(head, chat, content))
-            rest, calls = reader.finish()
+                    await out.put(sse(chunk_object(head, chat, content, index=i)))
+            rest, calls = readers[i].finish()
             if rest:
-                yield sse(chunk_object(head, chat, rest))
-            for chunk in tool_call_chunks(head, calls or []):
-                yield sse(chunk)
-            yield sse(chunk_object(head, chat, finish_reason="tool_calls" if calls else result["finish_reason"]))
+                await out.put(sse(chunk_object(head, chat, rest, index=i)))
+            for chunk in tool_call_chunks(head, calls or [], index=i):
+                await out.put(sse(chunk))
+            finish_reason = "tool_calls" if calls else results[i]["finish_reason"]
+            await out.put(sse(chunk_object(head, chat, finish_reason=finish_reason, index=i)))
+            await out.put((i, None))
+        except Exception as err:
+            await out.put((i, err))
+
+    async def events():
+        out = asyncio.Queue()
+        tasks = [asyncio.ensure_future(choice_events(i, out)) for i in range(n)]
+        try:
+            ended = 0
+            while ended < n:  # the choices' chunks as they come, interleaved (each carries its index)
+                item = await out.get()
+                if isinstance(item, str):
+                    yield item
+                    continue
+                if item[1] is not None:
+                    raise item[1]
+                ended += 1
             if params["include_usage"]:
                 yield sse({**head, "object": chunk_object(head, chat)["object"], "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
@@ -249,6 +286,10 @@ async def respond(state, http, prompt, params, chat, plan=None):
             yield sse(err.body())
         except Exception as err:
             yield sse(report(err, "stream failed").body())
+        finally:  # the client left, or a choice failed: the others stop too
+            for task in tasks:
+                task.cancel()
+            cancel_all()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

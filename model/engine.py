@@ -104,6 +104,7 @@ class Engine:
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.n_steps = 0                        # decode steps run (for tests and stats)
+        self.n_prefills = 0                     # prompts prefilled (one per distinct prompt admitted in a step)
 
     # -- the server's side ------------------------------------------------------------------------------------
 
@@ -171,13 +172,14 @@ class Engine:
         for i in reversed(range(len(self.rows))):  # clients gone: free their slots before anything else
             if self.rows[i].cancelled:
                 self._retire(i, "cancelled")
+        prefilled = {}  # prompt -> its keys/values and last logits: the n choices of one API request share one
         for request in admitted:
             goes_on = False
             if request.cancelled:
                 self._finish(request, "cancelled")
             else:
                 try:
-                    goes_on = self._prefill(request)
+                    goes_on = self._prefill(request, prefilled)
                 except Exception as err:  # this request only (the cache is untouched until its copy at the end)
                     self._finish(request, "error", err)
             with self.wakeup:  # its first token may be out already: it counts as running until this point
@@ -210,13 +212,18 @@ class Engine:
             if reason:
                 self._retire(i, reason)
 
-    def _prefill(self, request):
-        """The prompt alone, as generate_stream runs it; its first token; then, if it goes on, its keys and values
-        into the next free row. -> whether it goes on (the caller appends it to rows)."""
-        prompt = torch.tensor([request.prompt], device=self.device)
-        kv = KVCache(self.model.config, 1, len(request.prompt), self.device, self.cache.keys[0].dtype)
-        logits = self.model(prompt, cache=kv, logits_to_keep=1).logits[:, -1]
-        self._emit(request, logits)
+    def _prefill(self, request, prefilled):
+        """The prompt alone, as generate_stream runs it (or its result from an earlier request of this step with the
+        same prompt, in prefilled); its first token; then, if it goes on, its keys and values into the next free
+        row. -> whether it goes on (the caller appends it to rows)."""
+        key = tuple(request.prompt)
+        if key not in prefilled:
+            prompt = torch.tensor([request.prompt], device=self.device)
+            kv = KVCache(self.model.config, 1, len(request.prompt), self.device, self.cache.keys[0].dtype)
+            prefilled[key] = kv, self.model(prompt, cache=kv, logits_to_keep=1).logits[:, -1]
+            self.n_prefills += 1
+        kv, logits = prefilled[key]  # kv is only read (copied into the row); the logits are copied for sampling
+        self._emit(request, logits.clone())
         reason = self._done(request)
         if reason:
             self._finish(request, reason, request.error)

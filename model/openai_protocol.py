@@ -39,14 +39,15 @@ PENALTY_RANGE = (1e-3, 1e3)  # keeps penalised float32 logits finite at any temp
 MAX_PENDING_TOKENS = 8       # a UTF-8 character is at most 4 tokens: more undecodable ones are broken bytes
 MAX_TOOLS = 128              # OpenAI's own limit on 'tools'
 MAX_TOOL_NAME = 64           # OpenAI's limit on a function's name
+MAX_N = 16                   # choices per request: each holds an engine slot (the default --max_batch)
 
 # Fields OpenAI defines that this server cannot honour: refused unless they hold their no-op value.
 UNSUPPORTED = {
-    "n": (1,), "best_of": (1,), "functions": ([],), "function_call": ("none",), "logprobs": (False, 0),
+    "best_of": (1,), "functions": ([],), "function_call": ("none",), "logprobs": (False, 0),
     "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
     "response_format": ({"type": "text"},), "echo": (False,), "suffix": ("",), "audio": (), "modalities": (["text"],),
 }
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed",
+COMMON_FIELDS = {"model", "n", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed",
                  "stream", "stream_options", "user"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls"}
 INSTEAD = {"functions": "use 'tools' (OpenAI's deprecated 'functions' is not read)",
@@ -237,6 +238,7 @@ def sampling_params(body, model_names, max_tokens_default, max_tokens_field="max
         top_k=params["top_k"] or None,
         max_tokens=max_tokens or max_tokens_default,
         seed=number(body, "seed", None, *SEED_RANGE, integer=True),
+        n=number(body, "n", 1, 1, MAX_N, integer=True),
         stop=stop_strings(body),
         stream=bool(body.get("stream")),
         include_usage=bool((stream_options or {}).get("include_usage")),
@@ -670,26 +672,38 @@ class ToolCallReader:
 # ----------------------------------------------------------------------------------------------------------
 # what goes back
 
-def completion_object(head, chat, text, finish_reason, usage, tool_calls=None):
-    """The whole answer. With tool_calls, content is the text before the calls, or null when there is none."""
-    choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+def choice_object(chat, text, finish_reason, tool_calls=None, index=0):
+    """One whole answer of a request's n. With tool_calls, content is the text before the calls, or null."""
+    choice = {"index": index, "finish_reason": finish_reason, "logprobs": None}
     message = {"role": "assistant", "content": text or None if tool_calls else text}
     if tool_calls:
         message["tool_calls"] = tool_calls
     choice.update({"message": message} if chat else {"text": text})
-    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": usage}
+    return choice
 
 
-def chunk_object(head, chat, content=None, finish_reason=None, role=False):
+def completion_object(head, chat, choices, usage):
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage}
+
+
+def chunk_object(head, chat, content=None, finish_reason=None, role=False, index=0):
     if chat:
         delta = {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
     else:
-        choice = {"index": 0, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
     return {**head, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
 
 
-def tool_call_chunks(head, calls):
+def choice_seed(seed, i):
+    """The seed of choice i of n: seed + i (seed - i at the top of the range), so a seeded request is
+    reproducible and its choices differ; None stays None (each choice draws its own)."""
+    if seed is None:
+        return None
+    return seed + i if seed + i <= SEED_RANGE[1] else seed - i
+
+
+def tool_call_chunks(head, calls, index=0):
     """A reply's calls as OpenAI streams them: per call a chunk with its index, id, type, name and empty arguments,
     then one with the arguments (a client joins the pieces of each index)."""
     chunks = []
@@ -699,7 +713,7 @@ def tool_call_chunks(head, calls):
         rest = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
         for delta in (start, rest):
             chunks.append({**head, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None, "logprobs": None}]})
+                {"index": index, "delta": {"tool_calls": [delta]}, "finish_reason": None, "logprobs": None}]})
     return chunks
 
 

@@ -319,6 +319,59 @@ def test_seeded_sampling_is_reproducible(chat_server):
     assert len({ask(s) for s in (8, 9, 10, 11)}) > 1  # sampling does sample
 
 
+def test_n_choices_whole_and_streamed(chat_server, local):
+    """n choices: greedy ones all equal the greedy answer; seeded ones are choice i = the same request with
+    seed + i alone, whole or streamed (the stream's chunks carry their choice's index)."""
+    client, msgs = chat_server.client(), messages([("user", "随便说点什么")])
+    reply = client.chat.completions.create(model="nano-llm", messages=messages(TAUGHT[0][0]), temperature=0, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert {c.message.content for c in reply.choices} == {TAUGHT[0][1]}
+    assert reply.usage.completion_tokens == 3 * greedy(local, chat.encode_chat(local[1], messages(TAUGHT[0][0])),
+                                                       64)[1]
+    ask = lambda **kw: client.chat.completions.create(  # noqa: E731
+        model="nano-llm", messages=msgs, temperature=1.5, max_tokens=12, **kw)
+    choices = [c.message.content for c in ask(n=4, seed=7).choices]
+    assert choices == [ask(seed=7 + i).choices[0].message.content for i in range(4)]
+    assert len(set(choices)) > 1  # each choice samples on its own
+    streamed = {}
+    for chunk in ask(n=4, seed=7, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert [streamed[i] for i in range(4)] == choices
+    completions = chat_server.client().completions.create(model="nano-llm", prompt="王小明在", max_tokens=6,
+                                                          temperature=0, n=2)
+    assert len({c.text for c in completions.choices}) == 1 and [c.index for c in completions.choices] == [0, 1]
+
+
+def test_the_engine_prefills_a_prompt_once_for_the_requests_that_share_it():
+    from model.engine import Engine, GenerationRequest
+    torch.manual_seed(0)
+    engine = Engine(Transformer(LMConfig(**TINY, max_seq_len=64)).eval(), eos_token_id=-1, max_batch=4,
+                    max_queue=4)
+    out = {}
+    done = threading.Semaphore(0)
+    for i, prompt in enumerate([[1, 2, 3], [1, 2, 3], [1, 2, 3], [4, 5]]):
+        out[i] = []
+        engine.submit(GenerationRequest(prompt, max_new_tokens=5, temperature=1.0, seed=i, on_token=out[i].append,
+                                        on_done=lambda reason, error: done.release()))
+    engine.start()  # all four are waiting: one step admits them together
+    try:
+        for _ in range(4):
+            assert done.acquire(timeout=30)
+        assert engine.n_prefills == 2  # one per distinct prompt
+        alone = Engine(engine.model, eos_token_id=-1, max_batch=1, max_queue=0).start()
+        try:
+            for i, prompt in [(1, [1, 2, 3]), (3, [4, 5])]:  # the same seed alone: the same tokens
+                tokens, finished = [], threading.Event()
+                alone.submit(GenerationRequest(prompt, max_new_tokens=5, temperature=1.0, seed=i,
+                                               on_token=tokens.append, on_done=lambda reason, error: finished.set()))
+                assert finished.wait(30) and tokens == out[i]
+        finally:
+            alone.stop()
+    finally:
+        engine.stop()
+
+
 def test_sixteen_concurrent_streams_each_equal_their_greedy_answer(chat_server, local):
     questions = [f"第{i}个问题：" + "北京上海广州深圳杭州成都"[i % 6:i % 6 + 1 + i % 5] for i in range(16)]
     expected = [greedy(local, chat.encode_chat(local[1], [{"role": "user", "content": q}]), 24)[0]
@@ -395,7 +448,8 @@ BAD_REQUESTS = [
     ("negative max_tokens", {"messages": USER, "max_tokens": -1}, 400, "max_tokens"),
     ("fractional max_tokens", {"messages": USER, "max_tokens": 2.5}, 400, "max_tokens"),
     ("top_p out of range", {"messages": USER, "top_p": 1.5}, 400, "top_p"),
-    ("n = 2", {"messages": USER, "n": 2}, 400, "n"),
+    ("n = 17", {"messages": USER, "n": 17}, 400, "n"),
+    ("n = 0", {"messages": USER, "n": 0}, 400, "n"),
     ("functions (tools replace them)", {"messages": USER, "functions": [{"name": "f"}]}, 400, "functions"),
     ("logprobs", {"messages": USER, "logprobs": True}, 400, "logprobs"),
     ("stream not a boolean", {"messages": USER, "stream": "yes"}, 400, "stream"),
@@ -434,8 +488,8 @@ def test_other_bad_requests_and_the_server_still_answers(chat_server):
     assert request(chat_server, "/v1/chat/completions", method="GET")[0] == 405
     with pytest.raises(openai.NotFoundError):
         chat_server.client().chat.completions.create(model="gpt-4o", messages=USER)
-    with pytest.raises(openai.BadRequestError, match="n"):
-        chat_server.client().chat.completions.create(model="nano-llm", messages=USER, n=2)
+    with pytest.raises(openai.BadRequestError, match="'n' must be between 1 and 16"):
+        chat_server.client().chat.completions.create(model="nano-llm", messages=USER, n=17)
     with pytest.raises(openai.BadRequestError):  # an extra knob of the wrong type
         chat_server.client().chat.completions.create(model="nano-llm", messages=USER, extra_body={"top_k": "x"})
     reply = chat_server.client().chat.completions.create(model="nano-llm", messages=messages(TAUGHT[1][0]),

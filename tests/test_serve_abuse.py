@@ -79,7 +79,7 @@ FIELDS = {
     "stop": text | st.lists(text, max_size=5) | json_value,
     "stream": st.booleans() | json_value,
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | json_value}) | json_value,
-    "n": st.integers(0, 2) | json_value, "logprobs": st.booleans() | json_value, "user": text | json_value,
+    "n": st.integers(0, 3) | json_value, "logprobs": st.booleans() | json_value, "user": text | json_value,
     "presence_penalty": number, "response_format": json_value, "echo": json_value,
     "tools": st.just(CALCULATOR) | st.lists(st.just(CALCULATOR[0]) | json_value, max_size=2) | json_value,
     "tool_choice": st.sampled_from(["auto", "none", "required", {"type": "function", "function": {
