@@ -239,7 +239,9 @@ async def respond(state, http, prompt, params, chat, plan=None):
                             async for piece in text_pieces(state, request, queue, stops, results[i])])
             rest, calls = readers[i].finish()
             return choice_object(chat, text + rest, "tool_calls" if calls else results[i]["finish_reason"], calls, i)
-        choices = await unless_client_leaves(http, asyncio.gather(*(join(i) for i in range(n))))
+        async def join_all():  # a task awaiting the gather, so a hang-up's cancel is consumed, not logged
+            return await asyncio.gather(*(join(i) for i in range(n)))
+        choices = await unless_client_leaves(http, join_all())
         if choices is None:  # nobody to answer: the generations stop at the engine's next step
             cancel_all()
             return Response(status_code=499)
