@@ -504,8 +504,8 @@ def test_user_errors_are_one_line(workdir, tmp_path, monkeypatch, capsys):
     # no out/ at all: the default checkpoint cannot be found
     assert run_main(load_script("eval_ceval.py"), [], monkeypatch, tmp_path) == 1
     assert capsys.readouterr().err.strip().endswith(
-        "error: no checkpoint found (out/dpo_*, out/*/dpo, out/sft_multi_*, out/*/sft_multi, out/sft_single_*, "
-        "out/*/sft_single): train one first or pass --checkpoint DIR")
+        "error: no checkpoint found (out/grpo_*, out/*/grpo, out/dpo_*, out/*/dpo, out/sft_multi_*, out/*/sft_multi, "
+        "out/sft_single_*, out/*/sft_single): train one first or pass --checkpoint DIR")
 
 
 def test_scripts_as_processes_exit_cleanly_on_eof_and_missing_checkpoint(workdir, tmp_path):
