@@ -393,6 +393,10 @@ def test_two_processes_train_like_one_and_keep_identical_weights(digits):
     assert (digits / "rank0.sha").read_text() == (digits / "rank1.sha").read_text()
     one, two = load_file(digits / "out/one/model.safetensors"), load_file(digits / "out/two/model.safetensors")
     # the same rollouts (seeded per prompt, not per process); the weights differ by the order of float additions,
-    # which Adam's first steps amplify for gradients near zero
+    # which Adam's first steps amplify for gradients near zero (one weight of a near-zero gradient can move by the
+    # whole learning rate either way): so the whole update is compared, not its largest element
     assert [r["reward"] for r in rows(digits, "out/one")] == [r["reward"] for r in rows(digits, "out/two")]
-    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+    start = load_file(digits / "digit/model.safetensors")
+    moved = sum((one[k] - start[k]).pow(2).sum().item() for k in one) ** 0.5
+    apart = sum((one[k] - two[k]).pow(2).sum().item() for k in one) ** 0.5
+    assert moved > 0 and apart < 0.02 * moved, (apart, moved)
