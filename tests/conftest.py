@@ -20,6 +20,22 @@ def make_tiny_model(seed=0, **overrides):
     return Transformer(LMConfig(**{**TINY_SHAPE, **overrides}))
 
 
+def overfit(model, rows, steps, lr=1e-2):
+    """Train model on rows [(ids, labels)] (right-padded into one batch) for steps full-batch AdamW steps, until it
+    replays them: the served-model tests' way to a model whose answers are known. -> the last loss."""
+    import torch
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        loss = model(input_ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
 @pytest.fixture
 def tiny_model():
     """make_tiny_model, for tests that take it as a fixture: tiny_model(seed=0, **config overrides)."""

@@ -30,6 +30,7 @@ from model.model import Transformer
 from model.checkpoint import copy_tokenizer
 from model.generate import generate_stream
 from model.chat import DEFAULT_TOKENIZER_DIR
+from conftest import overfit
 
 openai = pytest.importorskip("openai")
 
@@ -62,16 +63,7 @@ def train_chat_checkpoint(run_dir, max_seq_len=128, steps=150):
         prompt = chat.encode_chat(tok, messages(turns))
         reply = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append((prompt + reply, [-100] * len(prompt) + reply))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(steps):
-        loss = model(input_ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.05
+    assert overfit(model, rows, steps) < 0.05
     model.save_pretrained(run_dir)
     copy_tokenizer(DEFAULT_TOKENIZER_DIR, run_dir)
     return run_dir

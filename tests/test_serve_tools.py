@@ -13,6 +13,7 @@ from model.checkpoint import copy_tokenizer
 from model.LMConfig import LMConfig
 from model.model import Transformer
 from model.tools import TOOLS, run_call, tool_schemas
+from conftest import overfit
 from test_serve import TINY, Server, request
 
 openai = pytest.importorskip("openai")
@@ -52,16 +53,7 @@ def train_tool_checkpoint(run_dir, steps=200):
     torch.manual_seed(0)
     model = Transformer(LMConfig(**TINY, max_seq_len=512))  # the calculator's declaration alone is ~190 tokens
     rows = chat.ChatEncoder(tok).encode_many(TAUGHT, "all", [CALCULATOR] * len(TAUGHT))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(steps):
-        loss = model(input_ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.01  # near 0.05 a reply's first token could still go either way
+    assert overfit(model, rows, steps) < 0.01  # near 0.05 a reply's first token could still go either way
     model.save_pretrained(run_dir)
     copy_tokenizer(chat.DEFAULT_TOKENIZER_DIR, run_dir)
     return run_dir
