@@ -193,11 +193,10 @@ import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 from safetensors.torch import load_file  # noqa: E402
 
-from tests.test_stages import wait_for_step  # noqa: E402
+from tests.test_stages import stage, wait_for_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--dtype", "float32", "--device", "cpu", "--log_interval", "1", "--warmup_iters", "0", "--min_lr_ratio", "1",
@@ -233,17 +232,9 @@ def digits(tmp_path_factory):
 
 
 def grpo(work, out, *args, torchrun=0, check=True, script=None, **popen):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun \
-        else [sys.executable]
-    command = launcher + [script or os.path.join(ROOT, "5-grpo.py"), "--init_from", "digit", "--data_path",
-                          "seven.jsonl", "--out_dir", out, *FAST, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    if popen:
-        return subprocess.Popen(command, cwd=work, env=env, **popen)
-    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    """5-grpo.py (or script, an absolute path) from the digit model on seven.jsonl, run as test_stages runs stages."""
+    return stage(work, script or "5-grpo.py", "--init_from", "digit", "--data_path", "seven.jsonl", "--out_dir", out,
+                 *FAST, *args, torchrun=torchrun, check=check, **popen)
 
 
 def rows(work, out):
