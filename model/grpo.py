@@ -19,6 +19,7 @@ micro-batches and processes (DAPO's token-level normalisation, Yu et al. 2025; t
 
     group_advantages(rewards, G, scale)   advantages and the groups whose rewards are all equal (no signal)
     token_logps(logits, targets, T)       log p of each target under softmax(logits / T)
+    completion_logits(model, batch)       the logits that score the completions, each group's prompt run once
     clipped_objective(...)                the loss above, summed; clipped tokens; KL sum
     sample_groups(model, prompts, G, ...) batched sampling: each prompt prefilled once, its KV cache shared by its
                                           G samples; per-row noise from a seed per prompt and step
@@ -34,6 +35,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
 
 from . import lora
 from .generate import KVCache, left_pad
@@ -60,6 +62,36 @@ def token_logps(logits, targets, temperature: float):
     """(log p(target) (B, T), log-softmax (B, T, V)) under softmax(logits / temperature), in float32."""
     logps = F.log_softmax(logits.float() / temperature, dim=-1)
     return logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logps
+
+
+def completion_logits(model, batch):
+    """-> (logits (rows, width, V) predicting each completion token, MoE balance loss or None).
+
+    batch: input_ids / attention_mask (rows, prompt + width), the prompt left-padded and the completion after it;
+    completion_ids (rows, width); group_size (a 0-d tensor, 1 if absent): rows i*G .. i*G + G - 1 are the G
+    completions of one prompt. The prompt is the same in all G of them, so it goes through the model once per
+    group and its keys/values, kept in a cache with their autograd history, are repeated for its G completions;
+    the completions then run as a continuation, and the gradient through the repeated keys/values sums over the
+    group exactly as it would over G copies of the prompt. Same logits as one forward of the full rows (to float
+    rounding), for about 40% less compute at the demo's shapes (docs/rl.md)."""
+    group_size = int(batch["group_size"]) if "group_size" in batch else 1
+    width = batch["completion_ids"].shape[1]
+    prompt_len = batch["input_ids"].shape[1] - width
+    if prompt_len < 1:
+        raise ValueError("completion_logits needs a prompt before the completion")
+    cache = DynamicCache()
+    first = model(input_ids=batch["input_ids"][::group_size, :prompt_len],
+                  attention_mask=batch["attention_mask"][::group_size, :prompt_len], cache=cache, logits_to_keep=1)
+    logits, aux, parts = first.logits.repeat_interleave(group_size, dim=0), first.aux_loss, 1
+    if width > 1:  # the completion's own tokens, but its last, predict the rest of it
+        if group_size > 1:
+            cache.batch_repeat_interleave(group_size)
+        rest = model(input_ids=batch["input_ids"][:, prompt_len:-1], attention_mask=batch["attention_mask"][:, :-1],
+                     cache=cache)
+        logits = torch.cat([logits, rest.logits], dim=1)
+        if rest.aux_loss is not None:
+            aux, parts = aux + rest.aux_loss, 2
+    return logits, (None if aux is None else aux / parts)
 
 
 def clipped_objective(logps, old_logps, advantages, mask, epsilon_low: float, epsilon_high: float,
@@ -91,15 +123,13 @@ def make_grpo_loss(temperature, epsilon_low, epsilon_high, beta, stat_names, rep
     + replay_weight x their mean next-token loss, weighted by the batch's completion tokens like the rest (so the
     step's loss is GRPO's per-token loss + replay_weight x the replay loss)."""
     def grpo_loss(model, batch):
-        width = batch["completion_ids"].shape[1]
-        # logits only where they predict completion tokens: the last width + 1 positions, minus the last one
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=width + 1)
-        logps, all_logps = token_logps(out.logits[:, :-1], batch["completion_ids"], temperature)
+        logits, aux_loss = completion_logits(model, batch)
+        logps, all_logps = token_logps(logits, batch["completion_ids"], temperature)
         mask = batch["completion_mask"]
         loss, clipped, kl = clipped_objective(logps, batch["old_logps"], batch["advantages"], mask, epsilon_low,
                                               epsilon_high, batch.get("ref_logps"), beta)
-        if out.aux_loss is not None:  # MoE balance loss, weighted by the batch's tokens like the rest
-            loss = loss + out.aux_loss * mask.sum()
+        if aux_loss is not None:  # MoE balance loss (the mean of the prompt and completion passes' own), weighted
+            loss = loss + aux_loss * mask.sum()  # by the batch's tokens like the rest
         with torch.no_grad():
             entropy = -(all_logps.exp() * all_logps).sum(dim=-1)
         metrics = {"kl": kl, "clipped": clipped, "entropy": (entropy * mask).sum()}
@@ -125,8 +155,8 @@ def sample_seed(seed: int, step: int, index: int) -> int:
 @torch.no_grad()
 def sample_groups(model, prompts, group_size, max_new_tokens, temperature, eos_id, pad_id, seeds):
     """G completions of each prompt (token-id lists), batched. The prompts are prefilled once, left-padded, and each
-    one's keys/values are repeated for its G rows; then every row decodes one token per forward pass. Row i*G + g
-    is sample g of prompt i. Its tokens come from inverse-CDF sampling of softmax(logits / temperature) with
+    one's keys/values are repeated for its G rows; then every unfinished row decodes one token per forward pass.
+    Row i*G + g is sample g of prompt i. Its tokens come from inverse-CDF sampling of softmax(logits / temperature) with
     uniform noise drawn from torch.Generator(seeds[i]), so a prompt's samples do not depend on its batch.
     -> dict: prompt_ids (B*G, P) and prompt_mask, completion_ids (B*G, C) (pad_id after the end), old_logps
     (B*G, C) (log p of each sampled token, 0 after the end), completion_mask (B*G, C) (1 up to and including the
@@ -147,21 +177,30 @@ def sample_groups(model, prompts, group_size, max_new_tokens, temperature, eos_i
                        for seed in seeds]).to(device)
     rows = n_prompts * G
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    live = torch.arange(rows, device=device)  # the rows the forward pass still computes (logits: one per live row)
     attention_mask, tokens, logps, active = prompt_mask, [], [], []
     for t in range(max_new_tokens):
         log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
         cdf = log_probs.double().exp().cumsum(dim=-1)
-        token = torch.searchsorted(cdf, (noise[:, t] * cdf[:, -1]).unsqueeze(1)).squeeze(1)
-        token = token.clamp(max=cdf.shape[1] - 1)
-        token_logp = log_probs.gather(1, token[:, None]).squeeze(1)
+        sampled = torch.searchsorted(cdf, (noise[live, t] * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+        sampled = sampled.clamp(max=cdf.shape[1] - 1)
+        token = torch.full((rows,), pad_id, dtype=torch.long, device=device).index_copy(0, live, sampled)
+        token_logp = torch.zeros(rows, device=device).index_copy(0, live, log_probs.gather(1, sampled[:, None])[:, 0])
         active.append(~finished)
         tokens.append(token.masked_fill(finished, pad_id))
         logps.append(token_logp.masked_fill(finished, 0.0))
         finished = finished | (token == eos_id)
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
-        logits = model(tokens[-1][:, None], attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        # Finished rows leave the batch once they are an eighth of it: the rest decode with less compute (completions
+        # end at very different lengths), and a row's tokens do not depend on which other rows are in its batch.
+        still = ~finished[live]
+        if int(still.sum()) <= len(live) * 7 // 8:
+            keep = still.nonzero()[:, 0]
+            live, attention_mask = live[keep], attention_mask[keep]
+            cache.keys, cache.values = cache.keys[:, keep], cache.values[:, keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
+        logits = model(token[live][:, None], attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": torch.stack(tokens, dim=1),
             "old_logps": torch.stack(logps, dim=1), "completion_mask": torch.stack(active, dim=1).long(),
             "finished": finished}
@@ -245,7 +284,8 @@ class RolloutBatches:
         batch = {"input_ids": torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1),
                  "attention_mask": torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1),
                  "completion_ids": out["completion_ids"], "completion_mask": completion_mask,
-                 "old_logps": out["old_logps"], "advantages": advantages.to(completion_mask.device)}
+                 "old_logps": out["old_logps"], "advantages": advantages.to(completion_mask.device),
+                 "group_size": torch.tensor(G)}
         if args.beta:
             batch["ref_logps"] = self.reference_logps(batch)
         if self.replay is not None:
@@ -269,10 +309,8 @@ class RolloutBatches:
         """The start model's log-probs of the sampled tokens (with LoRA: this model with its adapters disabled),
         computed once per rollout: the reference never changes."""
         reference = self.reference if self.reference is not None else self.model
-        width = batch["completion_ids"].shape[1]
         with autocast(self.runtime.device, self.dtype), lora.reference_mode(reference):
-            logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               logits_to_keep=width + 1).logits[:, :-1]
+            logits = completion_logits(reference, batch)[0]
         return token_logps(logits, batch["completion_ids"], self.args.temperature)[0]
 
     # -- rollouts kept with the checkpoint (num_iterations > 1) -------------------------------------------------

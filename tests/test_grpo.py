@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model.grpo import (STAT_NAMES, RolloutBatches, clipped_objective, group_advantages, make_grpo_loss,
-                        sample_groups, token_logps)
+from model.grpo import (STAT_NAMES, RolloutBatches, clipped_objective, completion_logits, group_advantages,
+                        make_grpo_loss, sample_groups, token_logps)
 from model.LMConfig import LMConfig
 from model.rewards import parse_rewards
 from model.runtime import Runtime
@@ -85,6 +85,42 @@ def test_a_group_with_equal_rewards_gives_zero_gradient():
     loss.backward()
     assert max(p.grad.abs().max().item() for p in model.parameters()) > 0
     assert metrics["clipped"].item() == 0  # the weights that sampled: ratio 1, nothing clipped
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_each_prompt_runs_once_in_the_loss_with_the_logits_and_gradient_of_full_rows(use_moe):
+    # two prompts of different lengths (left-padded), 3 completions each, one ended early (padding after it)
+    model = make_tiny_model(seed=3, vocab_size=64, use_moe=use_moe)
+    G, width = 3, 4
+    prompts = torch.tensor([[0, 0, 7, 8, 9], [4, 5, 6, 7, 8]])
+    prompt_mask = (prompts != 0).long()
+    completion = torch.randint(3, 64, (2 * G, width), generator=torch.Generator().manual_seed(0))
+    completion_mask = torch.ones(2 * G, width, dtype=torch.long)
+    completion[1, 2:], completion_mask[1, 3:] = 0, 0
+    batch = {"input_ids": torch.cat([prompts.repeat_interleave(G, 0), completion], 1),
+             "attention_mask": torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], 1),
+             "completion_ids": completion, "group_size": torch.tensor(G)}
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                    with_kwargs=True)
+    weights = torch.randn(2 * G, width)
+
+    def score(logits):
+        model.zero_grad()
+        (token_logps(logits, completion, 1.0)[0] * completion_mask * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    logits, aux = completion_logits(model, batch)
+    assert calls == [(2, 5), (2 * G, width - 1)]  # the prompts once, then the completions after them
+    assert (aux is not None) == use_moe
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 logits_to_keep=width + 1).logits[:, :-1]
+    real = completion_mask.bool()
+    assert torch.allclose(logits[real], full[real], atol=1e-5)
+    shared_grads, full_grads = score(logits), score(full)
+    assert len(shared_grads) == len(full_grads)
+    for shared, reference in zip(shared_grads, full_grads):
+        assert torch.allclose(shared, reference, atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------
