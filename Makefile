@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # (not just this one's instruction set), so the wheel pip caches also works on another machine.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: setup test test-fast demo serve bench-trl clean
+.PHONY: setup test test-fast demo demo-tools serve bench-trl clean
 
 # Idempotent: one stamp per requirements file, so re-running only installs what changed.
 $(VENV)/.installed: requirements.txt
@@ -40,6 +40,10 @@ test-fast: $(VENV)/.installed-test
 
 demo: setup
 	$(PY) demo.py
+
+# The demo plus tool calling: an SFT stage on the calculator conversations, scored with the tool loop (docs/tools.md)
+demo-tools: setup
+	$(PY) demo.py --tools
 
 # After `make demo` (its DPO model and prompts are the defaults); override e.g. BENCH_TRL_ARGS="--grpo_steps 10".
 BENCH_TRL_ARGS ?=

@@ -88,10 +88,14 @@ VOCAB_SIZE = "1024"
 # than full fine-tuning (the rates tried: docs/lora.md)
 LORA = dict(flags=["--lora_rank", "4"], learning_rate={"sft_single": "2e-2", "sft_multi": "5e-3", "dpo": "1e-3"})
 COMMON = ["--dtype", "auto", "--log_interval", "10", "--save_interval", "100000"]
-# Tool calling (docs/tools.md), with --tools: the calculator conversations are mixed into both SFT stages (and
-# GRPO's replay); the chat models after them are scored on eval_tools.jsonl with the tool loop and without it (the
-# model alone). Off by default: at this model size the calls copy the question's numbers wrong and the mix costs the
-# sums SFT teaches (measured in docs/tools.md)
+# Tool calling (docs/tools.md), with --tools: a first SFT stage on the calculator conversations alone (sft_tools),
+# then the conversations mixed into both SFT stages (and GRPO's replay); the chat models after them are scored on
+# eval_tools.jsonl with the tool loop and without it (the model alone). The first stage is what makes it work: mixed
+# in from the start, the calls never learnt to copy the question's numbers and the sums forgot how to; trained alone
+# first, the copy into the call forms (late in the stage, all at once) and survives the mix. Off by default: the
+# extra stage and evaluation make the demo a few minutes longer (both measured in docs/tools.md)
+TOOL_PLAN = ["--max_steps", "300", "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "10",
+             "--freeze_embeddings"]
 TOOL_SFT_FILE = "sft_data_tools.jsonl"
 TOOL_EVAL_MODELS = ("sft_multi", CHAT_STAGES[-1])  # where SFT taught it, and the final model
 TOOL_MAX_NEW_TOKENS = 48  # a call is ~30 tokens of the demo's tokenizer, an answer ~16
@@ -102,8 +106,8 @@ def main():
     parser.add_argument("--out_dir", default="out/demo", help="where checkpoints and report.md go")
     parser.add_argument("--data_dir", default="dataset/demo", help="where the demo corpus is generated")
     parser.add_argument("--quick", action="store_true", help="smaller model and fewer steps (for tests)")
-    parser.add_argument("--tools", action="store_true", help="also teach calling the calculator in SFT and score "
-                        "it with the tool loop (docs/tools.md: off by default, it costs the sums)")
+    parser.add_argument("--tools", action="store_true", help="also teach calling the calculator (an SFT stage on its "
+                        "conversations, then mixed into both SFT stages) and score it with the tool loop (docs/tools.md)")
     parser.add_argument("--lora", action="store_true", help="also run SFT and DPO as LoRA from the same pretrained "
                         "model and compare them with the full runs (trainable share, speed, memory, accuracy)")
     args = parser.parse_args()
@@ -140,8 +144,13 @@ def main():
          *plan["pretrain"], *COMMON, "--eval_interval", "100")
     ptx = ["--ptx_data", os.path.join(data, "pretrain_data.bin")]  # the pretraining text, replayed in SFT and DPO
     tools = [os.path.join(data, TOOL_SFT_FILE)] if args.tools else []  # the calculator conversations, both SFTs
+    sft_start = runs["pretrain"]
+    if args.tools:  # the calls learn to copy the question's numbers alone first (TOOL_PLAN's comment)
+        sft_start = os.path.join(out, "sft_tools")
+        step("sft_tools", script("3-full_sft.py"), "--data_path", *tools, "--init_from", runs["pretrain"],
+             "--out_dir", sft_start, *TOOL_PLAN, *COMMON)
     step("sft_single", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_single.jsonl"), *tools,
-         "--init_from", runs["pretrain"], "--out_dir", runs["sft_single"], *plan["sft_single"], *ptx, *COMMON)
+         "--init_from", sft_start, "--out_dir", runs["sft_single"], *plan["sft_single"], *ptx, *COMMON)
     # the multi-turn data has no arithmetic: mixing the single-turn file back in keeps it from being forgotten
     step("sft_multi", script("3-full_sft.py"), "--data_path", os.path.join(data, "sft_data_multi.jsonl"),
          os.path.join(data, "sft_data_single.jsonl"), *tools,

@@ -535,7 +535,6 @@ def eval_sets(world, rng, eval_size=200):
 TOOL_HELDOUT_RATIO = 0.1  # of the 3-digit numbers 200-999 (the sums' results stop at 198, years have 4 digits)
 TOOL_QUESTIONS = {"*": ["{a}乘以{b}等于多少？", "计算{a}×{b}。", "{a}×{b}是多少？"],
                   "/": ["{a}除以{b}等于多少？", "计算{a}÷{b}。", "{a}÷{b}是多少？"]}
-TOOL_SIGNS = {"*": "×", "/": "÷"}
 # digit counts of the two operands (a product's factors, a quotient's quotient and divisor): 3 x 3 most often,
 # the held-out shape, with its neighbours so the call copies numbers of any length
 TOOL_SHAPES = [(3, 3)] * 4 + [(2, 3), (3, 2), (4, 2), (2, 4), (4, 3), (3, 4), (2, 2)]
@@ -573,15 +572,18 @@ def tool_question(op, x, y, rng):
     return rng.choice(TOOL_QUESTIONS[op]).format(a=x, b=y)
 
 
-def tool_answer(op, x, y, result):
-    return f"{x}{TOOL_SIGNS[op]}{y}={result}。"
+# The answer repeats the calculator's result and nothing else. Written like a sum's answer ("932×473=440836。"), it
+# was one more equation for the model to complete by itself, and SFT on the calculator conversations never taught
+# the calls to copy the question's numbers; with this answer it did (measured in docs/tools.md)
+def tool_answer(result):
+    return f"计算的答案是{result}。"
 
 
 def tool_exchange(op, x, y, result, rng):
     """The user's question, the call, the calculator's result, the answer."""
     call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": f"{x}{op}{y}"}}}
     return [user(tool_question(op, x, y, rng)), {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": str(result)}, assistant(tool_answer(op, x, y, result))]
+            {"role": "tool", "content": str(result)}, assistant(tool_answer(result))]
 
 
 def sft_tools(world, tool_world, rng, n_calls=600, n_direct=300):
@@ -626,10 +628,10 @@ def eval_tools(world, tool_world, rng, eval_size=200):
     records = []
     for a, b in pairs[:eval_size]:
         records.append({"category": "tool_mul", "messages": [user(tool_question("*", a, b, rng))],
-                        "answer": f"={a * b}。"})
+                        "answer": f"是{a * b}。"})
     for a, b in pairs[eval_size:]:
         records.append({"category": "tool_div", "messages": [user(tool_question("/", a * b, b, rng))],
-                        "answer": f"={a}。"})
+                        "answer": f"是{a}。"})
     heldout_people = [p for p in world["people"] if p["split"] == "heldout"]
     facts = rng.sample([(p, attribute) for p in heldout_people for attribute in ATTRIBUTES],
                        min(eval_size, len(heldout_people) * len(ATTRIBUTES)))

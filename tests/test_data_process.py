@@ -587,7 +587,7 @@ def test_demo_tool_conversations_are_canonical_and_their_eval_numbers_are_in_no_
             n_calls += 1
             expression = messages[1]["tool_calls"][0]["function"]["arguments"]["expression"]
             assert messages[2]["content"] == calculate(expression)
-            assert messages[3]["content"] == expression.replace("*", "×").replace("/", "÷") + f"={messages[2]['content']}。"
+            assert messages[3]["content"] == f"计算的答案是{messages[2]['content']}。"
         else:
             assert [m["role"] for m in messages] == ["user", "assistant"]
     assert n_calls == 600 and len(records) == 900
@@ -598,7 +598,7 @@ def test_demo_tool_conversations_are_canonical_and_their_eval_numbers_are_in_no_
         question = record["messages"][-1]["content"]
         numbers = [int(n) for n in re.findall(r"\d+", question)]
         if record["category"] == "tool_mul":
-            assert set(numbers) <= heldout and record["answer"] == f"={numbers[0] * numbers[1]}。"
+            assert set(numbers) <= heldout and record["answer"] == f"是{numbers[0] * numbers[1]}。"
         elif record["category"] == "tool_div":
             assert numbers[1] in heldout and record["answer"][1:-1] == str(numbers[0] // numbers[1])
             assert int(record["answer"][1:-1]) in heldout and numbers[0] % numbers[1] == 0
