@@ -106,8 +106,9 @@ def main():
     parser.add_argument("--out_dir", default="out/demo", help="where checkpoints and report.md go")
     parser.add_argument("--data_dir", default="dataset/demo", help="where the demo corpus is generated")
     parser.add_argument("--quick", action="store_true", help="smaller model and fewer steps (for tests)")
-    parser.add_argument("--tools", action="store_true", help="also teach calling the calculator (an SFT stage on its "
-                        "conversations, then mixed into both SFT stages) and score it with the tool loop (docs/tools.md)")
+    parser.add_argument("--tools", action="store_true", help="also teach calling the calculator (an SFT stage on "
+                        "its conversations, then mixed into both SFT stages) and score it with the tool loop "
+                        "(docs/tools.md)")
     parser.add_argument("--lora", action="store_true", help="also run SFT and DPO as LoRA from the same pretrained "
                         "model and compare them with the full runs (trainable share, speed, memory, accuracy)")
     args = parser.parse_args()

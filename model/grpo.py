@@ -156,8 +156,8 @@ def sample_seed(seed: int, step: int, index: int) -> int:
 def sample_groups(model, prompts, group_size, max_new_tokens, temperature, eos_id, pad_id, seeds):
     """G completions of each prompt (token-id lists), batched. The prompts are prefilled once, left-padded, and each
     one's keys/values are repeated for its G rows; then every unfinished row decodes one token per forward pass.
-    Row i*G + g is sample g of prompt i. Its tokens come from inverse-CDF sampling of softmax(logits / temperature) with
-    uniform noise drawn from torch.Generator(seeds[i]), so a prompt's samples do not depend on its batch.
+    Row i*G + g is sample g of prompt i. Its tokens come from inverse-CDF sampling of softmax(logits / temperature)
+    with uniform noise drawn from torch.Generator(seeds[i]), so a prompt's samples do not depend on its batch.
     -> dict: prompt_ids (B*G, P) and prompt_mask, completion_ids (B*G, C) (pad_id after the end), old_logps
     (B*G, C) (log p of each sampled token, 0 after the end), completion_mask (B*G, C) (1 up to and including the
     end-of-turn token), finished (B*G,) (False: truncated at max_new_tokens)."""

@@ -185,6 +185,27 @@ def test_seeded_samples_are_reproducible_and_independent_of_the_batch():
     assert torch.allclose(fresh, a["old_logps"], atol=1e-5)
 
 
+def test_finished_rows_leave_the_batch_and_the_others_decode_as_a_fresh_forward_scores_them():
+    # 8 tokens, the end-of-turn among them: rows end at different steps, so the batch shrinks while others go on
+    model = make_tiny_model(seed=2, vocab_size=8).eval()
+    rows = []  # the rows of each forward pass: the prefill, then one per decoded token
+    hook = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    out = sample_groups(model, [[5, 6, 7, 3], [4, 5]], 8, 10, 1.0, eos_id=2, pad_id=0, seeds=[3, 4])
+    hook.remove()
+    decode_rows = rows[1:]
+    assert decode_rows[0] == 16 and min(decode_rows) < 16  # some rows left the batch
+    assert decode_rows == sorted(decode_rows, reverse=True)
+    ends = out["completion_mask"].sum(dim=1)
+    assert len(set(ends.tolist())) > 2 and out["finished"].any() and (ends < out["completion_ids"].shape[1]).any()
+    # every row still decoded from its own keys/values: its recorded log-probs are a fresh forward's
+    width = out["completion_ids"].shape[1]
+    logits = model(input_ids=torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
+                   attention_mask=torch.cat([out["prompt_mask"], out["completion_mask"]], 1),
+                   logits_to_keep=width + 1).logits[:, :-1]
+    fresh = token_logps(logits, out["completion_ids"], 1.0)[0] * out["completion_mask"]
+    assert torch.allclose(fresh, out["old_logps"], atol=1e-5)
+
+
 class Prompts:
     """What RolloutBatches reads of a PromptDataset."""
 
