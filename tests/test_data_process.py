@@ -663,6 +663,12 @@ def test_demo_rl_prompts_are_new_phrasings_of_training_sums_and_held_out_from_th
         pattern = pattern.replace(r"\{op\}", "[+-]").replace(r"\{op_zh\}", "[加减]")
         assert not any(re.fullmatch(pattern, q) for q in questions), template
         assert any(re.fullmatch(pattern, r["messages"][0]["content"]) for r in checks), template
+    # ...but in words pretraining had: a character it never saw is bytes of the tokenizer's fallback, and RL would
+    # be teaching the model to read those rather than to answer a new phrasing
+    pretrain_chars = set("".join(r["text"] for r in load("pretrain_data.jsonl")))
+    for template in demo_corpus.RL_QUESTIONS:
+        words = re.sub(r"\{\w+\}", "", template)
+        assert set(words) <= pretrain_chars, (template, set(words) - pretrain_chars)
 
 
 def test_demo_gold_answers_are_unambiguous_substrings(demo_dir):

@@ -58,6 +58,17 @@ def test_report_lists_each_models_accuracy_once(tmp_path):
     assert len(rows) == len(set(rows)) == 1 + 2 * 4, "\n".join(rows)
 
 
+def test_grpo_line_names_the_largest_drop_not_the_largest_move():
+    """The report said "every other category within 9.0 points of DPO" when one category had gained 9 points and
+    none had lost more than 0.5: the 2-point rule is about drops."""
+    rl = {"greedy": 0.4, "pass@1": 0.3, "pass@8": 0.5, "repeated_ngrams": 0.0}
+    results = {"rl": {"dpo": rl, "grpo": {**rl, "greedy": 0.99}},
+               "dpo": {"per_category": {"arith": (199, 200, 0.995), "people_qa_followup": (75, 100, 0.75)}},
+               "grpo": {"per_category": {"arith": (198, 200, 0.99), "people_qa_followup": (84, 100, 0.84)}}}
+    (line,) = demo.rl_card(results)
+    assert "40.0% → 99.0%" in line and "from -0.5 points (arith) to +9.0 (people_qa_followup)" in line, line
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     """Run `demo.py --quick` once for the tests of this file; returns its working directory."""
