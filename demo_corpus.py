@@ -656,7 +656,7 @@ def tool_corpus(world, seed, eval_size):
 # RL (5-grpo.py): the demo's arithmetic asked in phrasings no SFT or DPO record uses. The DPO model rarely answers
 # them right (it writes an equation with other numbers) but sometimes does when sampled: the signal RL needs. A
 # phrasing close to SFT's ("{a}{op}{b}等于几？") is not new to it (answered almost always), one it cannot read has no
-# signal ("{a}和{b}的差是多少？"); the four below sit between on every DPO model probed (docs/rl.md).
+# signal ("{a}和{b}的差是多少？", 0-3%); the four below sit between on every DPO model probed (docs/rl.md).
 # Training prompts ask training triples, the held-out check asks held-out triples: the sets are disjoint.
 
 RL_QUESTIONS = ["{a}{op}{b}的答案是什么？", "{a}{op}{b}的答案是多少？", "{a}{op_zh}{b}的答案是什么？", "你知道{a}{op}{b}是多少吗？"]
