@@ -166,6 +166,16 @@ def test_each_prompt_is_prefilled_once_and_its_samples_share_it():
     assert all(call == (6, 1) for call in model.calls[1:]) and len(model.calls) == 4  # 2 x 3 rows, a token each
 
 
+def assert_logps_of_a_fresh_forward(model, rollout):
+    """The log-probs sample_groups recorded equal those of one forward of prompt + completion."""
+    width = rollout["completion_ids"].shape[1]
+    logits = model(input_ids=torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], 1),
+                   attention_mask=torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], 1),
+                   logits_to_keep=width + 1).logits[:, :-1]
+    fresh = token_logps(logits, rollout["completion_ids"], 1.0)[0] * rollout["completion_mask"]
+    assert torch.allclose(fresh, rollout["old_logps"], atol=1e-5)
+
+
 def test_seeded_samples_are_reproducible_and_independent_of_the_batch():
     model = make_tiny_model(seed=1, vocab_size=64).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
@@ -177,12 +187,7 @@ def test_seeded_samples_are_reproducible_and_independent_of_the_batch():
     other = sample_groups(model, prompts, 4, 6, 1.0, eos_id=2, pad_id=0, seeds=[11, 99])
     assert not torch.equal(other["completion_ids"][4:], a["completion_ids"][4:])
     # the recorded log-probs are the ones a fresh forward of prompt + completion gives (the loss's ratio starts at 1)
-    width = a["completion_ids"].shape[1]
-    logits = model(input_ids=torch.cat([a["prompt_ids"], a["completion_ids"]], 1),
-                   attention_mask=torch.cat([a["prompt_mask"], a["completion_mask"]], 1),
-                   logits_to_keep=width + 1).logits[:, :-1]
-    fresh = token_logps(logits, a["completion_ids"], 1.0)[0] * a["completion_mask"]
-    assert torch.allclose(fresh, a["old_logps"], atol=1e-5)
+    assert_logps_of_a_fresh_forward(model, a)
 
 
 def test_finished_rows_leave_the_batch_and_the_others_decode_as_a_fresh_forward_scores_them():
@@ -198,12 +203,7 @@ def test_finished_rows_leave_the_batch_and_the_others_decode_as_a_fresh_forward_
     ends = out["completion_mask"].sum(dim=1)
     assert len(set(ends.tolist())) > 2 and out["finished"].any() and (ends < out["completion_ids"].shape[1]).any()
     # every row still decoded from its own keys/values: its recorded log-probs are a fresh forward's
-    width = out["completion_ids"].shape[1]
-    logits = model(input_ids=torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
-                   attention_mask=torch.cat([out["prompt_mask"], out["completion_mask"]], 1),
-                   logits_to_keep=width + 1).logits[:, :-1]
-    fresh = token_logps(logits, out["completion_ids"], 1.0)[0] * out["completion_mask"]
-    assert torch.allclose(fresh, out["old_logps"], atol=1e-5)
+    assert_logps_of_a_fresh_forward(model, out)
 
 
 class Prompts:
