@@ -1,7 +1,8 @@
 """
 train: tokens/s of forward + backward + AdamW step. HF: LlamaForCausalLM + fused AdamW (HF Trainer's default
 optimizer with torch >= 2.8). Ours: Transformer + configure_optimizer, eager and torch.compile'd (--no-compile
-leaves that out; --compile_hf compiles HF too, to show what is ours and what is the compiler's). fp32 and bf16
+leaves that out; --compile_hf compiles HF too, to show what is ours and what is the compiler's), and which of ours
+the stages' default (--compile auto, model/compile_choice.py) would keep by the same rule. fp32 and bf16
 autocast (bf16 is skipped where the CPU has no fast bf16 matmul, see --bf16). Model FLOP/s = tokens/s x
 (6 x matmul parameters + 6 x n_layers x seq_len x dim (causal attention); model.model.estimate_flops_per_token), and
 its fraction of a --peak_n^3 matmul that takes its turn in the same rounds.
@@ -16,6 +17,7 @@ import torch
 
 from bench.common import model_config, ratio, take_turns, training_step
 from bench.peak import bf16_is_fast
+from model.compile_choice import KEEP_IF_FASTER
 from model.model import Transformer
 from model.llama import to_llama
 from model.model import estimate_flops_per_token
@@ -80,6 +82,9 @@ def run(args, results) -> dict:
                 result[name]["ratio_vs_hf"] = ratio(times, name, "hf")
         for name, seconds in compile_s.items():
             result[name]["compile_s"] = seconds
+        if "ours_compiled" in result:  # what the stages' --compile auto keeps in a run long enough to try
+            faster = result["ours"]["tok_s"] < KEEP_IF_FASTER * result["ours_compiled"]["tok_s"]
+            result["default"] = "ours_compiled" if faster else "ours"
         out[dtype] = result
     return out
 
@@ -102,6 +107,9 @@ def table(train: dict) -> list:
                 extra = f"  (compile {x['compile_s']:.0f} s)" if "compile_s" in x else ""
                 lines.append(f"  {dtype}  {LABELS[name]:34s} {x['tok_s']:8.0f} {x.get('ratio_vs_hf', 1.0):7.2f} "
                              f"{x['gflops']:8.1f} {100 * x['fraction_of_peak']:6.0f}%{extra}")
+        if "default" in r:
+            lines.append(f"  {dtype}  the stages' default, --compile auto, in a run of 10+ minutes: "
+                         f"{LABELS[r['default']]} ({r[r['default']].get('ratio_vs_hf', 1.0):.2f}x HF)")
         lines.append(f"  {dtype}  {'matmul ' + str(train.get('peak_n', '')) + '^3 (peak)':34s} "
                      f"{'':8s} {'':7s} {r['matmul_gflops']:8.1f}")
         lines.append(f"  {dtype}  first-step loss minus HF's: " +

@@ -25,6 +25,7 @@ from transformers.utils import logging as transformers_logging
 
 from . import checkpoint, lora
 from .chat import IGNORE_INDEX
+from .compile_choice import CompileChoice
 from .metrics import StepLog
 from .optim import TimeBudget, build_optimizer, lr_at
 from .runtime import Runtime, StopSignals, all_reduce_sum, autocast, training_precision
@@ -66,7 +67,10 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults):
       help="autocast precision; auto = bfloat16 on CUDA (float16 on GPUs without bf16) and on CPUs with "
            "native bf16 (AVX512-BF16/AMX), float32 elsewhere")
     a("--device", default="auto", help="auto (cuda > mps > cpu), or e.g. cuda:0, cpu")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+      help="torch.compile the training steps. auto: only in a run long enough to pay for compiling (10+ minutes "
+           "by the first steps' pace), and only if the compiled steps then measure faster; on (or bare --compile): "
+           "from the first step; off: never")
     a("--num_workers", type=int, default=0, help="DataLoader worker processes (0 = load in the main process)")
     a("--seed", type=int, default=1337, help="seed for initialisation and data order")
     a("--log_interval", type=int, default=d["log_interval"], help="log metrics every N steps")
@@ -232,8 +236,8 @@ def validation_loss(model, val_set, collate_fn, loss_fn, count_fn, args, runtime
 # the pieces the loop is made of
 
 def start_training(model, args, runtime, run_dir, resuming, settings, dtype, extra_state, title):
-    """Model on the device, optimizer, loss scaler, the step to start from (restored on resume), and the model
-    the steps run through (DDP-wrapped, compiled). -> (optimizer, scaler, step, train_model)"""
+    """Model on the device, optimizer, loss scaler, the step to start from (restored on resume), and what picks
+    the model the steps run through (DDP-wrapped; compiled or not). -> (optimizer, scaler, step, CompileChoice)"""
     model.to(runtime.device)
     kind = getattr(args, "optimizer", "adamw")
     if kind != "adamw" and dtype == "float16":
@@ -250,9 +254,8 @@ def start_training(model, args, runtime, run_dir, resuming, settings, dtype, ext
             extra_state.update(state.get("extra", {}))
     train_model = DDP(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None) \
         if runtime.ddp else model
-    if args.compile:  # after DDP wrapping, as PyTorch recommends (DDP's buckets then match compiled graphs)
-        train_model = torch.compile(train_model)
-    return optimizer, scaler, step, train_model
+    # compiled after DDP wrapping, as PyTorch recommends (DDP's buckets then match the compiled graphs)
+    return optimizer, scaler, step, CompileChoice(args.compile, train_model, runtime.is_master)
 
 
 def save_training(run_dir, model, optimizer, scaler, step, epoch, extra_state, settings, args, runtime):
@@ -320,8 +323,8 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
                                                                     if p.requires_grad)}
     if resuming is None:
         resuming = checkpoint.prepare_run_dir(run_dir, args.resume, args.overwrite, runtime)
-    optimizer, scaler, step, train_model = start_training(model, args, runtime, run_dir, resuming, settings, dtype,
-                                                          extra_state, title)
+    optimizer, scaler, step, compiling = start_training(model, args, runtime, run_dir, resuming, settings, dtype,
+                                                        extra_state, title)
     budget = TimeBudget(getattr(args, "max_minutes", None))
     if budget:  # the budget decides how many steps; --max_steps, if given, caps them
         total_steps = args.max_steps or float("inf")
@@ -336,7 +339,13 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
         epoch, micro_batches = next(batches)
         if make_batches is not None:
             micro_batches = make_batches(epoch, micro_batches, step)
-        sums, metric_names = train_step(train_model, micro_batches, loss_fn, count_fn, runtime, dtype, scaler)
+        try:
+            sums, metric_names = train_step(compiling.model, micro_batches, loss_fn, count_fn, runtime, dtype, scaler)
+        except Exception as error:  # noqa: BLE001 - only --compile auto's first compiled step is retried
+            if not compiling.fall_back(error):
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            sums, metric_names = train_step(compiling.model, micro_batches, loss_fn, count_fn, runtime, dtype, scaler)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         t_reduce = time.perf_counter()  # carry: the previous step's update and logging, timed after its reduce
@@ -345,6 +354,9 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
         budget.add(seconds)
         stop = signals.agreed(stop)
         step += 1
+        decided = compiling.record(seconds, budget.seconds - budget.elapsed if budget else None, total_steps - step)
+        if decided:
+            log.metrics.log({"step": step, **decided})
         if finite:
             scaler.step(optimizer)
             bad_steps = 0
