@@ -25,6 +25,7 @@ Sections (bench/<section>.py says how each one measures)
     decode  batch 1: llama.cpp f32/q8_0, HF generate, generate_stream eager and on the compiled fast path (greedy,
             same tokens checked; and sampled), default threads and 1 thread
     engine  model/engine.py in process, 1..32 concurrent requests: aggregate tok/s on the eager and the compiled step
+    int8    one decode token's matrix-vector products with int8 weights (each kernel torch has) vs the fp32 fast path
     moe     training step of the MoE model / a dense model with the same active parameters
     alloc   CPU training step under glibc's default malloc vs model.runtime.keep_freed_memory, separate processes
     data    useful tokens per batch of the demo corpus; pretraining memory vs data size; the streaming JSON reader
@@ -42,7 +43,7 @@ import json
 import sys
 
 DEFAULT_SECTIONS = ["peak", "train", "decode", "alloc", "data"]
-SECTIONS = ["peak", "train", "decode", "engine", "moe", "alloc", "data", "serve", "soak", "gguf",
+SECTIONS = ["peak", "train", "decode", "engine", "int8", "moe", "alloc", "data", "serve", "soak", "gguf",
             "grpo"]  # the order they run and print in
 
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.bench_smoke
 
 
 def test_bench_smoke_json_on_a_tiny_config(tmp_path):
-    cmd = [sys.executable, "-m", "bench", "train,decode,moe,alloc", "--json", "--dim", "64", "--n_layers", "2",
+    cmd = [sys.executable, "-m", "bench", "train,decode,int8,moe,alloc", "--json", "--dim", "64", "--n_layers", "2",
            "--n_heads", "4", "--n_kv_heads", "2", "--vocab_size", "300", "--seq_len", "32", "--batch_size", "2",
            "--steps", "2", "--warmup", "1", "--new_tokens", "8", "--decode_rounds", "1", "--no-compile",
            "--bf16", "off", "--peak_n", "256", "--alloc_rounds", "1", "--save_json", str(tmp_path / "bench.json")]
@@ -31,6 +31,9 @@ def test_bench_smoke_json_on_a_tiny_config(tmp_path):
     assert decode["same_tokens"] is True
     assert decode["threads_1"]["ours eager"]["x_hf"] > 0 and decode["threads_1"]["floor"]["tok_s"] > 0
     assert "ours fast path" not in decode["threads_1"]  # --no-compile: no compiled decode step either
+    int8 = report["int8"]  # --no-compile: the two eager kernels, against fp32 F.linear
+    assert set(int8["rows"]) == {"fp32 F.linear", "int8 _weight_int8pack_mm"} and int8["matrices"] == 2 * 7 + 1
+    assert int8["rows"]["int8 _weight_int8pack_mm"]["ms"] > 0 and 0 < int8["int8_max_rel_error"] < 0.02
     assert report["moe"]["moe_over_dense"] > 0 and report["moe"]["dense_hidden_dim"] == 3 * 192
     alloc = report["alloc"]  # glibc here: both sides ran, each in its own process
     assert alloc["default_tok_s"] > 0 and alloc["keep_tok_s"] > 0 and alloc["keep_speedup"] > 0
@@ -38,7 +41,7 @@ def test_bench_smoke_json_on_a_tiny_config(tmp_path):
     table = subprocess.run([sys.executable, "-m", "bench", "--table_from", str(tmp_path / "bench.json")], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
-    for heading in ("matmul peak", "training (64 tokens/step", "decode (batch 1", "MoE (", "under glibc malloc"):
+    for heading in ("matmul peak", "training (64 tokens/step", "decode (batch 1", "int8 weight-only", "MoE (", "under glibc malloc"):
         assert heading in table.stdout, heading
 
 
