@@ -1,5 +1,6 @@
 """The shared training loop, in-process on a toy task: learning, exact resume, atomic saves, NaN guard, data order."""
 import argparse
+import json
 import os
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model
-from model import optim, trainer
+from model import compile_choice, optim, trainer
 from model.model import Transformer
 from model.checkpoint import list_checkpoints
 from model.runtime import Runtime
@@ -315,3 +316,52 @@ def test_attention_kind_is_a_stage_flag_and_left_alone_by_default():
     assert trainer.model_overrides(parser.parse_args([])) == {}  # LMConfig.py / the checkpoint decides
     assert trainer.model_overrides(parser.parse_args(["--no-flash_attn", "--dim", "64"])) == {"flash_attn": False,
                                                                                                 "dim": 64}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --compile auto in the loop (the rule itself: tests/test_compile_choice.py)
+
+def compile_decisions(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [row for row in map(json.loads, f) if "compile" in row]
+
+
+def failing_backend(graph_module, example_inputs):
+    raise RuntimeError("no working C++ compiler found")
+
+
+def test_the_stages_default_is_compile_auto_and_a_bare_flag_means_on(tmp_path):
+    assert make_args(tmp_path).compile == "auto"
+    assert make_args(tmp_path, "--compile").compile == "on"
+    assert make_args(tmp_path, "--compile", "off").compile == "off"
+
+
+def test_a_compile_that_fails_goes_back_to_eager_and_trains_the_same_weights(tmp_path, monkeypatch, capsys):
+    reference = run(tmp_path / "eager", "--max_steps", "12", "--compile", "off")
+    monkeypatch.setattr(compile_choice, "TRY_IF_SECONDS_LEFT", 0.0)  # any run is long enough to try
+    monkeypatch.setattr(compile_choice, "compile_model", lambda m: torch.compile(m, backend=failing_backend))
+    torch._dynamo.reset()
+    model = run(tmp_path / "auto", "--max_steps", "12")
+    assert "--compile auto: compiling failed (RuntimeError: no working C++ compiler found)" in capsys.readouterr().out
+    assert [d["compile"] for d in compile_decisions(tmp_path / "auto")] == ["failed"]
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name  # the failed step was rerun, not half-applied or skipped
+
+
+def test_a_failing_compile_under_compile_on_ends_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_choice, "compile_model", lambda m: torch.compile(m, backend=failing_backend))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no working C.. compiler"):
+        run(tmp_path, "--max_steps", "4", "--compile", "on")
+
+
+def test_compile_auto_measures_real_compiled_steps_in_the_loop(tmp_path, monkeypatch):
+    # the eager backend: dynamo traces the model for real, without inductor's C++ compile
+    monkeypatch.setattr(compile_choice, "TRY_IF_SECONDS_LEFT", 0.0)
+    monkeypatch.setattr(compile_choice, "compile_model", lambda m: torch.compile(m, backend="eager"))
+    torch._dynamo.reset()
+    run(tmp_path, "--max_steps", "24")
+    decisions = compile_decisions(tmp_path)
+    assert len(decisions) == 1 and decisions[0]["compile"] in ("kept", "dropped")
+    assert decisions[0]["step"] == 1 + compile_choice.EAGER_STEPS + 1 + 2 * compile_choice.TURNS
+    assert decisions[0]["eager_step_s"] > 0 and decisions[0]["compiled_step_s"] > 0
