@@ -169,6 +169,47 @@ def test_torchrun_two_processes_track_one_process_and_resume(workdir):
     assert max((two[k] - killed[k]).abs().max().item() for k in two) <= 1e-6
 
 
+COMPILE_AUTO_RANKS = """
+import hashlib, runpy, sys, torch
+sys.argv = [{script!r}] + sys.argv[1:]
+from model import compile_choice, trainer
+compile_choice.TRY_IF_SECONDS_LEFT = 0.0  # any run is long enough to try
+compile_choice.compile_model = lambda m: torch.compile(m, backend="eager")  # dynamo for real, no C++ compile
+real_decide, real_fit = compile_choice.CompileChoice.decide, trainer.fit
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+def decide(self):  # every rank writes what it decided, and its weights after the run
+    real_decide(self)
+    open(f"rank{{rank()}}.compile", "w").write(self.decision["compile"])
+
+def fit(model, *args, **kwargs):
+    model = real_fit(model, *args, **kwargs)
+    open(f"rank{{rank()}}.sha", "w").write(
+        hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest())
+    return model
+
+compile_choice.CompileChoice.decide, trainer.fit = decide, fit
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_compile_auto_under_torchrun_every_rank_keeps_the_same_model(workdir):
+    """Auto's trial under DDP: the compiled model wraps the DDP one (gradients still averaged: identical weights on
+    both ranks), and every rank decides from the step time they all agree on, so none trains compiled while another
+    trains eagerly."""
+    script = workdir / "compile_auto_ranks.py"
+    script.write_text(COMPILE_AUTO_RANKS.format(script=os.path.join(ROOT, "1-pretrain.py")))
+    stage(workdir, str(script), "--data_path", "dataset/pretrain_data.bin", "--out_dir", "out/compile_auto", *TINY,
+          *FAST, "--max_steps", "24", "--batch_size", "4", torchrun=2)
+    assert (workdir / "rank0.compile").read_text() == (workdir / "rank1.compile").read_text()
+    assert (workdir / "rank0.sha").read_text() == (workdir / "rank1.sha").read_text()
+    decisions = [r for r in metrics(workdir / "out/compile_auto") if "compile" in r]
+    assert len(decisions) == 1 and decisions[0]["compile"] in ("kept", "dropped")
+
+
 def test_a_fresh_run_into_a_used_run_directory_is_one_line_with_the_ways_out(workdir):
     pretrain(workdir, "out/used", "--max_steps", "2", "--batch_size", "4")
     result = pretrain(workdir, "out/used", "--max_steps", "2", "--batch_size", "4", check=False)
