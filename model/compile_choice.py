@@ -1,13 +1,13 @@
 """
 --compile auto|on|off: whether the training steps run through torch.compile. auto, the stages' default, decides by
-measuring, because neither answer is right everywhere: compiling costs 15-60 s on a CPU before the first compiled
-step, and then wins 0-30% per step or loses, by the model's shape and the machine (it made the demo's small model
-slower). So auto
+measuring, because neither answer is right everywhere: compiling costs tens of seconds on a CPU before the first
+compiled step, and then wins per step or loses, by the model's shape and the machine (docs/performance.md). So auto
 
   1. trains eagerly and times EAGER_STEPS steps (after one warm-up step);
   2. if those say the rest of the run takes at least TRY_IF_SECONDS_LEFT, compiles (one step), then lets the
      compiled and the eager model take TURNS turns each, step by step, so that a machine that speeds up or slows
-     down meanwhile (step times here swing 20%) slows both alike; a short run never pays for a compile;
+     down meanwhile (a shared machine's step times swing by tens of percent) slows both alike; a short run never
+     pays for a compile;
   3. keeps the compiled model if its steps are faster (the median of the per-turn ratios), else the eager one, and
      says which in one line. A compile that fails (no C++ compiler, an op the compiler cannot handle), then or on a
      later recompile, goes back to eager with the reason instead of ending the run.
