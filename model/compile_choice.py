@@ -10,7 +10,10 @@ compiled step, and then wins per step or loses, by the model's shape and the mac
      pays for a compile;
   3. keeps the compiled model if its steps are faster (the median of the per-turn ratios), else the eager one, and
      says which in one line. A compile that fails (no C++ compiler, an op the compiler cannot handle), then or on a
-     later recompile, goes back to eager with the reason instead of ending the run.
+     later recompile, goes back to eager with the reason instead of ending the run. After keeping it, auto still
+     watches: a step that takes SLOW_STEP times the compiled median has recompiled for a new shape (padded batches,
+     RL rollouts of every length), and after MAX_RECOMPILES of them auto goes back to eager for good, since each one
+     costs as much as the first compile.
 
 on compiles from the first step (and a failing compile ends the run); off never compiles. Every rank decides from
 the same step times (the loop's agreed time), so all of them keep the same model. The measured steps are ordinary
@@ -26,6 +29,8 @@ EAGER_STEPS = 3
 TURNS = 8
 TRY_IF_SECONDS_LEFT = 600.0
 KEEP_IF_FASTER = 0.97  # compiled steps must beat eager ones by 3%: noise should not buy a slower run
+SLOW_STEP = 3.0
+MAX_RECOMPILES = 3
 
 
 def compile_model(model):
@@ -44,6 +49,7 @@ class CompileChoice:
         self.compiled = self.compile_fn(model) if mode == "on" else None
         self.phase = {"on": "compiled", "off": "eager", "auto": "timing_eager"}[mode]
         self.eager_times, self.turns = [], []  # turns: [(compiled s, eager s)], filled in that order
+        self.recompiles = []  # auto, after keeping the compiled model: the seconds of each step that recompiled
         self.decision = None  # auto's measurement and verdict, for the metrics log
         self.news = None  # the decision, until record() hands it out once
 
@@ -81,6 +87,14 @@ class CompileChoice:
                 self.turns.append((seconds,))
             if len(self.turns) == TURNS and len(self.turns[-1]) == 2:
                 self.decide()
+        elif self.phase == "compiled" and self.mode == "auto" and seconds > SLOW_STEP * self.decision["compiled_step_s"]:
+            self.recompiles.append(seconds)
+            if len(self.recompiles) >= MAX_RECOMPILES:
+                self.decision = self.news = {"compile": "dropped", "recompiles": len(self.recompiles),
+                                             "recompile_s": round(sum(self.recompiles), 1)}
+                self.say(f"--compile auto: {len(self.recompiles)} steps recompiled for new shapes "
+                         f"({sum(self.recompiles):.0f} s): back to eager (--compile on forces it)")
+                self.compiled, self.phase = None, "eager"
 
     def decide(self):
         ratio = statistics.median(c / e for c, e in self.turns)

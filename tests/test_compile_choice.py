@@ -1,7 +1,7 @@
 """--compile auto|on|off (model/compile_choice.py): auto compiles only where the first steps say the run is long
 enough, keeps the compiled model only if its steps measure faster, and goes back to eager when compiling fails.
 (In the training loop itself: tests/test_trainer.py.)"""
-from model.compile_choice import EAGER_STEPS, TURNS, CompileChoice
+from model.compile_choice import EAGER_STEPS, MAX_RECOMPILES, TURNS, CompileChoice
 
 
 def fake_compile(model):
@@ -88,3 +88,17 @@ def test_on_and_off():
     off = CompileChoice("off", "eager", compile_fn=fake_compile)
     assert set(steps(off, 10.0, 20)[0]) == {"eager"}
     assert not CompileChoice("on", "eager", compile_fn=fake_compile).fall_back(RuntimeError("x"))
+
+
+def test_auto_goes_back_to_eager_when_the_kept_compiled_model_keeps_recompiling():
+    choice = CompileChoice("auto", "eager", compile_fn=fake_compile)
+    steps(choice, 0.1, 1 + EAGER_STEPS, steps_left=10_000)
+    choice.record(30.0, None, 10_000)
+    take_turns(choice, 0.08, 0.1)
+    _, news = steps(choice, 0.2, 5)  # slower steps (a busy moment), but not a recompile's 3x the compiled median
+    assert news == [] and choice.recompiles == []
+    _, news = steps(choice, 25.0, MAX_RECOMPILES - 1)  # a recompile for a new shape: about a first compile's cost
+    assert news == [] and choice.model == ("compiled", "eager")  # a few are the price of compiling at all
+    _, news = steps(choice, 25.0, 1)
+    assert news == [{"compile": "dropped", "recompiles": 3, "recompile_s": 75.0}]
+    assert set(steps(choice, 0.1, 10)[0]) == {"eager"}
