@@ -17,7 +17,7 @@ import torch
 
 from bench.common import model_config, ratio, take_turns, training_step
 from bench.peak import bf16_is_fast
-from model.compile_choice import KEEP_IF_FASTER
+from model.compile_choice import keeps_compiled
 from model.model import Transformer
 from model.llama import to_llama
 from model.model import estimate_flops_per_token
@@ -83,8 +83,8 @@ def run(args, results) -> dict:
         for name, seconds in compile_s.items():
             result[name]["compile_s"] = seconds
         if "ours_compiled" in result:  # what the stages' --compile auto keeps in a run long enough to try
-            faster = result["ours"]["tok_s"] < KEEP_IF_FASTER * result["ours_compiled"]["tok_s"]
-            result["default"] = "ours_compiled" if faster else "ours"
+            compiled_vs_eager = ratio(times, "ours", "ours_compiled")  # per-round time ratio, as auto's turns
+            result["default"] = "ours_compiled" if keeps_compiled(compiled_vs_eager) else "ours"
         out[dtype] = result
     return out
 

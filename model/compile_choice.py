@@ -37,6 +37,11 @@ def compile_model(model):
     return torch.compile(model)
 
 
+def keeps_compiled(compiled_vs_eager: float) -> bool:
+    """auto's rule, on the median over turns of compiled step time / eager step time (bench/train.py applies it too)."""
+    return compiled_vs_eager < KEEP_IF_FASTER
+
+
 class CompileChoice:
     """The model the training steps run through: `.model`, updated by `record(seconds, ...)` after every step.
     model is the (possibly DDP-wrapped) module; the compiled one wraps it, so both share the weights."""
@@ -99,7 +104,7 @@ class CompileChoice:
     def decide(self):
         ratio = statistics.median(c / e for c, e in self.turns)
         eager, compiled = statistics.median(e for _, e in self.turns), statistics.median(c for c, _ in self.turns)
-        keep = ratio < KEEP_IF_FASTER
+        keep = keeps_compiled(ratio)
         self.decision = self.news = {"compile": "kept" if keep else "dropped", "compiled_vs_eager": round(ratio, 3),
                                      "eager_step_s": round(eager, 4), "compiled_step_s": round(compiled, 4),
                                      "compile_s": round(self.compile_s - compiled, 1)}

@@ -25,7 +25,7 @@ from transformers.utils import logging as transformers_logging
 
 from . import checkpoint, lora
 from .chat import IGNORE_INDEX
-from .compile_choice import CompileChoice
+from .compile_choice import MODES as COMPILE_MODES, CompileChoice
 from .metrics import StepLog
 from .optim import TimeBudget, build_optimizer, lr_at
 from .runtime import Runtime, StopSignals, all_reduce_sum, autocast, training_precision
@@ -67,7 +67,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults):
       help="autocast precision; auto = bfloat16 on CUDA (float16 on GPUs without bf16) and on CPUs with "
            "native bf16 (AVX512-BF16/AMX), float32 elsewhere")
     a("--device", default="auto", help="auto (cuda > mps > cpu), or e.g. cuda:0, cpu")
-    a("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+    a("--compile", nargs="?", const="on", default="auto", choices=COMPILE_MODES,
       help="torch.compile the training steps. auto: only in a run long enough to pay for compiling (10+ minutes "
            "by the first steps' pace), and only if the compiled steps then measure faster; on (or bare --compile): "
            "from the first step; off: never")
@@ -341,7 +341,7 @@ def fit(model, train_set, collate_fn, loss_fn, args, runtime: Runtime, run_dir: 
             micro_batches = make_batches(epoch, micro_batches, step)
         try:
             sums, metric_names = train_step(compiling.model, micro_batches, loss_fn, count_fn, runtime, dtype, scaler)
-        except Exception as error:  # noqa: BLE001 - only --compile auto's first compiled step is retried
+        except Exception as error:  # noqa: BLE001 - only a compiled step under --compile auto is retried (eagerly)
             if not compiling.fall_back(error):
                 raise
             optimizer.zero_grad(set_to_none=True)

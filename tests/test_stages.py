@@ -170,15 +170,30 @@ def test_torchrun_two_processes_track_one_process_and_resume(workdir):
 
 
 COMPILE_AUTO_RANKS = """
-import hashlib, runpy, sys, torch
+import hashlib, runpy, sys, time, torch
 sys.argv = [{script!r}] + sys.argv[1:]
 from model import compile_choice, trainer
 compile_choice.TRY_IF_SECONDS_LEFT = 0.0  # any run is long enough to try
 compile_choice.compile_model = lambda m: torch.compile(m, backend="eager")  # dynamo for real, no C++ compile
-real_decide, real_fit = compile_choice.CompileChoice.decide, trainer.fit
+Choice = compile_choice.CompileChoice
+real_model, real_decide, real_fit = Choice.model.fget, Choice.decide, trainer.fit
+real_clip, ran_compiled = torch.nn.utils.clip_grad_norm_, [False]
 
 def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+def model(self):
+    used = real_model(self)
+    ran_compiled[0] = used is not None and used is self.compiled
+    return used
+
+def clip(*args, **kwargs):
+    # Rank 1's compiled steps take 0.3 s more, after the step's last gradient all-reduce: rank 1's own clock says
+    # compiled is slower, rank 0's says eager is (it waits for rank 1 in the next step's first collective). Only
+    # the time the ranks agree on gives both of them the same answer.
+    if rank() == 1 and ran_compiled[0]:
+        time.sleep(0.3)
+    return real_clip(*args, **kwargs)
 
 def decide(self):  # every rank writes what it decided, and its weights after the run
     real_decide(self)
@@ -190,7 +205,7 @@ def fit(model, *args, **kwargs):
         hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest())
     return model
 
-compile_choice.CompileChoice.decide, trainer.fit = decide, fit
+Choice.model, Choice.decide, trainer.fit, torch.nn.utils.clip_grad_norm_ = property(model), decide, fit, clip
 runpy.run_path({script!r}, run_name="__main__")
 """
 
@@ -199,7 +214,7 @@ runpy.run_path({script!r}, run_name="__main__")
 def test_compile_auto_under_torchrun_every_rank_keeps_the_same_model(workdir):
     """Auto's trial under DDP: the compiled model wraps the DDP one (gradients still averaged: identical weights on
     both ranks), and every rank decides from the step time they all agree on, so none trains compiled while another
-    trains eagerly."""
+    trains eagerly, even when their own clocks disagree."""
     script = workdir / "compile_auto_ranks.py"
     script.write_text(COMPILE_AUTO_RANKS.format(script=os.path.join(ROOT, "1-pretrain.py")))
     stage(workdir, str(script), "--data_path", "dataset/pretrain_data.bin", "--out_dir", "out/compile_auto", *TINY,
